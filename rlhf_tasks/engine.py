@@ -1,0 +1,186 @@
+"""DeepSpeed: device choice, process group, config, engine initialisation.
+
+Every stage builds its engines here, so the ZeRO / dtype / offload rules live in one
+place. On CPU DeepSpeed runs with its CPU accelerator and the gloo backend: the tests
+exercise the real engine (optimizer step, gradient accumulation, checkpoints), not a
+stand-in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+# Normalise before anything imports deepspeed's op builder (see normalise_cuda_arch_list).
+_ARCH_RE = re.compile(r"^(\d+\.\d+)[a-z]?(\+PTX)?$")
+
+
+def normalise_cuda_arch_list(env: dict[str, str] | None = None) -> str | None:
+    """Rewrite ``TORCH_CUDA_ARCH_LIST`` entries such as ``9.0a`` to ``9.0``.
+
+    CUDA images for Hopper set ``9.0a`` (the arch-specific target); DeepSpeed's op
+    builder parses each entry as ``int`` after removing the dot and crashes
+    (``invalid literal for int() with base 10: '0a'``) when it JIT-builds FusedAdam or
+    CPUAdam. ``9.0`` builds the same kernels DeepSpeed uses. Returns the new value.
+    """
+    env = os.environ if env is None else env
+    value = env.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return value
+    out = []
+    for entry in re.split(r"[;\s,]+", value.strip()):
+        m = _ARCH_RE.match(entry)
+        out.append(m.group(1) + (m.group(2) or "") if m else entry)
+    new = ";".join(e for e in out if e)
+    env["TORCH_CUDA_ARCH_LIST"] = new
+    return new
+
+
+normalise_cuda_arch_list()
+# Tests and the embedded default run on CPU: tell DeepSpeed so instead of letting it
+# probe for accelerators (and warn) in every process.
+if os.environ.get("RLHF_DEVICE") == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` → the local CUDA device when there is one, else CPU."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=cuda but torch.cuda.is_available() is False: no GPU or a CPU build of torch")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return torch.device("cpu")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join (or, for a single process, create) the process group. Returns (rank, world)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # started by plain python, not by the deepspeed launcher
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class OptimSettings:
+    """What an engine needs beyond the model: one per trained model."""
+
+    learning_rate: float
+    weight_decay: float
+    betas: tuple[float, float]
+    lr_scheduler_type: str
+    num_warmup_steps: int
+    total_steps: int
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    zero_stage: int
+    offload: bool
+    dtype: str
+
+
+def deepspeed_config(o: OptimSettings, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one engine."""
+    zero: dict[str, Any] = {"stage": o.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if o.offload:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if o.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if o.zero_stage == 3:
+        # Small parameters stay resident: gathering each LayerNorm separately costs more
+        # in launch latency than the memory it saves.
+        zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=30_000_000)
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.gradient_accumulation_steps,
+        "train_batch_size": o.micro_batch_size * o.gradient_accumulation_steps * world_size,
+        "gradient_clipping": o.max_grad_norm,
+        "zero_optimization": zero,
+        "fp16": {"enabled": o.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "bf16": {"enabled": o.dtype == "bf16"},
+        "steps_per_print": 10**9,  # our own logging; DeepSpeed's would sync every step
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and norm weights (as DeepSpeed-Chat and nanoGPT do)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimSettings, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, o.weight_decay)
+    if not groups:
+        raise ValueError("no trainable parameters: check lora_dim / only_optimize_lora")
+    if o.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=o.learning_rate, betas=o.betas)
+    # torch's fused AdamW: one kernel for all parameters, no JIT build (DeepSpeed's
+    # FusedAdam costs ~50 s of compilation on a fresh worker and is no faster).
+    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=o.betas, fused=device.type == "cuda")
+
+
+def initialize(model: torch.nn.Module, o: OptimSettings, device: torch.device, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with its optimizer and LR schedule."""
+    import deepspeed
+    from transformers import get_scheduler
+
+    optimizer = build_optimizer(model, o, device)
+    scheduler = get_scheduler(o.lr_scheduler_type, optimizer, num_warmup_steps=o.num_warmup_steps,
+                              num_training_steps=max(o.total_steps, 1))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(o, world_size))
+    return engine
+
+
+def inference_engine(model: torch.nn.Module, zero_stage: int, dtype: str, offload: bool, world_size: int):
+    """A frozen model (reference, reward) under DeepSpeed: ZeRO-3 partitions it across
+    GPUs, otherwise it simply sits on the device in the run's dtype."""
+    import deepspeed
+
+    zero: dict[str, Any] = {"stage": zero_stage if zero_stage == 3 else 0}
+    if offload:
+        zero["offload_param"] = {"device": "cpu"}
+        zero["stage"] = 3
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": zero,
+        "fp16": {"enabled": dtype == "fp16"},
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    engine.eval()
+    return engine
+
