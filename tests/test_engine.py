@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from rlhf_tasks.engine import OptimSettings, deepspeed_config, normalise_cuda_arch_list, param_groups
+from rlhf_tasks.launch import launch_argv
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("9.0a", "9.0"),
+    ("8.0;9.0a", "8.0;9.0"),
+    ("8.6 9.0a+PTX", "8.6;9.0+PTX"),
+    ("10.0a;12.0", "10.0;12.0"),
+    ("9.0", "9.0"),
+])
+def test_cuda_arch_list_is_normalised_for_deepspeed(value, expected):
+    env = {"TORCH_CUDA_ARCH_LIST": value}
+    assert normalise_cuda_arch_list(env) == expected
+    assert env["TORCH_CUDA_ARCH_LIST"] == expected
+    # What DeepSpeed's op builder does with each entry must now work:
+    for entry in expected.split(";"):
+        int(entry.replace("+PTX", "").replace(".", ""))
+    assert normalise_cuda_arch_list({}) is None
+
+
+def _settings(**kw) -> OptimSettings:
+    base = dict(learning_rate=1e-4, weight_decay=0.1, betas=(0.9, 0.95), lr_scheduler_type="cosine",
+                num_warmup_steps=0, total_steps=10, micro_batch_size=8, gradient_accumulation_steps=4,
+                max_grad_norm=1.0, zero_stage=0, offload=False, dtype="bf16")
+    return OptimSettings(**{**base, **kw})
+
+
+def test_deepspeed_config():
+    c = deepspeed_config(_settings(), world_size=2)
+    assert c["train_batch_size"] == 8 * 4 * 2
+    assert c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    assert c["zero_optimization"]["stage"] == 0 and "offload_optimizer" not in c["zero_optimization"]
+    z3 = deepspeed_config(_settings(zero_stage=3, offload=True, dtype="fp16"), world_size=1)["zero_optimization"]
+    assert z3["offload_optimizer"]["device"] == "cpu" and z3["offload_param"]["device"] == "cpu"
+    z2 = deepspeed_config(_settings(zero_stage=2, offload=True), world_size=1)["zero_optimization"]
+    assert "offload_param" not in z2
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and len(decay["params"]) == 1  # the Linear weight only
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_launch_argv():
+    assert launch_argv("sft", ["--output", "d"]) == [sys.executable, "-u", "-m", "rlhf_tasks", "sft", "--output", "d"]
+    argv = launch_argv("ppo", ["--output", "d"], num_gpus=8, num_nodes=2, hostfile="/etc/hosts.ds")
+    assert argv[:7] == ["deepspeed", "--hostfile", "/etc/hosts.ds", "--num_nodes", "2", "--num_gpus", "8"]
+    assert argv[-5:] == ["--module", "rlhf_tasks", "ppo", "--output", "d"]

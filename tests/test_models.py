@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import OPTConfig, OPTModel
+
+from rlhf_tasks.models import (
+    RewardModel,
+    apply_lora,
+    last_token_index,
+    merge_lora,
+    pairwise_loss,
+    positions_from_mask,
+    read_score,
+)
+
+
+def test_score_is_read_at_last_real_token_for_both_padding_sides():
+    values = torch.arange(12, dtype=torch.float32).view(2, 6)  # (B, T)
+    right = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 0]])
+    assert last_token_index(right).tolist() == [2, 5]
+    assert read_score(values, right).tolist() == [2.0, 11.0]
+    assert last_token_index(left).tolist() == [5, 4]
+    assert read_score(values, left).tolist() == [5.0, 10.0]
+
+
+def test_positions_start_at_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_pairwise_loss_by_hand():
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+    # -log sigmoid(2) = log(1 + e^-2) = 0.126928; -log sigmoid(0) = log 2 = 0.693147
+    expected = (math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2
+    assert pairwise_loss(chosen, rejected).item() == pytest.approx(expected, rel=1e-6)
+    # Swapping the pair costs more.
+    assert pairwise_loss(rejected, chosen) > pairwise_loss(chosen, rejected)
+
+
+def _tiny_backbone() -> OPTModel:
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=64, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=2, num_attention_heads=2,
+                    ffn_dim=32, max_position_embeddings=64, pad_token_id=1)
+    return OPTModel(cfg)
+
+
+def test_reward_model_save_load_roundtrip_and_padding_invariance(tmp_path):
+    rm = RewardModel(_tiny_backbone()).eval()
+    torch.nn.init.normal_(rm.v_head.weight)
+    ids = torch.randint(3, 64, (1, 7))
+    mask = torch.ones_like(ids)
+    # The same sequence, right-padded by 3 tokens, scores the same.
+    padded = torch.cat([ids, torch.ones(1, 3, dtype=torch.long)], 1)
+    pmask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1)
+    with torch.no_grad():
+        s1, s2 = rm.score(ids, mask), rm.score(padded, pmask)
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+    rm.save_pretrained(tmp_path / "rm")
+    assert (tmp_path / "rm" / "model.safetensors").is_file() and (tmp_path / "rm" / "value_head.safetensors").is_file()
+    again = RewardModel.from_pretrained(str(tmp_path / "rm")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again.score(ids, mask), s1)
+
+
+def test_reward_model_from_plain_lm_starts_at_zero(tmp_path):
+    _tiny_backbone().save_pretrained(tmp_path / "lm")
+    rm = RewardModel.from_pretrained(str(tmp_path / "lm"))
+    ids = torch.randint(3, 64, (2, 5))
+    assert rm.score(ids, torch.ones_like(ids)).abs().max().item() == 0.0
+
+
+def test_lora_targets_named_layers_and_merges():
+    base = _tiny_backbone()
+    model = apply_lora(base, lora_dim=4, module_name="layers.1.", only_optimize_lora=True)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "layers.1." in n for n in trainable)
+    with pytest.raises(ValueError, match="matches no Linear"):
+        apply_lora(_tiny_backbone(), 4, "no.such.module")
+    merged = merge_lora(model)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
