@@ -1,0 +1,110 @@
+"""From RM scores and log-probs to per-token rewards, GAE advantages and returns,
+plus the controllers of the KL penalty's coefficient.
+
+Pure functions of tensors: no model, no optimiser, no host synchronisation. Shapes:
+B rollouts, N = T - 1 next-token positions, masked by ``action_mask`` (B, N).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .losses import masked_mean
+
+
+def compute_rewards(scores: torch.Tensor, action_log_probs: torch.Tensor, ref_log_probs: torch.Tensor,
+                    action_mask: torch.Tensor, kl_coef: float,
+                    clip_reward_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) scores and (B, N) log-probs -> (B, N) rewards and (B, N) per-token KL.
+
+    Each answer token is penalised by ``kl_coef * (logp - logp_ref)``, the sampled
+    estimate of its contribution to KL(pi || pi_ref), which keeps the policy near the
+    SFT model. The RM scores the whole answer, so its score, clipped to
+    +-clip_reward_value against reward-model outliers, is paid once, on the last
+    answer token of each row. A row with an empty answer (mask all 0) gets nothing.
+    """
+    mask = action_mask.to(action_log_probs.dtype)
+    kl = (action_log_probs - ref_log_probs) * mask  # (B, N), 0 off the answer
+    rewards = -kl_coef * kl
+    # Index of the last 1 in each row: the largest (position + 1) where masked, minus 1;
+    # -1 for an empty row.
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)  # (N,)
+    last = (mask.bool() * positions).amax(dim=-1) - 1  # (B,)
+    has_answer = (last >= 0).to(rewards.dtype)
+    score = scores.to(rewards.dtype).clamp(-clip_reward_value, clip_reward_value) * has_answer  # (B,)
+    rewards = rewards.scatter_add(1, last.clamp_min(0).unsqueeze(1), score.unsqueeze(1))
+    return rewards, kl
+
+
+def compute_gae(values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over answer tokens, (B, N) -> (B, N), (B, N).
+
+    Backwards over positions, for answer tokens only:
+        delta_t = r_t + gamma * V_next - V_t
+        A_t     = delta_t + gamma * lam * A_next
+    where V_next and A_next belong to the next *answer* token (0 after the last one:
+    the episode ends at EOS). Masked positions are skipped entirely: they get A = 0 and
+    pass V_next and A_next through unchanged, so padding anywhere changes nothing.
+    returns = A + V is the critic's target (0 where masked).
+    """
+    mask = action_mask.to(values.dtype)
+    B, N = values.shape
+    next_value = values.new_zeros(B)
+    next_adv = values.new_zeros(B)
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(N)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # Where masked keep the carried values: the position is invisible to the recursion.
+        next_value = torch.where(m.bool(), values[:, t], next_value)
+        next_adv = torch.where(m.bool(), adv, next_adv)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to mean 0, variance 1 over the masked entries (population
+    variance); 0 where masked. With ``shift_mean=False`` the original mean is kept and
+    only the scale changes (for rewards, whose sign carries meaning)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+class FixedKLController:
+    """A constant KL coefficient; ``update`` is a no-op (same interface as the adaptive one)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
+
+
+class AdaptiveKLController:
+    """Proportional controller of the KL coefficient (Ziegler et al. 2019, sec. 2.2).
+
+    Steers the observed KL (nats per answer, summed over its tokens) towards
+    ``target``: the error ``KL / target - 1`` is clipped to +-0.2 so one outlier batch
+    cannot swing the coefficient, and the coefficient is multiplied by
+    ``1 + error * n_steps / horizon``: ``horizon`` is the number of samples over which
+    a persistent error compounds into roughly an e-fold change.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target ({target}) and horizon ({horizon}) must be > 0")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """``n_steps``: rollouts seen since the last update (the generation batch size)."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
