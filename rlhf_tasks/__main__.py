@@ -1,0 +1,93 @@
+"""Command line: ``python -m rlhf_tasks <stage> --preset P --set key=value ... --output DIR``.
+
+Stages: ``prepare`` (check the worker, resolve the config, validate data and models),
+``sft``, ``reward``, ``ppo``, ``evaluate``, ``register``, ``report``; ``chat`` talks to
+a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
+
+The last stdout line of a stage is ``RLHF_RESULT <json>`` (paths, metrics, MLflow run
+id): the Airflow task parses it and passes only that on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, PipelineConfig, list_presets
+
+RESULT_PREFIX = "RLHF_RESULT "
+STAGE_MODULES = {"prepare": "prepare", "sft": "sft", "reward": "reward", "ppo": "ppo.trainer",
+                 "evaluate": "evaluate", "register": "register", "report": "report"}
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help=f"preset name ({', '.join(list_presets())}) or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sft.learning_rate=1e-4 ppo.kl_coef=0.05")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m rlhf_tasks", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in STAGE_MODULES:
+        p = sub.add_parser(name, help=f"run the {name} stage")
+        _config_args(p)
+        p.add_argument("--output", type=Path, help="run directory (default: $RLHF_STORAGE/runs/<new id>)")
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    sub.add_parser("presets", help="list the presets")
+    p = sub.add_parser("chat", help="talk to a trained actor")
+    p.add_argument("--path", required=True, help="a final/ directory (or any causal LM directory / hub id)")
+    p.add_argument("--prompt", help="answer this one prompt and exit (non-interactive)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    return ap
+
+
+def resolve(args) -> PipelineConfig | None:
+    overrides = [o for group in args.overrides for o in group]
+    if args.preset is None:
+        if overrides:
+            raise ConfigError("--set needs --preset (or reuse a run's saved config by giving only --output)")
+        return None
+    return PipelineConfig.load(args.preset, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "presets":
+            print("\n".join(list_presets()))
+            return 0
+        if args.command == "chat":
+            from .chat import main as chat_main
+
+            return chat_main(args)
+        cfg = resolve(args)
+        if args.command == "config":
+            print((cfg or PipelineConfig.load("tiny-cpu")).to_yaml())
+            return 0
+        from .stage import load_run_config
+        from .storage import RunDir, new_run_id, storage_root
+
+        run = RunDir(args.output or storage_root() / "runs" / new_run_id())
+        cfg = load_run_config(run, cfg)
+        module = importlib.import_module(f"rlhf_tasks.{STAGE_MODULES[args.command]}")
+        result = module.run(cfg, run)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    payload = result if isinstance(result, dict) else json.loads(result.to_json())
+    print(RESULT_PREFIX + json.dumps(payload, sort_keys=True, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

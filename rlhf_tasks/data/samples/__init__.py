@@ -1,0 +1,1 @@
+"""Bundled sample datasets, one per seed dataset, in each one's own schema (see generate.py)."""

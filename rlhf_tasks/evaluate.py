@@ -1,0 +1,98 @@
+"""Evaluate: the SFT actor and the PPO actor answer the same held-out prompts.
+
+Reported: average reward of each (frozen RM, the same clipping as PPO training), the
+gain, KL of the PPO actor to the SFT actor on the PPO actor's own answers (summed over
+answer tokens, averaged over answers), answer lengths, and a side-by-side sample table.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.utils.data import DataLoader
+
+from . import loop
+from .config import PipelineConfig
+from .data import PromptCollator
+from .engine import torch_dtype
+from .models import RewardModel, load_causal_lm, load_tokenizer
+from .phases import ppo_prompts
+from .ppo.generation import GenerationSettings, generate
+from .ppo.trainer import actor_log_probs
+from .stage import finish, stage_run
+from .storage import RunDir, StageResult, write_json
+
+log = logging.getLogger("rlhf_tasks")
+
+
+@torch.no_grad()
+def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, device, clip: float, seed: int):
+    """Generate for every prompt batch; return per-answer rewards, lengths, texts, rollouts."""
+    torch.manual_seed(seed)  # both actors draw the same random stream
+    rewards, lengths, texts, rollouts = [], [], [], []
+    for b in batches:
+        ro = generate(actor, b["input_ids"].to(device), b["attention_mask"].to(device), gen, tok.eos_token_id,
+                      tok.pad_token_id)
+        rewards.append(reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip).cpu())
+        lengths.append(ro.answer_lengths.cpu())
+        texts += tok.batch_decode(ro.sequences[:, ro.prompt_len:], skip_special_tokens=True)
+        rollouts.append(ro)
+    return torch.cat(rewards), torch.cat(lengths).float(), texts, rollouts
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
+    if (done := run_dir.result("evaluate")) is not None:
+        done.skipped = True
+        return done
+    p = cfg.ppo
+    with stage_run("evaluate", cfg, run_dir) as ctx:
+        sft_dir, ppo_dir, rm_dir = run_dir.final("sft"), run_dir.final("ppo"), run_dir.final("reward")
+        for name, d in (("sft", sft_dir), ("ppo", ppo_dir), ("reward", rm_dir)):
+            if not d.is_dir():
+                raise FileNotFoundError(f"evaluate needs the {name} stage's output {d}")
+        tok = load_tokenizer(str(sft_dir), cfg.model.trust_remote_code)
+        prompts, _ = ppo_prompts(cfg, tok, "eval")
+        prompts = loop.cap_eval(prompts, p.eval_prompts, cfg.seed)
+        dtype = torch_dtype(p.dtype)
+        kw = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                  attn_implementation=cfg.model.attn_implementation)
+        sft = load_causal_lm(str(sft_dir), **kw).to(ctx.device).eval()
+        ppo = load_causal_lm(str(ppo_dir), **kw).to(ctx.device).eval()
+        reward = RewardModel.from_pretrained(str(rm_dir), **kw).to(ctx.device).eval()
+        gen = GenerationSettings(max_new_tokens=cfg.data.max_seq_len - cfg.data.max_prompt_seq_len,
+                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        batches = list(DataLoader(prompts, batch_size=p.per_device_generation_batch_size,
+                                  collate_fn=PromptCollator(tok.pad_token_id)))
+        r_sft, len_sft, txt_sft, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device,
+                                                      p.clip_reward_value, cfg.seed)
+        r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(ppo, reward, batches, gen, tok, ctx.device,
+                                                           p.clip_reward_value, cfg.seed)
+        kls = []
+        with torch.no_grad():
+            for ro in ro_ppo:
+                lp = actor_log_probs(ppo, ro.sequences, ro.attention_mask).float()
+                lq = actor_log_probs(sft, ro.sequences, ro.attention_mask).float()
+                kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
+        kl = torch.cat(kls)
+        metrics = {
+            "sft_reward": r_sft.mean().item(), "ppo_reward": r_ppo.mean().item(),
+            "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
+            "ppo_win_rate": (r_ppo > r_sft).float().mean().item(),
+            "kl_ppo_sft": kl.mean().item(),
+            "sft_answer_length": len_sft.mean().item(), "ppo_answer_length": len_ppo.mean().item(),
+            "prompts": len(prompts),
+        }
+        log.info("evaluate: average reward SFT %.3f -> PPO %.3f (KL %.3f) on %d held-out prompts",
+                 metrics["sft_reward"], metrics["ppo_reward"], metrics["kl_ppo_sft"], len(prompts))
+        prompt_texts = tok.batch_decode([r["prompt_input_ids"] for r in prompts], skip_special_tokens=True)
+        rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), "ppo_answer": b,
+                 "ppo_reward": round(float(rb), 3)}
+                for pr, a, ra, b, rb in zip(prompt_texts, txt_sft, r_sft, txt_ppo, r_ppo, strict=True)]
+        ctx.log_metrics(metrics, 0)
+        out = run_dir.stage("evaluate")
+        write_json(out / "samples.json", rows)
+        write_json(out / "metrics.json", metrics)
+        if ctx.is_main and ctx.tracker.run_id:
+            ctx.tracker.log_table(rows, "samples/sft_vs_ppo.json")
+        return finish(ctx, ppo_dir, metrics)

@@ -1,0 +1,235 @@
+"""The supervised training loop shared by SFT and the reward model.
+
+One loop, read top to bottom: length-grouped batches padded to their own longest row,
+DeepSpeed forward/backward/step, host syncs only at logging intervals, evaluation,
+resumable checkpoints (DeepSpeed state + where in the data we were), and the final
+``save_pretrained`` directory written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import TrainConfig
+from .data.collate import LengthGroupedBatchSampler
+from .engine import OptimSettings, initialize
+from .models import count_parameters
+from .stage import StageContext
+from .storage import atomic_dir, latest_checkpoint, mark_complete, prune_checkpoints, write_json
+
+log = logging.getLogger("rlhf_tasks")
+
+# loss_fn(engine, batch) -> (loss, n_tokens); eval_fn() -> metrics; save_fn(dir) writes the model.
+LossFn = Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LoopOutput:
+    engine: Any
+    metrics: dict[str, float]
+    history: dict[str, list[tuple[int, float]]]
+    global_step: int
+
+
+def _progress(total: int, desc: str, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    # In a task log (not a terminal) print a line every 30 s rather than redrawing.
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+
+
+def optim_settings(t: TrainConfig, total_steps: int) -> OptimSettings:
+    return OptimSettings(
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, betas=t.adam_betas,
+        lr_scheduler_type=t.lr_scheduler_type, num_warmup_steps=t.num_warmup_steps, total_steps=total_steps,
+        micro_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_grad_norm=t.max_grad_norm, zero_stage=t.zero_stage, offload=t.offload, dtype=t.dtype,
+    )
+
+
+def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, collate, loss_fn: LossFn,
+          eval_fn: Callable[[Any], dict[str, float]], flops_per_token: float) -> LoopOutput:
+    """Train ``model`` on ``train_ds`` with DeepSpeed; resume from the newest complete
+    checkpoint of this stage when there is one."""
+    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size, seed=ctx.cfg.seed,
+                                        rank=ctx.rank, world_size=ctx.world_size)
+    micro_per_epoch = len(sampler)
+    steps_per_epoch = max(micro_per_epoch // t.gradient_accumulation_steps, 1)
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    total, trainable = count_parameters(model)
+    log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
+             ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
+    engine = initialize(model, optim_settings(t, total_steps), ctx.device, ctx.world_size)
+
+    ckpt_root = ctx.run.checkpoints(ctx.name)
+    history: dict[str, list[tuple[int, float]]] = {}
+    global_step, epoch, micro_done = 0, 0, 0
+    if (found := latest_checkpoint(ckpt_root)) is not None:
+        _, path = found
+        _, client = engine.load_checkpoint(str(ckpt_root), tag=path.name)
+        global_step, epoch, micro_done = client["global_step"], client["epoch"], client["micro_done"]
+        history = {k: [tuple(x) for x in v] for k, v in client["history"].items()}
+        ctx.previous_elapsed_s = client["elapsed_s"]
+        if ctx.is_main:
+            write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": global_step, "checkpoint": str(path)})
+            ctx.tracker.set_tags({"rlhf.resumed_from_step": str(global_step)})
+        log.info("%s: resumed from %s (step %d, epoch %d, %d micro-batches into it)",
+                 ctx.name, path, global_step, epoch, micro_done)
+    else:
+        before = eval_fn(engine)
+        _record(ctx, history, before, 0)
+        log.info("%s: before training: %s", ctx.name, _fmt(before))
+
+    def save_checkpoint() -> None:
+        tag = f"step-{global_step}"
+        client = {"global_step": global_step, "epoch": epoch, "micro_done": micro_done, "history": history,
+                  "elapsed_s": ctx.elapsed_s, "config": ctx.cfg.to_dict()}
+        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client, save_latest=False)
+        if ctx.is_main:
+            ctx.cfg.save(ckpt_root / tag / "config.yaml")
+            mark_complete(ckpt_root / tag, {"global_step": global_step, "time": time.time()})
+            prune_checkpoints(ckpt_root, t.keep_checkpoints)
+
+    bar = _progress(total_steps, ctx.name, global_step, ctx.is_main)
+    loss_sum = torch.zeros((), device=ctx.device)  # summed on device: no host sync per step
+    tokens = torch.zeros((), device=ctx.device, dtype=torch.long)
+    n_micro, t_window = 0, time.perf_counter()
+    done = global_step >= total_steps
+    last_eval: tuple[int, dict[str, float]] | None = None
+    while not done and epoch < t.epochs:
+        sampler.set_epoch(epoch)
+        batches = list(sampler)[micro_done:]
+        loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=0,
+                            pin_memory=ctx.device.type == "cuda")
+        epoch_loss, epoch_n = torch.zeros((), device=ctx.device), 0
+        for batch in loader:
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+            loss, n_tok = loss_fn(engine, batch)
+            engine.backward(loss)
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            micro_done += 1
+            loss_sum += loss.detach().float()
+            epoch_loss += loss.detach().float()
+            epoch_n += 1
+            tokens += n_tok
+            n_micro += 1
+            if not boundary:
+                continue
+            global_step += 1
+            bar.update(1)
+            if global_step % t.log_every_steps == 0 or global_step == total_steps:
+                dt = time.perf_counter() - t_window
+                tok_s = tokens.item() * ctx.world_size / dt
+                m = {"loss": loss_sum.item() / n_micro, "lr": engine.get_lr()[0], "tokens_per_s": tok_s,
+                     "tflops": tok_s * flops_per_token / 1e12, "epoch": epoch + micro_done / micro_per_epoch}
+                _record(ctx, history, {"loss": m["loss"]}, global_step)
+                ctx.log_metrics(m, global_step)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
+                loss_sum.zero_(), tokens.zero_()
+                n_micro, t_window = 0, time.perf_counter()
+            if t.eval_every_steps and global_step % t.eval_every_steps == 0:
+                _record(ctx, history, eval_fn(engine), global_step)
+            if t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0:
+                save_checkpoint()
+            if global_step >= total_steps:
+                done = True
+                break
+        if not done or micro_done >= micro_per_epoch:
+            metrics = eval_fn(engine)
+            _record(ctx, history, metrics, global_step)
+            last_eval = (global_step, metrics)
+            mean = epoch_loss.item() / max(epoch_n, 1)
+            log.info("%s: epoch %d/%d step %d train_loss %.4f %s", ctx.name, epoch + 1, t.epochs, global_step,
+                     mean, _fmt(metrics))
+            epoch, micro_done = epoch + 1, 0
+    bar.close()
+    if last_eval is not None and last_eval[0] == global_step:
+        final = last_eval[1]
+    else:
+        final = eval_fn(engine)
+        _record(ctx, history, final, global_step)
+    return LoopOutput(engine=engine, metrics=final, history=history, global_step=global_step)
+
+
+def _record(ctx: StageContext, history: dict[str, list[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:
+    for k, v in metrics.items():
+        history.setdefault(k, []).append((step, float(v)))
+    ctx.log_metrics(metrics, step)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def save_final(ctx: StageContext, engine, save_model: Callable[[Path, dict | None], None], tokenizer,
+               metrics: dict[str, float], zero_stage: int) -> Path:
+    """Write ``final/`` atomically: weights (safetensors), tokenizer, config.yaml, metrics.json."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+    target = ctx.run.final(ctx.name)
+    if ctx.is_main:
+        with atomic_dir(target) as tmp:
+            save_model(tmp, state_dict)
+            tokenizer.save_pretrained(tmp)
+            ctx.cfg.save(tmp / "config.yaml")
+            write_json(tmp / "metrics.json", metrics)
+    return target
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls plus attention (12 * L * H * T)."""
+    n = sum(p.numel() for p in model.parameters())
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    return 6 * n + 12 * layers * hidden * seq_len
+
+
+def perplexity(mean_nll: float) -> float:
+    return math.exp(min(mean_nll, 50.0))
+
+
+def eval_loader(ds, batch_size: int, collate, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """Held-out rows in length order (least padding), each rank taking every
+    world_size-th batch; no shuffling, so numbers are comparable across evaluations."""
+    order = sorted(range(len(ds)), key=lambda i: ds[i]["length"]) if len(ds) < 50_000 else list(range(len(ds)))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world_size]
+    return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=0)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum per-rank partial sums across the process group (one collective, one sync)."""
+    import torch.distributed as dist
+
+    t = torch.tensor(values, device=device, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def cap_eval(ds, max_rows: int, seed: int):
+    """A fixed random subset of the held-out rows, so evaluation costs the same every time."""
+    if max_rows and len(ds) > max_rows:
+        return ds.shuffle(seed=seed).select(range(max_rows))
+    return ds
+
+
+def log_data_reports(ctx: StageContext, reports) -> None:
+    for r in reports:
+        log.info("%s: data %s", ctx.name, r)
+    if ctx.is_main and reports:
+        ctx.tracker.log_dict({"reports": [getattr(r, "as_dict", lambda r=r: str(r))() for r in reports]},
+                             f"data/{ctx.name}_validation.json")

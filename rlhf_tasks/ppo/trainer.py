@@ -1,0 +1,314 @@
+"""Step 3: PPO on the SFT actor against the frozen reward model.
+
+Four models, as in DeepSpeed-Chat: the actor (trained, from SFT), the reference (frozen
+copy of the SFT actor), the critic (trained, from the reward model) and the reward model
+(frozen). Each PPO iteration:
+
+1. rollout   – the actor samples answers for a batch of prompts (generation.py);
+2. experience – one no-grad pass of all four models gives action log-probs, reference
+   log-probs, values and the RM score; rewards and GAE advantages follow
+   (advantages.py), all in a typed :class:`Experience`;
+3. update    – ``ppo_epochs`` passes of the clipped policy and value losses
+   (losses.py) over micro-batches of the experience.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from .. import loop
+from ..config import PipelineConfig, PPOConfig
+from ..data import PromptCollator, SFTCollator
+from ..data.collate import LengthGroupedBatchSampler
+from ..engine import OptimSettings, inference_engine, initialize, torch_dtype
+from ..models import (
+    RewardModel,
+    apply_lora,
+    load_causal_lm,
+    load_tokenizer,
+    positions_from_mask,
+    unwrap_for_saving,
+)
+from ..phases import ppo_prompts, sft_rows
+from ..stage import StageContext, finish, stage_run
+from ..storage import RunDir, StageResult, latest_checkpoint, mark_complete, prune_checkpoints
+from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
+from .experience import Experience
+from .generation import GenerationSettings, generate
+from .losses import log_probs_from_logits, masked_mean, policy_loss, value_loss
+
+log = logging.getLogger("rlhf_tasks")
+
+
+@dataclass
+class Models:
+    actor: object  # DeepSpeed engine
+    critic: object  # DeepSpeed engine
+    ref: torch.nn.Module
+    reward: torch.nn.Module
+
+
+def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T-1) log-prob of each next token under ``model``."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=positions_from_mask(attention_mask), use_cache=False).logits
+    return log_probs_from_logits(logits[:, :-1], sequences[:, 1:])
+
+
+@torch.no_grad()
+def make_experience(m: Models, prompts: dict[str, torch.Tensor], p: PPOConfig, gen: GenerationSettings,
+                    kl_coef: float, eos_id: int, pad_id: int) -> tuple[Experience, dict[str, float]]:
+    """Rollout + the scoring pass of all four models; returns the experience and stats."""
+    t0 = time.perf_counter()
+    ro = generate(m.actor.module, prompts["input_ids"], prompts["attention_mask"], gen, eos_id, pad_id)
+    t_gen = time.perf_counter() - t0
+    seq, attn, amask = ro.sequences, ro.attention_mask, ro.action_mask.to(torch.float32)
+    m.actor.eval()
+    m.critic.eval()
+    logp = actor_log_probs(m.actor, seq, attn).float()  # (B, T-1)
+    ref_logp = actor_log_probs(m.ref, seq, attn).float()
+    values = m.critic(seq, attn)[:, :-1].float()  # value of the state before each action
+    raw_scores = m.reward.score(seq, attn).float()  # (B,)
+    m.actor.train()
+    m.critic.train()
+    scores = raw_scores.clamp(-p.clip_reward_value, p.clip_reward_value)
+    rewards, kl = compute_rewards(scores, logp, ref_logp, amask, kl_coef, p.clip_reward_value)
+    advantages, returns = compute_gae(values, rewards, amask, p.gamma, p.lam)
+    if p.whiten_advantages:
+        advantages = whiten(advantages, amask)
+    exp = Experience(sequences=seq, attention_mask=attn, action_mask=amask, action_log_probs=logp,
+                     ref_log_probs=ref_logp, values=values, rewards=rewards, advantages=advantages,
+                     returns=returns, scores=scores, prompt_len=ro.prompt_len)
+    n_new = amask.sum()
+    stats = {"reward": raw_scores.mean(), "reward_clipped": scores.mean(),
+             "kl": ((logp - ref_logp) * amask).sum(-1).mean(),  # per answer, summed over its tokens
+             "answer_length": ro.answer_lengths.float().mean(), "generation_tokens": n_new,
+             "empty_answers": (ro.answer_lengths <= 1).float().mean()}
+    stats = {k: float(v) for k, v in stats.items()}  # one sync per iteration, after all the GPU work
+    stats["generation_s"] = t_gen
+    stats["generation_tokens_per_s"] = stats["generation_tokens"] / max(t_gen, 1e-9)
+    del kl
+    return exp, stats
+
+
+def ppo_update(m: Models, exp: Experience, p: PPOConfig, unsup_batches: Iterator | None) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped policy and value losses over micro-batches."""
+    sums: dict[str, torch.Tensor] = {}
+    n = 0
+    for _ in range(p.ppo_epochs):
+        for mb in exp.split(p.per_device_training_batch_size):
+            logp = actor_log_probs(m.actor, mb.sequences, mb.attention_mask).float()
+            a_loss, a_clip, approx_kl = policy_loss(logp, mb.action_log_probs, mb.advantages, mb.action_mask,
+                                                    p.cliprange)
+            m.actor.backward(a_loss)
+            m.actor.step()
+            if unsup_batches is not None and p.unsupervised_coef > 0:
+                b = next(unsup_batches)
+                u_loss = m.actor(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                                 use_cache=False).loss
+                m.actor.backward(p.unsupervised_coef * u_loss)
+                m.actor.step()
+                _acc(sums, "unsupervised_loss", u_loss)
+            values = m.critic(mb.sequences, mb.attention_mask)[:, :-1].float()
+            c_loss, c_clip = value_loss(values, mb.values, mb.returns, mb.action_mask, p.cliprange_value)
+            m.critic.backward(c_loss)
+            m.critic.step()
+            for k, v in (("actor_loss", a_loss), ("critic_loss", c_loss), ("actor_clip_fraction", a_clip),
+                         ("critic_clip_fraction", c_clip), ("approx_kl", approx_kl),
+                         ("entropy_proxy", -masked_mean(logp, mb.action_mask))):
+                _acc(sums, k, v)
+            n += 1
+    return {k: float(v) / n for k, v in sums.items()}
+
+
+def _acc(sums: dict[str, torch.Tensor], k: str, v: torch.Tensor) -> None:
+    v = v.detach().float()
+    sums[k] = sums[k] + v if k in sums else v
+
+
+class EMA:
+    """Exponential moving average of the actor's weights (DeepSpeed-Chat's --enable_ema)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+
+def _kl_controller(p: PPOConfig):
+    return AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl else FixedKLController(p.kl_coef)
+
+
+def _optim(p: PPOConfig, lr: float, wd: float, zero: int, total: int, micro: int) -> OptimSettings:
+    return OptimSettings(learning_rate=lr, weight_decay=wd, betas=(0.9, 0.95), lr_scheduler_type=p.lr_scheduler_type,
+                         num_warmup_steps=p.num_warmup_steps, total_steps=total, micro_batch_size=micro,
+                         gradient_accumulation_steps=p.gradient_accumulation_steps, max_grad_norm=p.max_grad_norm,
+                         zero_stage=zero, offload=p.offload, dtype=p.dtype)
+
+
+def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> Models:
+    p = cfg.ppo
+    sft = ctx.run.final("sft")
+    rm = ctx.run.final("reward")
+    for stage, path in (("sft", sft), ("reward", rm)):
+        if not path.is_dir():
+            raise FileNotFoundError(f"ppo needs the {stage} stage's output {path}: run `{stage}` first")
+    trust, attn = cfg.model.trust_remote_code, cfg.model.attn_implementation
+    actor = load_causal_lm(str(sft), dropout=p.actor_dropout, trust_remote_code=trust, attn_implementation=attn,
+                           gradient_checkpointing=p.actor_gradient_checkpointing)
+    if p.actor_lora_dim:
+        actor = apply_lora(actor, p.actor_lora_dim, p.actor_lora_module_name, only_optimize_lora=p.only_optimize_lora)
+    critic = RewardModel.from_pretrained(str(rm), dropout=p.critic_dropout, trust_remote_code=trust,
+                                         attn_implementation=attn)
+    if p.critic_gradient_checkpointing:
+        critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if p.critic_lora_dim:
+        critic.backbone = apply_lora(critic.backbone, p.critic_lora_dim, p.critic_lora_module_name,
+                                     only_optimize_lora=p.only_optimize_lora)
+    micro = p.per_device_training_batch_size
+    actor_e = initialize(actor, _optim(p, p.actor_learning_rate, p.actor_weight_decay, p.actor_zero_stage, total_updates,
+                                       micro), ctx.device, ctx.world_size)
+    critic_e = initialize(critic, _optim(p, p.critic_learning_rate, p.critic_weight_decay, p.critic_zero_stage,
+                                         total_updates, micro), ctx.device, ctx.world_size)
+    dtype = torch_dtype(p.dtype)
+    ref = load_causal_lm(str(sft), dtype=dtype, trust_remote_code=trust, attn_implementation=attn).requires_grad_(False)
+    reward = RewardModel.from_pretrained(str(rm), dtype=dtype, trust_remote_code=trust,
+                                         attn_implementation=attn).requires_grad_(False)
+    if p.offload_reference_model or p.actor_zero_stage == 3:
+        ref = inference_engine(ref, 3, p.dtype, p.offload_reference_model, ctx.world_size)
+    else:
+        ref = ref.to(ctx.device).eval()
+    if p.critic_zero_stage == 3:
+        reward = inference_engine(reward, 3, p.dtype, False, ctx.world_size)
+    else:
+        reward = reward.to(ctx.device).eval()
+    return Models(actor=actor_e, critic=critic_e, ref=ref, reward=reward)
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
+    if (done := run_dir.result("ppo")) is not None:
+        log.info("ppo: already finished in %s, nothing to do", done.final_dir)
+        done.skipped = True
+        return done
+    p = cfg.ppo
+    with stage_run("ppo", cfg, run_dir) as ctx:
+        tok = load_tokenizer(str(run_dir.final("sft")) if run_dir.final("sft").is_dir() else cfg.model.actor,
+                             cfg.model.trust_remote_code)
+        prompts, reports = ppo_prompts(cfg, tok, "train")
+        loop.log_data_reports(ctx, reports)
+        if len(prompts) == 0:
+            raise ValueError(f"ppo: no prompts after the data split {cfg.data.data_split!r}")
+        B = p.per_device_generation_batch_size
+        sampler = LengthGroupedBatchSampler(prompts["length"], B, seed=cfg.seed, drop_last=True, rank=ctx.rank,
+                                            world_size=ctx.world_size)
+        per_epoch = len(sampler)
+        total_iters = p.epochs * per_epoch
+        if p.max_steps:
+            total_iters = min(total_iters, p.max_steps)
+        if total_iters == 0:
+            raise ValueError(f"ppo: {len(prompts)} prompts are fewer than one generation batch ({B})")
+        updates_per_iter = p.ppo_epochs * -(-B // p.per_device_training_batch_size) // p.gradient_accumulation_steps
+        m = build_models(ctx, cfg, total_iters * max(updates_per_iter, 1))
+        gen = GenerationSettings(max_new_tokens=cfg.data.max_seq_len - cfg.data.max_prompt_seq_len,
+                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        kl_ctl = _kl_controller(p)
+        ema = EMA(m.actor.module, p.ema_decay) if p.enable_ema else None
+        unsup = _unsupervised_batches(cfg, tok, ctx) if p.unsupervised_coef > 0 else None
+
+        ckpt_root = ctx.run.checkpoints("ppo")
+        it, history = 0, {}
+        if (found := latest_checkpoint(ckpt_root)) is not None:
+            _, path = found
+            _, client = m.actor.load_checkpoint(str(ckpt_root / path.name), tag="actor")
+            m.critic.load_checkpoint(str(ckpt_root / path.name), tag="critic")
+            it, history = client["iteration"], {k: [tuple(x) for x in v] for k, v in client["history"].items()}
+            kl_ctl.value = client["kl_coef"]
+            ctx.previous_elapsed_s = client["elapsed_s"]
+            log.info("ppo: resumed from %s (iteration %d)", path, it)
+
+        def save_checkpoint() -> None:
+            d = ckpt_root / f"step-{it}"
+            client = {"iteration": it, "history": history, "kl_coef": kl_ctl.value, "elapsed_s": ctx.elapsed_s}
+            m.actor.save_checkpoint(str(d), tag="actor", client_state=client, save_latest=False)
+            m.critic.save_checkpoint(str(d), tag="critic", save_latest=False)
+            if ctx.is_main:
+                cfg.save(d / "config.yaml")
+                mark_complete(d, {"iteration": it})
+                prune_checkpoints(ckpt_root, p.keep_checkpoints)
+
+        collate = PromptCollator(tok.pad_token_id)
+        bar = loop._progress(total_iters, "ppo", it, ctx.is_main)
+        while it < total_iters:
+            epoch, offset = divmod(it, per_epoch)
+            sampler.set_epoch(epoch)
+            batches = list(sampler)[offset:]
+            for batch in DataLoader(prompts, batch_sampler=batches, collate_fn=collate):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, tok.eos_token_id, tok.pad_token_id)
+                t0 = time.perf_counter()
+                stats.update(ppo_update(m, exp, p, unsup))
+                stats["training_s"] = time.perf_counter() - t0
+                if ema is not None:
+                    ema.update(m.actor.module)
+                kl_ctl.update(stats["kl"], B)
+                stats["kl_coef"] = kl_ctl.value
+                it += 1
+                bar.update(1)
+                for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_length"):
+                    history.setdefault(k, []).append((it, stats[k]))
+                if it % p.log_every_steps == 0:
+                    ctx.log_metrics(stats, it)
+                    bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
+                if p.checkpoint_every_steps and it % p.checkpoint_every_steps == 0 and it < total_iters:
+                    save_checkpoint()
+                if it >= total_iters:
+                    break
+        bar.close()
+        first, last = _window_mean(history["reward"], first=True), _window_mean(history["reward"], first=False)
+        metrics = {"reward_first": first, "reward_last": last, "kl_last": _window_mean(history["kl"], first=False),
+                   "iterations": it}
+        log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
+        actor = unwrap_for_saving(m.actor.module)
+
+        def save_model(path, state_dict):
+            actor.generation_config.pad_token_id = tok.pad_token_id
+            actor.save_pretrained(path, state_dict=state_dict)
+            if ema is not None:
+                actor.save_pretrained(path / "ema", state_dict=ema.shadow)
+
+        final = loop.save_final(ctx, m.actor, save_model, tok, metrics, p.actor_zero_stage)
+        ctx.log_history(history)
+        return finish(ctx, final, metrics)
+
+
+def _window_mean(series: list[tuple[int, float]], first: bool, frac: float = 0.2) -> float:
+    """Mean of the first or last 20% of a noisy per-iteration series."""
+    k = max(1, int(len(series) * frac))
+    window = series[:k] if first else series[-k:]
+    return sum(v for _, v in window) / len(window)
+
+
+def _unsupervised_batches(cfg: PipelineConfig, tok, ctx: StageContext) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless SFT batches for the mixed-in language-modelling loss (ppo.unsupervised_coef)."""
+    ds, _ = sft_rows(cfg, tok, "train")
+    collate = SFTCollator(tok.pad_token_id)
+    epoch = 0
+    while True:
+        s = LengthGroupedBatchSampler(ds["length"], cfg.ppo.per_device_training_batch_size, seed=cfg.seed + 1,
+                                      rank=ctx.rank, world_size=ctx.world_size)
+        s.set_epoch(epoch)
+        for b in DataLoader(ds, batch_sampler=list(s), collate_fn=collate):
+            yield {k: v.to(ctx.device) for k, v in b.items()}
+        epoch += 1
+

@@ -1,0 +1,152 @@
+"""Register: the run report, the model version, and the ``champion`` alias.
+
+The report mirrors the seed guide's two tables – time and cost per step, and the
+quality metric of each step – as ``report.md`` and ``report.html`` in the run directory
+and as artifacts of the MLflow parent run. The PPO actor becomes a version of the
+registered model; the alias ``champion`` moves to it only when its evaluated average
+reward beats the current champion's.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from typing import Any
+
+from .config import PipelineConfig
+from .stage import ensure_parent_run, setup_logging, tracking_uri
+from .storage import RunDir, write_json
+
+log = logging.getLogger("rlhf_tasks")
+
+STEPS = (("sft", "Step 1: SFT"), ("reward", "Step 2: reward model"), ("ppo", "Step 3: PPO"),
+         ("evaluate", "Evaluation"))
+
+
+def collect(run_dir: RunDir) -> dict[str, Any]:
+    """Every finished stage's result.json, by stage."""
+    out = {}
+    for stage, _ in STEPS:
+        r = run_dir.result(stage)
+        if r is not None:
+            out[stage] = r
+    return out
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _duration(s: float) -> str:
+    h, rem = divmod(int(round(s)), 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h {m:02d}m {sec:02d}s" if h else f"{m}m {sec:02d}s"
+
+
+def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+    gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
+    price = cfg.cost.gpu_hourly_usd
+    time_rows, total_s = [], 0.0
+    for stage, label in STEPS:
+        r = results.get(stage)
+        if r is None:
+            continue
+        total_s += r.wall_clock_s
+        time_rows.append([label, _duration(r.wall_clock_s), _fmt(r.wall_clock_s / 3600 * price * gpus, 2)])
+    time_rows.append(["Total", _duration(total_s), _fmt(total_s / 3600 * price * gpus, 2)])
+    m = {s: r.metrics for s, r in results.items()}
+    quality = [
+        ["Step 1: SFT", "perplexity (held-out)", _fmt(m.get("sft", {}).get("perplexity_before")),
+         _fmt(m.get("sft", {}).get("perplexity"))],
+        ["Step 2: reward model", "accuracy (held-out pairs)", _fmt(m.get("reward", {}).get("accuracy_before")),
+         _fmt(m.get("reward", {}).get("accuracy"))],
+        ["Step 2: reward model", "mean score chosen / rejected", "",
+         f"{_fmt(m.get('reward', {}).get('chosen_score'))} / {_fmt(m.get('reward', {}).get('rejected_score'))}"],
+        ["Step 3: PPO", "average reward (training rollouts)", _fmt(m.get("ppo", {}).get("reward_first")),
+         _fmt(m.get("ppo", {}).get("reward_last"))],
+        ["Evaluation", "average reward SFT → PPO (held-out prompts)", _fmt(m.get("evaluate", {}).get("sft_reward")),
+         _fmt(m.get("evaluate", {}).get("ppo_reward"))],
+        ["Evaluation", "KL(PPO ‖ SFT) per answer", "", _fmt(m.get("evaluate", {}).get("kl_ppo_sft"))],
+    ]
+    return time_rows, quality
+
+
+def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any]) -> str:
+    time_rows, quality = report_tables(cfg, results)
+    price = f"${cfg.cost.gpu_hourly_usd:.2f}/GPU-hour x {cfg.cost.num_gpus * cfg.cost.num_nodes} GPU(s)"
+    lines = [f"# RLHF run report: {run_dir.path.name}", "",
+             f"Preset `{cfg.name}`; actor `{cfg.model.actor}`, reward model `{cfg.model.reward}`; "
+             f"datasets {', '.join(f'`{d}`' for d in cfg.data.datasets)}; split {cfg.data.data_split}.", "",
+             f"## Time and cost per step ({price})", "", "| step | wall-clock | cost (USD) |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in time_rows]
+    lines += ["", "## Quality per step", "", "| step | metric | before | after |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in quality]
+    return "\n".join(lines) + "\n"
+
+
+def render_html(markdown: str) -> str:
+    """A dependency-free rendering of the report's headings and tables."""
+    body, in_table = [], False
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            if not in_table:
+                body.append("<table>")
+                in_table = True
+            body.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    if in_table:
+        body.append("</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    setup_logging()
+    results = collect(run_dir)
+    md = render_markdown(cfg, run_dir, results)
+    (run_dir.path / "report.md").write_text(md)
+    (run_dir.path / "report.html").write_text(render_html(md))
+    log.info("register: report written to %s\n%s", run_dir.path / "report.md", md)
+    out: dict[str, Any] = {"stage": "register", "report": str(run_dir.path / "report.md")}
+    uri = tracking_uri(cfg)
+    if uri and "evaluate" in results:
+        from .tracking import Tracker, register_model
+
+        parent = ensure_parent_run(cfg, run_dir)
+        t = Tracker.start(uri, cfg.tracking.experiment, run_name="", resume_run_id=parent)
+        total_s = sum(r.wall_clock_s for r in results.values())
+        gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
+        summary = {"time/wall_clock_s": total_s, "cost/usd": total_s / 3600 * cfg.cost.gpu_hourly_usd * gpus}
+        for stage, r in results.items():
+            summary.update({f"summary/{stage}/{k}": v for k, v in r.metrics.items() if isinstance(v, (int, float))})
+        t.log_metrics(summary, step=0)
+        t.log_artifact(str(run_dir.path / "report.md"), "report")
+        t.log_artifact(str(run_dir.path / "report.html"), "report")
+        ev = results["evaluate"]
+        reg = register_model(uri, run_dir.final("ppo"), cfg.tracking.registered_model, "eval/ppo_reward",
+                             float(ev.metrics["ppo_reward"]), run_id=results["ppo"].mlflow_run_id or parent)
+        t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.promoted": str(reg.get("promoted"))})
+        t.close("FINISHED")
+        out.update(registered=reg, mlflow_parent_run_id=parent)
+        log.info("register: model %s version %s (champion: version %s, promoted: %s)",
+                 cfg.tracking.registered_model, reg.get("version"), reg.get("champion_version"), reg.get("promoted"))
+    write_json(run_dir.path / "register.json", out)
+    return out

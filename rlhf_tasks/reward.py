@@ -1,0 +1,108 @@
+"""Step 2: the reward model, trained on (prompt, chosen, rejected) pairs with the
+pairwise loss ``-log sigmoid(r_chosen - r_rejected)``.
+
+Metrics on the held-out pairs: accuracy (share of pairs where the chosen answer scores
+higher) and the mean chosen / rejected scores.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import loop
+from .config import PipelineConfig
+from .data import PairCollator
+from .engine import torch_dtype
+from .models import (
+    RewardModel,
+    apply_lora,
+    eval_mode,
+    load_tokenizer,
+    pairwise_loss,
+    read_score,
+    unwrap_for_saving,
+)
+from .phases import rm_pairs
+from .stage import finish, stage_run
+from .storage import RunDir, StageResult
+
+log = logging.getLogger("rlhf_tasks")
+
+
+@torch.no_grad()
+def score_pairs(model, eval_ds, collate, batch_size: int, device, rank: int = 0, world: int = 1):
+    """(chosen, rejected) scores of every held-out pair on this rank, as CPU tensors."""
+    chosen, rejected = [], []
+    with eval_mode(model):
+        for batch in loop.eval_loader(eval_ds, batch_size, collate, rank, world):
+            scores = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+            c, r = scores.chunk(2)  # PairCollator stacks chosen rows, then rejected rows
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    c, r = score_pairs(model, eval_ds, collate, batch_size, device, rank, world)
+    # A tie counts half: an untrained head (all scores 0) is at chance, 0.5, not 0.
+    wins = (c > r).float().sum() + 0.5 * (c == r).float().sum()
+    n, correct, cs, rs = loop.all_reduce_sum([float(len(c)), float(wins), float(c.sum()), float(r.sum())], device)
+    return {"accuracy": correct / n, "chosen_score": cs / n, "rejected_score": rs / n,
+            "score_margin": (cs - rs) / n}
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
+    if (done := run_dir.result("reward")) is not None:
+        log.info("reward: already finished in %s, nothing to do", done.final_dir)
+        done.skipped = True
+        return done
+    t = cfg.reward
+    with stage_run("reward", cfg, run_dir) as ctx:
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
+        train_ds, reports = rm_pairs(cfg, tok, "train")
+        eval_ds, eval_reports = rm_pairs(cfg, tok, "eval")
+        loop.log_data_reports(ctx, reports + eval_reports)
+        eval_ds = loop.cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
+        if len(train_ds) == 0 or len(eval_ds) == 0:
+            raise ValueError(f"reward: no {'training' if len(train_ds) == 0 else 'held-out'} pairs after the data split "
+                             f"{cfg.data.data_split!r}: give the RM phase a share")
+
+        model = RewardModel.from_pretrained(cfg.model.reward, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                            attn_implementation=cfg.model.attn_implementation)
+        if t.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Each pair is two sequences: FLOPs per pair-token count both.
+        flops = loop.flops_per_token(model.backbone, int(sum(train_ds["length"]) / len(train_ds)))
+        if t.lora_dim:
+            model.backbone = apply_lora(model.backbone, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
+                                        only_optimize_lora=t.only_optimize_lora)
+        collate = PairCollator(tok.pad_token_id)
+
+        def loss_fn(engine, batch):
+            values = engine(batch["input_ids"], batch["attention_mask"])  # (2B, T)
+            scores = read_score(values, batch["attention_mask"])
+            chosen, rejected = scores.chunk(2)
+            return pairwise_loss(chosen, rejected), batch["attention_mask"].sum()
+
+        def eval_fn(engine):
+            return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
+                            ctx.rank, ctx.world_size)
+
+        out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
+        metrics = {**out.metrics, "accuracy_before": out.history["accuracy"][0][1], "train_pairs": len(train_ds),
+                   "eval_pairs": len(eval_ds), "global_step": out.global_step}
+        log.info("reward: accuracy %.3f -> %.3f (chosen %.3f, rejected %.3f)", metrics["accuracy_before"],
+                 metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
+        model = unwrap_for_saving(out.engine.module)
+        final = loop.save_final(ctx, out.engine, lambda p, sd: model.save_pretrained(p, state_dict=sd), tok, metrics,
+                                t.zero_stage)
+        if ctx.is_main and ctx.tracker.run_id:
+            from .tracking import plot_score_histogram
+
+            c, r = score_pairs(model, eval_ds, collate, t.per_device_eval_batch_size, ctx.device)
+            ctx.tracker.log_figure(plot_score_histogram(c.tolist(), r.tolist()), "plots/rm_score_histogram.png")
+        ctx.log_history(out.history)
+        return finish(ctx, final, metrics)

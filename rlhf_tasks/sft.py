@@ -1,0 +1,94 @@
+"""Step 1: supervised fine-tuning of the actor on prompt + chosen answer.
+
+Metric: held-out perplexity (exp of the token-mean negative log-likelihood over the
+answer tokens), before training, after each epoch and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from . import loop
+from .config import PipelineConfig
+from .data import SFTCollator
+from .engine import torch_dtype
+from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
+from .phases import sft_rows
+from .stage import finish, stage_run
+from .storage import RunDir, StageResult
+
+log = logging.getLogger("rlhf_tasks")
+
+
+@torch.no_grad()
+def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """Token-weighted mean NLL and perplexity on the held-out share."""
+    nll_sum, n_tok = 0.0, 0.0
+    with eval_mode(model):
+        nll_t = torch.zeros((), device=device, dtype=torch.float64)
+        tok_t = torch.zeros((), device=device, dtype=torch.float64)
+        for batch in loop.eval_loader(eval_ds, batch_size, collate, rank, world):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at t-1
+            nll_t += F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            tok_t += (labels != -100).sum()
+        nll_sum, n_tok = loop.all_reduce_sum([nll_t.item(), tok_t.item()], device)
+    mean = nll_sum / max(n_tok, 1.0)
+    return {"eval_loss": mean, "perplexity": loop.perplexity(mean)}
+
+
+def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
+    """Train the actor; returns the StageResult (or the saved one if already finished)."""
+    if (done := run_dir.result("sft")) is not None:
+        log.info("sft: already finished in %s, nothing to do", done.final_dir)
+        done.skipped = True
+        return done
+    t = cfg.sft
+    with stage_run("sft", cfg, run_dir) as ctx:
+        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
+        train_ds, reports = sft_rows(cfg, tok, "train")
+        eval_ds, eval_reports = sft_rows(cfg, tok, "eval")
+        loop.log_data_reports(ctx, reports + eval_reports)
+        eval_ds = loop.cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
+        if len(train_ds) == 0 or len(eval_ds) == 0:
+            raise ValueError(f"sft: no {'training' if len(train_ds) == 0 else 'held-out'} rows after the data split "
+                             f"{cfg.data.data_split!r}: give the SFT phase a share")
+
+        model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               attn_implementation=cfg.model.attn_implementation,
+                               gradient_checkpointing=t.gradient_checkpointing)
+        flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
+        if t.lora_dim:
+            model = apply_lora(model, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
+                               only_optimize_lora=t.only_optimize_lora)
+        collate = SFTCollator(tok.pad_token_id)
+
+        def loss_fn(engine, batch):
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         use_cache=False)
+            return out.loss, (batch["labels"][:, 1:] != -100).sum()
+
+        def eval_fn(engine):
+            return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
+                            ctx.rank, ctx.world_size)
+
+        out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
+        first = out.history["perplexity"][0][1]
+        metrics = {"perplexity": out.metrics["perplexity"], "eval_loss": out.metrics["eval_loss"],
+                   "perplexity_before": first, "train_rows": len(train_ds), "eval_rows": len(eval_ds),
+                   "global_step": out.global_step}
+        log.info("sft: perplexity %.3f -> %.3f", first, metrics["perplexity"])
+        model = unwrap_for_saving(out.engine.module)
+
+        def save_model(path, state_dict):
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.save_pretrained(path, state_dict=state_dict)
+
+        final = loop.save_final(ctx, out.engine, save_model, tok, metrics, t.zero_stage)
+        ctx.log_history(out.history)
+        return finish(ctx, final, metrics)
