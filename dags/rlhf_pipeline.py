@@ -32,8 +32,17 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+from airflow.sdk import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    get_current_context,
+    task,
+)
+
 import rlhf_tasks  # light: the package __init__ imports nothing heavy
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, get_current_context, task
 
 GPU_QUEUE = os.environ.get("RLHF_GPU_QUEUE", "gpu")
 GPU_POOL = os.environ.get("RLHF_GPU_POOL", "gpu")

@@ -78,7 +78,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
         metrics = {
             "sft_reward": r_sft.mean().item(), "ppo_reward": r_ppo.mean().item(),
             "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
-            "ppo_win_rate": (r_ppo > r_sft).float().mean().item(),
+            # Standard error of the difference of the two means: the gain is luck unless it is
+            # several times this.
+            "reward_gain_se": ((r_ppo.var() + r_sft.var()) / len(r_ppo)).sqrt().item(),
+            "ppo_win_rate": ((r_ppo > r_sft).float() + 0.5 * (r_ppo == r_sft).float()).mean().item(),
             "kl_ppo_sft": kl.mean().item(),
             "sft_answer_length": len_sft.mean().item(), "ppo_answer_length": len_ppo.mean().item(),
             "prompts": len(prompts),
