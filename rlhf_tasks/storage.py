@@ -83,8 +83,12 @@ class RunDir:
         return self.path / stage / "result.json"
 
     def result(self, stage: str) -> StageResult | None:
+        """The stage's result, if it finished and the model it points at is still there."""
         p = self.result_path(stage)
-        return StageResult.load(p) if p.is_file() and self.final(stage).is_dir() else None
+        if not p.is_file():
+            return None
+        r = StageResult.load(p)
+        return r if Path(r.final_dir).is_dir() else None
 
 
 def write_json(path: Path, obj: Any) -> None:
