@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Pip finds the CPU torch wheel in /opt/wheels on our machines; elsewhere from PyTorch's CPU index.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv run test test-fast lint ui clean
+.PHONY: venv run test test-fast lint ui clean system-deps
 
 venv: $(STAMP)
 
@@ -22,7 +22,17 @@ $(STAMP): requirements.txt requirements-lock.txt
 run: venv
 	$(BIN)/python -m rlhf_tasks.local run
 
-test: venv
+# The end-to-end tests drive Debian's chromium and validate docker-compose.yml with Debian's
+# docker-compose; PostgreSQL and Redis must be running on loopback (see docs/production.md).
+system-deps:
+	@missing=""; for p in chromium docker-compose; do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note:$$missing not installed: the browser/compose tests will be skipped"; fi; \
+	fi
+
+test: venv system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: venv

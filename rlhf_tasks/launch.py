@@ -76,7 +76,10 @@ def run_stage(stage: str, run_dir: str | Path, *, preset: str | None = None, ove
         for line in proc.stdout:
             line = line.rstrip("\n")
             if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
+                try:
+                    result = json.loads(line[len(RESULT_PREFIX):])
+                except json.JSONDecodeError:
+                    echo(f"unreadable result line: {line[:200]}")
                 continue
             echo(line)
             tail = (tail + [line])[-30:]
@@ -86,7 +89,7 @@ def run_stage(stage: str, run_dir: str | Path, *, preset: str | None = None, ove
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
         for s, h in previous.items():
-            signal.signal(s, h)
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
     if code != 0 or result is None:
         raise StageFailed(f"stage {stage!r} exited with code {code}; last lines:\n" + "\n".join(tail[-15:]))
     return result

@@ -63,6 +63,8 @@ def check_torch(cfg: PipelineConfig) -> dict[str, Any]:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
         info["gpu_memory_gb"] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1) for i in range(n)]
         info["bf16_supported"] = torch.cuda.is_bf16_supported()
+        if cfg.device == "cpu":  # the GPUs are not used: cost.num_gpus only prices the run
+            return info
         if n < cfg.cost.num_gpus:
             raise EnvironmentError_(f"cost.num_gpus={cfg.cost.num_gpus} but this worker has {n} GPU(s)")
         uses_bf16 = "bf16" in (cfg.sft.dtype, cfg.reward.dtype, cfg.ppo.dtype)

@@ -50,14 +50,17 @@ def _duration(s: float) -> str:
 def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
     gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
     price = cfg.cost.gpu_hourly_usd
-    time_rows, total_s = [], 0.0
+    time_rows, total_s, total_usd = [], 0.0, 0.0
     for stage, label in STEPS:
         r = results.get(stage)
         if r is None:
             continue
         total_s += r.wall_clock_s
-        time_rows.append([label, _duration(r.wall_clock_s), _fmt(r.wall_clock_s / 3600 * price * gpus, 2)])
-    time_rows.append(["Total", _duration(total_s), _fmt(total_s / 3600 * price * gpus, 2)])
+        # The stage's own figure (0 on CPU: no GPU was paid for), else hours x price x GPUs.
+        cost = r.metrics.get("cost_usd", r.wall_clock_s / 3600 * price * gpus)
+        total_usd += cost
+        time_rows.append([label, _duration(r.wall_clock_s), _fmt(float(cost), 2)])
+    time_rows.append(["Total", _duration(total_s), _fmt(total_usd, 2)])
     m = {s: r.metrics for s, r in results.items()}
     quality = [
         ["Step 1: SFT", "perplexity (held-out)", _fmt(m.get("sft", {}).get("perplexity_before")),
@@ -134,7 +137,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t = Tracker.start(uri, cfg.tracking.experiment, run_name="", resume_run_id=parent)
         total_s = sum(r.wall_clock_s for r in results.values())
         gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
-        summary = {"time/wall_clock_s": total_s, "cost/usd": total_s / 3600 * cfg.cost.gpu_hourly_usd * gpus}
+        summary = {"time/wall_clock_s": total_s,
+                   "cost/usd": sum(r.metrics.get("cost_usd", r.wall_clock_s / 3600 * cfg.cost.gpu_hourly_usd * gpus)
+                                   for r in results.values())}
         for stage, r in results.items():
             summary.update({f"summary/{stage}/{k}": v for k, v in r.metrics.items() if isinstance(v, (int, float))})
         t.log_metrics(summary, step=0)
@@ -142,7 +147,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t.log_artifact(str(run_dir.path / "report.html"), "report")
         ev = results["evaluate"]
         reg = register_model(uri, run_dir.final("ppo"), cfg.tracking.registered_model, "eval/ppo_reward",
-                             float(ev.metrics["ppo_reward"]), run_id=results["ppo"].mlflow_run_id or parent)
+                             float(ev.metrics["ppo_reward"]),
+                             run_id=(results["ppo"].mlflow_run_id if "ppo" in results else None) or parent)
         t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.promoted": str(reg.get("promoted"))})
         t.close("FINISHED")
         out.update(registered=reg, mlflow_parent_run_id=parent)

@@ -166,11 +166,16 @@ def load_run_config(run: RunDir, cfg: PipelineConfig | None) -> PipelineConfig:
     run can never silently mix settings)."""
     if run.config_path.is_file():
         saved = PipelineConfig.load(run.config_path)
-        if cfg is not None and cfg.to_dict() != saved.to_dict():
-            diff = [k for k in _flat(cfg.to_dict()) if _flat(cfg.to_dict())[k] != _flat(saved.to_dict()).get(k)]
-            raise ValueError(f"{run.config_path} already holds a different config (keys {diff[:8]}): "
-                             "use a new --output directory, or drop --preset/--set to reuse the saved one")
-        return saved
+        if cfg is None or cfg.to_dict() == saved.to_dict():
+            return saved
+        started = [s for s in ("sft", "reward", "ppo", "evaluate") if run.stage(s).is_dir()]
+        if started:
+            new, old = _flat(cfg.to_dict()), _flat(saved.to_dict())
+            diff = [k for k in new if new[k] != old.get(k)]
+            raise ValueError(f"{run.config_path} already holds a different config (keys {diff[:8]}) and stages "
+                             f"{started} have started with it: use a new --output directory, or drop --preset/--set "
+                             "to reuse the saved one")
+        log.info("replacing %s: no stage has started with it yet", run.config_path)
     if cfg is None:
         raise ValueError(f"{run.config_path} does not exist: give --preset (and --set) for a new run")
     cfg.save(run.config_path)
@@ -213,6 +218,7 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
 
 def finish(ctx: StageContext, final_dir: Path, metrics: dict[str, float]) -> StageResult:
     """Write result.json (the DAG reads it) and return the result."""
+    metrics = {**metrics, "cost_usd": ctx.cost_metrics()["cost/usd"]}
     result = StageResult(stage=ctx.name, final_dir=str(final_dir), metrics=metrics,
                          mlflow_run_id=ctx.tracker.run_id, wall_clock_s=round(ctx.elapsed_s, 3))
     if ctx.is_main:

@@ -82,3 +82,25 @@ def test_lora_targets_named_layers_and_merges():
         apply_lora(_tiny_backbone(), 4, "no.such.module")
     merged = merge_lora(model)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_seed_recipe_models_load_from_local_directories(tmp_path, tiny_model_dir):
+    """The opt-1.3b preset pointed at local copies (no download) passes prepare's model
+    check, through AutoConfig/AutoTokenizer.from_pretrained on those directories."""
+    from transformers import AutoTokenizer, OPTConfig
+
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.prepare import check_models
+
+    dims = {"opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                             word_embed_proj_dim=2048),
+            "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                             word_embed_proj_dim=512)}
+    for name, d in dims.items():
+        OPTConfig(vocab_size=50272, **d).save_pretrained(tmp_path / name)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "opt-1.3b")
+    cfg = PipelineConfig.load("opt-1.3b", [f"model.actor={tmp_path / 'opt-1.3b'}",
+                                           f"model.reward={tmp_path / 'opt-350m'}"])
+    info, tok = check_models(cfg)
+    assert info["actor"]["model_type"] == info["reward"]["model_type"] == "opt"
+    assert tok.eos_token_id is not None
