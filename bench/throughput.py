@@ -1,0 +1,126 @@
+"""Training and generation throughput of our engine setup on random-init OPT models.
+
+Measures what ``../shared/gpu/README.md`` reports for DeepSpeed-Chat and TRL, through the
+same code the stages use (``rlhf_tasks.engine.initialize``, ``ppo.generation.generate``):
+
+    python bench/throughput.py --model opt-1.3b --dtype bf16 --zero 0 --steps 30
+    python bench/throughput.py --model opt-350m --generate --batch 32
+
+Prints one JSON line per measurement (tokens/s, model TFLOP/s, peak memory). On CPU use
+``--model tiny`` (what the tests do, to keep this script working).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+SIZES = {  # OPT architectures (facebook/opt-*) with DeepSpeed-Chat's vocabulary
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, ffn_dim=512, word_embed_proj_dim=128),
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                     word_embed_proj_dim=768),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                     word_embed_proj_dim=512),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                     word_embed_proj_dim=2048),
+}
+
+
+def build(name: str, vocab: int, attn: str):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=vocab, max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0,
+                    activation_dropout=0.0, **SIZES[name])
+    cfg._attn_implementation = attn
+    return OPTForCausalLM(cfg)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_train(a, device) -> dict:
+    from rlhf_tasks.engine import OptimSettings, init_distributed, initialize
+    from rlhf_tasks.loop import flops_per_token
+
+    _, world = init_distributed(device)
+    model = build(a.model, a.vocab, a.attn)
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fpt = flops_per_token(model, a.seq)
+    o = OptimSettings(learning_rate=1e-5, weight_decay=0.0, betas=(0.9, 0.95), lr_scheduler_type="constant",
+                      num_warmup_steps=0, total_steps=a.steps + a.warmup, micro_batch_size=a.batch,
+                      gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=a.zero, offload=False,
+                      dtype=a.dtype)
+    engine = initialize(model, o, device, world)
+    x = torch.randint(0, a.vocab, (a.batch, a.seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        loss = engine(input_ids=x, labels=x, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+    sync(device)
+    dt = time.perf_counter() - t0
+    tok_s = a.steps * a.batch * a.seq / dt
+    return {"bench": "train", "model": a.model, "dtype": a.dtype, "zero": a.zero, "attn": a.attn,
+            "gradient_checkpointing": a.gradient_checkpointing, "batch": a.batch, "seq": a.seq,
+            "tokens_per_s": round(tok_s), "model_tflops": round(tok_s * fpt / 1e12, 1),
+            "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1) if device.type == "cuda" else None}
+
+
+@torch.no_grad()
+def bench_generate(a, device) -> dict:
+    from rlhf_tasks.engine import torch_dtype
+    from rlhf_tasks.ppo.generation import GenerationSettings, generate
+
+    model = build(a.model, a.vocab, a.attn).to(device, torch_dtype(a.dtype)).eval()
+    eos = 2
+    # Keep sampling away from EOS so every row generates all its tokens (as the baselines do).
+    prompts = torch.randint(3, a.vocab, (a.batch, a.prompt_len), device=device)
+    mask = torch.ones_like(prompts)
+    gen = GenerationSettings(max_new_tokens=a.new_tokens)
+    generate(model, prompts[:, :8], mask[:, :8], GenerationSettings(max_new_tokens=4), eos, 1)  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    ro = generate(model, prompts, mask, gen, eos, 1)
+    sync(device)
+    dt = time.perf_counter() - t0
+    new = int(ro.answer_lengths.sum())
+    return {"bench": "generate", "model": a.model, "dtype": a.dtype, "batch": a.batch, "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens, "new_tokens_per_s": round(new / dt), "seconds": round(dt, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(SIZES), default="opt-1.3b")
+    ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    ap.add_argument("--zero", type=int, default=0)
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=50272)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--generate", action="store_true", help="measure rollout generation instead of training")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    a = ap.parse_args(argv)
+    from rlhf_tasks.engine import resolve_device
+
+    device = resolve_device(os.environ.get("RLHF_DEVICE", "auto"))
+    print(json.dumps(bench_generate(a, device) if a.generate else bench_train(a, device)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

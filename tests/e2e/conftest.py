@@ -1,0 +1,61 @@
+"""Fixtures of the production-topology tests: one native topology (PostgreSQL, Redis,
+Celery workers, api-server, MLflow) shared by every test of the session that asks for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.topology import REPO, Topology
+
+# One pipeline run through the topology, bounded: tiny-cpu takes 3-5 minutes on 2 cores.
+RUN_TIMEOUT_S = float(os.environ.get("RLHF_E2E_RUN_TIMEOUT_S", "900"))
+
+
+def e2e_overrides() -> list[str]:
+    """Extra ``key=value`` config overrides from RLHF_E2E_OVERRIDES (a JSON list), e.g.
+    to shrink the tiny-cpu preset further on a slow machine."""
+    raw = os.environ.get("RLHF_E2E_OVERRIDES", "").strip()
+    if not raw:
+        return []
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(isinstance(v, str) and "=" in v for v in value):
+        raise ValueError(f'RLHF_E2E_OVERRIDES must be a JSON list of "key=value" strings, got {raw!r}')
+    return value
+
+
+def e2e_conf(**params: Any) -> dict[str, Any]:
+    """The trigger conf of a test run: the tiny-cpu preset, plus form fields and overrides."""
+    return {"preset": "tiny-cpu", "overrides": e2e_overrides(), **params}
+
+
+@pytest.fixture(scope="session")
+def topology(tmp_path_factory) -> Iterator[Topology]:
+    for tool in ("airflow", "mlflow", "celery"):
+        if not (Path(sys.executable).with_name(tool)).exists():
+            pytest.skip(f"{tool} is not installed next to {sys.executable}")
+    with Topology(root=tmp_path_factory.mktemp("topology")) as topo:
+        topo.unpause()
+        yield topo
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """``test-artifacts/`` in the repository: screenshots a person can look at afterwards."""
+    d = REPO / "test-artifacts"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def keep_artifact(path: Path, artifacts_dir: Path) -> Path:
+    """Copy a file made under the pytest tmp dir to ``test-artifacts/``."""
+    target = artifacts_dir / path.name
+    shutil.copy2(path, target)
+    return target
