@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,10 @@ def normalise_cuda_arch_list(env: dict[str, str] | None = None) -> str | None:
 
 
 normalise_cuda_arch_list()
+# DeepSpeed JIT-builds ops (on CPU: its shared-memory allreduce) into torch's extension
+# cache. One cache per environment: two virtualenvs sharing ~/.cache would rebuild the op
+# in turn, each time behind a lock file that a killed process leaves behind for good.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 # Tests and the embedded default run on CPU: tell DeepSpeed so instead of letting it
 # probe for accelerators (and warn) in every process.
 if os.environ.get("RLHF_DEVICE") == "cpu":
