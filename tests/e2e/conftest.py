@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,9 +42,19 @@ def topology(tmp_path_factory) -> Iterator[Topology]:
     for tool in ("airflow", "mlflow", "celery"):
         if not (Path(sys.executable).with_name(tool)).exists():
             pytest.skip(f"{tool} is not installed next to {sys.executable}")
-    with Topology(root=tmp_path_factory.mktemp("topology")) as topo:
-        topo.unpause()
-        yield topo
+    # SIGTERM (a CI time limit, `kill`) ends pytest without teardown: turn it into the
+    # KeyboardInterrupt pytest tears down on, so that the topology is still stopped.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with Topology(root=tmp_path_factory.mktemp("topology")) as topo:
+            topo.unpause()
+            yield topo
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @pytest.fixture(scope="session")

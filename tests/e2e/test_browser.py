@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -168,14 +169,18 @@ def test_mlflow_ui_shows_the_average_reward_chart(topology, ui_run):
         # Charts are grouped by prefix: the card is titled "reward", its legend names ppo/reward.
         page.goto(f"{topology.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{ppo.info.run_id}"
                   "/model-metrics")
-        page.get_by_text("(ppo/kl)").first.wait_for()
+        # The "ppo" group's header reads "ppo (16)": the number of charts in the group.
+        section = page.get_by_test_id("experiment-view-compare-runs-section-header").filter(
+            has_text=re.compile(r"^ppo\W*\(\d+\)"))
+        section.wait_for()
+        all_charts = int(re.search(r"\((\d+)\)", section.inner_text()).group(1))
         _close_assistant_panel(page)
         search = page.get_by_placeholder("Search metric charts")
         search.fill("ppo/reward")
-        expect(page.get_by_text("(ppo/kl)")).to_have_count(0)
+        expect(search).to_have_value("ppo/reward")
+        expect(section).not_to_contain_text(f"({all_charts})")  # narrowed down
         expect(page.get_by_text("(ppo/reward)").first).to_be_visible()
         expect(page.get_by_text("reward", exact=True).first).to_be_visible()
-        expect(search).to_have_value("ppo/reward")
         page.wait_for_timeout(1500)  # the chart animates in
         shots.take("mlflow-ppo-reward")
     finally:
@@ -185,10 +190,10 @@ def test_mlflow_ui_shows_the_average_reward_chart(topology, ui_run):
 
 def _close_assistant_panel(page) -> None:
     """MLflow 3 opens an assistant side panel that hides a third of the page: close it if
-    it is open. Called before the chart search has text (its clear button is a "Close" too)."""
+    it is open."""
     from playwright.sync_api import expect
 
-    title = page.get_by_text("MLflow Assistant", exact=True)
-    if title.count() and title.first.is_visible():
-        page.get_by_role("button", name="Close", exact=True).first.click()
-        expect(title.first).to_be_hidden()
+    close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
+    if close.count() and close.first.is_visible():
+        close.first.click()
+        expect(close).to_have_count(0)

@@ -427,8 +427,14 @@ class Topology:
             run = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}")
             return run if run["state"] in ("success", "failed") else None
 
-        return wait_until(f"run {run_id} finished", finished, timeout_s, 5.0,
-                          on_timeout=lambda: self.run_report(run_id))
+        try:
+            return wait_until(f"run {run_id} finished", finished, timeout_s, 5.0,
+                              on_timeout=lambda: self.run_report(run_id))
+        except TimeoutError:
+            # Free the DAG's single active-run slot for the next test's run.
+            with contextlib.suppress(ApiError, OSError):
+                self.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}", {"state": "failed"})
+            raise
 
     # ---- diagnostics --------------------------------------------------------------------
     def task_log_tails(self, run_id: str, lines: int = 60) -> str:
