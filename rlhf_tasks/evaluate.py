@@ -20,7 +20,7 @@ from .models import RewardModel, load_causal_lm, load_tokenizer
 from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, generate
 from .ppo.trainer import actor_log_probs
-from .stage import finish, stage_run
+from .stage import finish, finished, stage_run
 from .storage import RunDir, StageResult, write_json
 
 log = logging.getLogger("rlhf_tasks")
@@ -42,8 +42,7 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := run_dir.result("evaluate")) is not None:
-        done.skipped = True
+    if (done := finished("evaluate", run_dir)) is not None:
         return done
     p = cfg.ppo
     with stage_run("evaluate", cfg, run_dir) as ctx:

@@ -227,6 +227,20 @@ def cap_eval(ds, max_rows: int, seed: int):
     return ds
 
 
+def train_eval_data(ctx: StageContext, loader, tok, what: str, phase: str):
+    """A phase's tokenised train and held-out shares, reports logged, held-out capped;
+    an empty share is an error that names the phase."""
+    cfg = ctx.cfg
+    train_ds, reports = loader(cfg, tok, "train")
+    eval_ds, eval_reports = loader(cfg, tok, "eval")
+    log_data_reports(ctx, reports + eval_reports)
+    eval_ds = cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
+    if len(train_ds) == 0 or len(eval_ds) == 0:
+        raise ValueError(f"{ctx.name}: no {'training' if len(train_ds) == 0 else 'held-out'} {what} after the data "
+                         f"split {cfg.data.data_split!r}: give the {phase} phase a share")
+    return train_ds, eval_ds
+
+
 def log_data_reports(ctx: StageContext, reports) -> None:
     for r in reports:
         log.info("%s: data %s", ctx.name, r)

@@ -25,7 +25,7 @@ from .models import (
     unwrap_for_saving,
 )
 from .phases import rm_pairs
-from .stage import finish, stage_run
+from .stage import finish, finished, stage_run
 from .storage import RunDir, StageResult
 
 log = logging.getLogger("rlhf_tasks")
@@ -54,20 +54,12 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := run_dir.result("reward")) is not None:
-        log.info("reward: already finished in %s, nothing to do", done.final_dir)
-        done.skipped = True
+    if (done := finished("reward", run_dir)) is not None:
         return done
     t = cfg.reward
     with stage_run("reward", cfg, run_dir) as ctx:
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
-        train_ds, reports = rm_pairs(cfg, tok, "train")
-        eval_ds, eval_reports = rm_pairs(cfg, tok, "eval")
-        loop.log_data_reports(ctx, reports + eval_reports)
-        eval_ds = loop.cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
-        if len(train_ds) == 0 or len(eval_ds) == 0:
-            raise ValueError(f"reward: no {'training' if len(train_ds) == 0 else 'held-out'} pairs after the data split "
-                             f"{cfg.data.data_split!r}: give the RM phase a share")
+        train_ds, eval_ds = loop.train_eval_data(ctx, rm_pairs, tok, "pairs", "RM")
 
         model = RewardModel.from_pretrained(cfg.model.reward, dtype=torch_dtype("fp32"), dropout=t.dropout,
                                             trust_remote_code=cfg.model.trust_remote_code,

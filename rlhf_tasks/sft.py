@@ -17,7 +17,7 @@ from .data import SFTCollator
 from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import sft_rows
-from .stage import finish, stage_run
+from .stage import finish, finished, stage_run
 from .storage import RunDir, StageResult
 
 log = logging.getLogger("rlhf_tasks")
@@ -43,20 +43,12 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
     """Train the actor; returns the StageResult (or the saved one if already finished)."""
-    if (done := run_dir.result("sft")) is not None:
-        log.info("sft: already finished in %s, nothing to do", done.final_dir)
-        done.skipped = True
+    if (done := finished("sft", run_dir)) is not None:
         return done
     t = cfg.sft
     with stage_run("sft", cfg, run_dir) as ctx:
         tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
-        train_ds, reports = sft_rows(cfg, tok, "train")
-        eval_ds, eval_reports = sft_rows(cfg, tok, "eval")
-        loop.log_data_reports(ctx, reports + eval_reports)
-        eval_ds = loop.cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
-        if len(train_ds) == 0 or len(eval_ds) == 0:
-            raise ValueError(f"sft: no {'training' if len(train_ds) == 0 else 'held-out'} rows after the data split "
-                             f"{cfg.data.data_split!r}: give the SFT phase a share")
+        train_ds, eval_ds = loop.train_eval_data(ctx, sft_rows, tok, "rows", "SFT")
 
         model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
                                trust_remote_code=cfg.model.trust_remote_code,

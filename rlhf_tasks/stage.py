@@ -216,6 +216,15 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
         ctx.tracker.close(status)
 
 
+def finished(name: str, run_dir: RunDir) -> StageResult | None:
+    """The saved result of a stage that already finished in this run (a re-run is a no-op)."""
+    done = run_dir.result(name)
+    if done is not None:
+        log.info("%s: already finished in %s, nothing to do", name, done.final_dir)
+        done.skipped = True
+    return done
+
+
 def finish(ctx: StageContext, final_dir: Path, metrics: dict[str, float]) -> StageResult:
     """Write result.json (the DAG reads it) and return the result."""
     metrics = {**metrics, "cost_usd": ctx.cost_metrics()["cost/usd"]}

@@ -36,7 +36,7 @@ from ..models import (
     unwrap_for_saving,
 )
 from ..phases import ppo_prompts, sft_rows
-from ..stage import StageContext, finish, stage_run
+from ..stage import StageContext, finish, finished, stage_run
 from ..storage import RunDir, StageResult, latest_checkpoint, mark_complete, prune_checkpoints
 from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
 from .experience import Experience
@@ -197,9 +197,7 @@ def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> 
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := run_dir.result("ppo")) is not None:
-        log.info("ppo: already finished in %s, nothing to do", done.final_dir)
-        done.skipped = True
+    if (done := finished("ppo", run_dir)) is not None:
         return done
     p = cfg.ppo
     with stage_run("ppo", cfg, run_dir) as ctx:
