@@ -110,7 +110,8 @@ params = {
     "critic_zero_stage": _opt("integer", "Critic ZeRO stage", "Step 3: PPO", enum=[None, 0, 1, 2, 3]),
     "kl_coef": _opt("number", "KL penalty coefficient", "Step 3: PPO", minimum=0, maximum=10),
     "dtype": _opt("string", "Training precision of all three steps", "Hardware", enum=[None, "bf16", "fp16", "fp32"]),
-    "num_gpus": _opt("integer", "GPUs per stage (>1 uses the deepspeed launcher)", "Hardware", minimum=1,
+    "num_gpus": _opt("integer", "GPUs per node for each training stage (cost.num_gpus; >1 uses the deepspeed "
+                     "launcher; nodes: cost.num_nodes and cost.hostfile in overrides)", "Hardware", minimum=1,
                      maximum=64),
     "gpu_hourly_usd": _opt("number", "Price of one GPU-hour, for cost/usd", "Hardware", minimum=0, maximum=1000),
     "overrides": Param([], type="array", items={"type": "string", "pattern": r"^[A-Za-z_][\w.]*=.*$"},
@@ -138,8 +139,9 @@ def _run(stage: str, run_dir: str, **kw) -> dict:
     ti, dag_run = ctx["ti"], ctx["dag_run"]
     env = {"AIRFLOW_CTX_DAG_ID": ti.dag_id, "AIRFLOW_CTX_DAG_RUN_ID": dag_run.run_id,
            "AIRFLOW_CTX_TASK_ID": ti.task_id, "AIRFLOW_CTX_TRY_NUMBER": str(ti.try_number)}
-    gpus = ctx["params"].get("num_gpus") or 1
-    return run_stage(stage, run_dir, num_gpus=gpus, env=env, echo=logging.getLogger("airflow.task").info, **kw)
+    # GPUs, nodes and hostfile come from the run's resolved config.yaml (the form's
+    # num_gpus is one override of cost.num_gpus), read by the launcher itself.
+    return run_stage(stage, run_dir, env=env, echo=logging.getLogger("airflow.task").info, **kw)
 
 
 gpu_task = dict(queue=GPU_QUEUE, pool=GPU_POOL, retries=RETRIES, retry_delay=RETRY_DELAY,

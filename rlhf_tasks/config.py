@@ -305,18 +305,27 @@ class TrackingConfig:
 
 @dataclass
 class CostConfig:
-    """``cost/usd`` = wall-clock hours x ``gpu_hourly_usd`` x ``num_gpus``."""
+    """The GPUs a run uses, and their price: ``cost/usd`` = wall-clock hours x
+    ``gpu_hourly_usd`` x ``num_gpus`` x ``num_nodes``.
+
+    The launcher (``rlhf_tasks.launch.run_resources``) reads the same three fields from
+    the run's config.yaml: ``num_gpus`` processes per node for sft, reward and ppo, on the
+    first ``num_nodes`` hosts of ``hostfile`` (DeepSpeed's ``host slots=N`` file, which
+    must exist on the worker that starts the stage). ``device: cpu`` runs one process.
+    """
 
     gpu_hourly_usd: float = 0.0
-    num_gpus: int = 1
+    num_gpus: int = 1  # per node
     num_nodes: int = 1
-    hostfile: str | None = None  # DeepSpeed hostfile for several nodes
+    hostfile: str | None = None  # DeepSpeed hostfile; required for num_nodes > 1
 
     def validate(self, where: str = "cost") -> None:
         _check(isinstance(self.gpu_hourly_usd, (int, float)) and self.gpu_hourly_usd >= 0, f"{where}.gpu_hourly_usd", self.gpu_hourly_usd, "a number >= 0")
         _check(isinstance(self.num_gpus, int) and self.num_gpus >= 1, f"{where}.num_gpus", self.num_gpus, "an integer >= 1")
         _check(isinstance(self.num_nodes, int) and self.num_nodes >= 1, f"{where}.num_nodes", self.num_nodes, "an integer >= 1")
         _check(not (self.num_nodes > 1 and not self.hostfile), f"{where}.hostfile", self.hostfile, "required when num_nodes > 1")
+        _check(self.hostfile is None or (isinstance(self.hostfile, str) and self.hostfile.strip() != ""),
+               f"{where}.hostfile", self.hostfile, "null or the path of a DeepSpeed hostfile")
 
 
 @dataclass

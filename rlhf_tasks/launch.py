@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +29,139 @@ class StageFailed(RuntimeError):
     """The stage's process exited non-zero; the message carries the last lines it printed."""
 
 
+# Stages whose code runs one rank per GPU (DeepSpeed engines, sharded data). The others
+# (prepare, evaluate, register, report) are single-process whatever the run's resources.
+DISTRIBUTED_STAGES = ("sft", "reward", "ppo")
+
+
+class ResourceError(ValueError):
+    """The run's num_gpus / num_nodes / hostfile cannot be launched as configured."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How many processes a distributed stage gets: ``num_gpus`` per node on
+    ``num_nodes`` nodes (the first ones of ``hostfile``)."""
+
+    num_gpus: int = 1
+    num_nodes: int = 1
+    hostfile: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.num_gpus * self.num_nodes
+
+
+_HOST_LINE = re.compile(r"^(\S+)\s+slots=(\d+)(\s.*)?$")
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """``host slots=N`` lines (DeepSpeed's format; ``#`` comments and blank lines skipped)
+    -> {host: slots}. Raises :class:`ResourceError` naming the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ResourceError(f"cost.hostfile={str(path)!r}: no such file (it must exist on the worker that starts "
+                            "the stage, e.g. on the shared volume)")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOST_LINE.match(line)
+        if not m:
+            raise ResourceError(f"{p}:{n}: {raw.strip()!r} is not 'hostname slots=N'")
+        if m.group(1) in hosts:
+            raise ResourceError(f"{p}:{n}: host {m.group(1)!r} is listed twice")
+        hosts[m.group(1)] = int(m.group(2))
+    if not hosts:
+        raise ResourceError(f"{p}: no 'hostname slots=N' line")
+    return hosts
+
+
+
+def resources_from_config(cfg: dict[str, Any], where: str = "config") -> Resources:
+    """The resources of a resolved config (``cost.num_gpus``, ``cost.num_nodes``,
+    ``cost.hostfile``), checked against the hostfile. ``device: cpu`` runs one process:
+    there the GPU count only prices the run."""
+    cost = cfg.get("cost") or {}
+    if cfg.get("device") == "cpu":
+        return Resources()
+    gpus, nodes, hostfile = cost.get("num_gpus", 1), cost.get("num_nodes", 1), cost.get("hostfile") or None
+    for name, v in (("num_gpus", gpus), ("num_nodes", nodes)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ResourceError(f"{where}: cost.{name}={v!r} is invalid: an integer >= 1")
+    if nodes > 1 and not hostfile:
+        raise ResourceError(f"{where}: cost.num_nodes={nodes} needs cost.hostfile (DeepSpeed's 'host slots=N' file)")
+    if hostfile:
+        hosts = read_hostfile(hostfile)
+        if len(hosts) < nodes:
+            raise ResourceError(f"{where}: cost.num_nodes={nodes} but {hostfile} lists {len(hosts)} host(s)")
+        short = {h: s for h, s in list(hosts.items())[:nodes] if s < gpus}
+        if short:
+            raise ResourceError(f"{where}: cost.num_gpus={gpus} per node but {hostfile} gives fewer slots: {short}")
+    return Resources(gpus, nodes, hostfile)
+
+
+def run_resources(run_dir: str | Path) -> Resources:
+    """The one place the launcher learns a run's resources: the run directory's
+    ``config.yaml`` (written by ``prepare``, with the trigger form's ``num_gpus`` already
+    applied as an override). No config yet: one process."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return Resources()
+    import yaml
+
+    cfg = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(cfg, dict):
+        raise ResourceError(f"{path}: the top level must be a mapping")
+    return resources_from_config(cfg, str(path))
+
+
 def launch_argv(stage: str, args: list[str], num_gpus: int = 1, num_nodes: int = 1,
-                hostfile: str | None = None, master_port: int | None = None) -> list[str]:
+                hostfile: str | None = None, master_port: int | None = None,
+                visible_devices: str | None = None) -> list[str]:
     """The command that runs ``stage``: plain python for one process, else the
     ``deepspeed`` launcher, which starts one process per GPU (on every node of the
-    hostfile) and sets RANK/LOCAL_RANK/WORLD_SIZE for each."""
-    if num_gpus * num_nodes <= 1:
+    hostfile) and sets RANK/LOCAL_RANK/WORLD_SIZE for each.
+
+    ``visible_devices`` (the worker's ``CUDA_VISIBLE_DEVICES``): on one node the
+    launcher is told these devices by id (``--include localhost:2,3``); ``--num_gpus``
+    would make it drop the variable and start on GPUs 0..N-1, which another worker may hold.
+    """
+    if num_gpus * num_nodes <= 1 and not hostfile:
         return [sys.executable, "-u", "-m", "rlhf_tasks", stage, *args]
     argv = ["deepspeed"]
+    devices = [d.strip() for d in (visible_devices or "").split(",") if d.strip()]
     if hostfile:
-        argv += ["--hostfile", hostfile, "--num_nodes", str(num_nodes)]
-    argv += ["--num_gpus", str(num_gpus)]
+        argv += ["--hostfile", hostfile, "--num_nodes", str(num_nodes), "--num_gpus", str(num_gpus)]
+    elif devices:
+        if len(devices) < num_gpus:
+            raise ResourceError(f"cost.num_gpus={num_gpus} but this worker sees {len(devices)} GPU(s) "
+                                f"(CUDA_VISIBLE_DEVICES={visible_devices})")
+        argv += ["--include", "localhost:" + ",".join(devices[:num_gpus])]
+    else:
+        argv += ["--num_gpus", str(num_gpus)]
     if master_port:
         argv += ["--master_port", str(master_port)]
     return [*argv, "--module", "rlhf_tasks", stage, *args]
 
 
 def run_stage(stage: str, run_dir: str | Path, *, preset: str | None = None, overrides: list[str] | None = None,
-              num_gpus: int = 1, num_nodes: int = 1, hostfile: str | None = None, env: dict[str, str] | None = None,
-              echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+              env: dict[str, str] | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``python -m rlhf_tasks <stage> --output run_dir`` (or the DeepSpeed launcher)
-    and return the parsed ``RLHF_RESULT`` payload."""
+    and return the parsed ``RLHF_RESULT`` payload. A distributed stage gets the
+    processes its run's config asks for (:func:`run_resources`)."""
     args = ["--output", str(run_dir)]
     if preset:
         args += ["--preset", preset]
     for o in overrides or []:
         args += ["--set", o]
-    argv = launch_argv(stage, args, num_gpus, num_nodes, hostfile)
+    res = run_resources(run_dir) if stage in DISTRIBUTED_STAGES else Resources()
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    argv = launch_argv(stage, args, res.num_gpus, res.num_nodes, res.hostfile,
+                       visible_devices=child_env.get("CUDA_VISIBLE_DEVICES"))
     echo = echo or (lambda line: print(line, flush=True))
     echo(f"$ {' '.join(argv)}")
-    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env=child_env, start_new_session=True)
 

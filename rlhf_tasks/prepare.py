@@ -73,6 +73,23 @@ def check_torch(cfg: PipelineConfig) -> dict[str, Any]:
     return info
 
 
+def check_resources(cfg: PipelineConfig, torch_info: dict[str, Any]) -> dict[str, Any]:
+    """The processes the launcher will start for the training stages, resolved by the
+    launcher's own function from this config: a missing or short hostfile fails here,
+    before any GPU stage."""
+    from .launch import ResourceError, resources_from_config
+
+    try:
+        res = resources_from_config(cfg.to_dict(), "config")
+    except ResourceError as e:
+        raise ConfigError(str(e)) from None
+    if res.world_size > 1 and not res.hostfile and not torch_info["cuda_available"]:
+        raise EnvironmentError_(f"cost.num_gpus={res.num_gpus} asks for {res.num_gpus} processes but this worker has "
+                                "no GPU (device=cpu runs one process and only prices the GPUs)")
+    return {"num_gpus": res.num_gpus, "num_nodes": res.num_nodes, "hostfile": res.hostfile,
+            "world_size": res.world_size}
+
+
 def check_deepspeed(cfg: PipelineConfig) -> dict[str, Any]:
     """Import DeepSpeed and, where the run needs one, build its CPU-Adam op now (the
     first JIT build takes about a minute; better here than inside a GPU task)."""
@@ -145,6 +162,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
                               "host": platform.node(), "run_dir": str(run_dir.path)}
     report["packages"] = check_packages()
     report["torch"] = check_torch(cfg)
+    report["resources"] = check_resources(cfg, report["torch"])
     gpu = report["torch"]["cuda_available"] and cfg.device != "cpu"
     report["disk"] = check_disk(storage_root(), MIN_FREE_GB_GPU if gpu else MIN_FREE_GB_CPU)
     report["deepspeed"] = check_deepspeed(cfg)

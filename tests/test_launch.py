@@ -61,14 +61,120 @@ def test_several_gpus_use_the_deepspeed_launcher():
 
 def test_run_stage_passes_output_preset_and_each_override(monkeypatch, tmp_path):
     """``run_stage`` builds ``--output DIR --preset P --set k=v --set k2=v2`` for the
-    stage and hands the GPU/node counts to ``launch_argv``."""
+    stage; with no config.yaml in the run directory yet it is one process."""
     calls = use_child(monkeypatch, 'print("RLHF_RESULT {}")')
-    run_stage("reward", tmp_path, preset="tiny-cpu", overrides=["a.b=1", "c=[x, y]"], num_gpus=2,
-              echo=lambda _line: None)
+    run_stage("reward", tmp_path, preset="tiny-cpu", overrides=["a.b=1", "c=[x, y]"], echo=lambda _line: None)
     (stage, args, rest, _kw), = calls
     assert stage == "reward"
     assert args == ["--output", str(tmp_path), "--preset", "tiny-cpu", "--set", "a.b=1", "--set", "c=[x, y]"]
-    assert rest[:2] == (2, 1)  # num_gpus, num_nodes
+    assert rest[:3] == (1, 1, None)  # num_gpus, num_nodes, hostfile
+
+
+# --- resources from the run's resolved config -------------------------------------------
+
+
+def planned_argv(monkeypatch, stage: str, run_dir: Path, visible: str | None = None) -> list[str]:
+    """The real command line ``run_stage`` would start for ``stage`` on ``run_dir``
+    (computed by the real ``launch_argv``; a stub child runs instead)."""
+    real = launch.launch_argv
+    seen: list[list[str]] = []
+
+    def record(*a, **k):
+        seen.append(real(*a, **k))
+        return [sys.executable, "-c", 'print("RLHF_RESULT {}")']
+
+    monkeypatch.setattr(launch, "launch_argv", record)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    run_stage(stage, run_dir, echo=lambda _line: None)
+    return seen[-1]
+
+
+def resolved_run(tmp_path: Path, *overrides: str, preset: str = "opt-1.3b") -> Path:
+    """A run directory whose config.yaml is what ``prepare`` writes for these overrides."""
+    from rlhf_tasks.config import PipelineConfig
+
+    run = tmp_path / "run"
+    PipelineConfig.load(preset, list(overrides)).save(run / "config.yaml")
+    return run
+
+
+def test_one_gpu_run_is_plain_python(monkeypatch, tmp_path):
+    run = resolved_run(tmp_path)
+    assert planned_argv(monkeypatch, "sft", run) == [sys.executable, "-u", "-m", "rlhf_tasks", "sft",
+                                                     "--output", str(run)]
+
+
+def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
+    """``overrides: ["cost.num_gpus=4"]`` (and the form's num_gpus, which is the same
+    override) starts 4 processes, not just a higher price."""
+    run = resolved_run(tmp_path, "cost.num_gpus=4")
+    assert planned_argv(monkeypatch, "ppo", run) == ["deepspeed", "--num_gpus", "4", "--module", "rlhf_tasks", "ppo",
+                                                     "--output", str(run)]
+
+
+def test_form_num_gpus_is_the_config_override(monkeypatch, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dag_for_launch", REPO / "dags" / "rlhf_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    spec.loader.exec_module(module)
+    overrides = module._overrides({"num_gpus": 2, "overrides": []})
+    run = resolved_run(tmp_path, *overrides)
+    assert planned_argv(monkeypatch, "sft", run)[:3] == ["deepspeed", "--num_gpus", "2"]
+
+
+def test_worker_visible_devices_are_kept(monkeypatch, tmp_path):
+    """A GPU worker that claimed GPUs 2,3 (CUDA_VISIBLE_DEVICES) starts its ranks on
+    those, not on GPUs 0,1; asking for more than it sees is refused."""
+    run = resolved_run(tmp_path, "cost.num_gpus=2")
+    argv = planned_argv(monkeypatch, "reward", run, visible="2,3")
+    assert argv[:3] == ["deepspeed", "--include", "localhost:2,3"]
+    run4 = resolved_run(tmp_path / "b", "cost.num_gpus=4")
+    with pytest.raises(launch.ResourceError, match="cost.num_gpus=4 but this worker sees 2 GPU"):
+        planned_argv(monkeypatch, "reward", run4, visible="2,3")
+
+
+def test_hostfile_and_nodes_reach_the_launcher(monkeypatch, tmp_path):
+    """docs/production.md's multi-node recipe: 2 nodes x 8 GPUs from the hostfile."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# the cluster\ngpu-node-1 slots=8\ngpu-node-2 slots=8\n\n")
+    run = resolved_run(tmp_path, "cost.num_gpus=8", "cost.num_nodes=2", f"cost.hostfile={hostfile}")
+    argv = planned_argv(monkeypatch, "sft", run, visible="0")  # the hostfile wins over local devices
+    assert argv == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
+                    "--module", "rlhf_tasks", "sft", "--output", str(run)]
+
+
+@pytest.mark.parametrize("stage", ["prepare", "evaluate", "register"])
+def test_single_process_stages_ignore_the_gpu_count(monkeypatch, tmp_path, stage):
+    run = resolved_run(tmp_path, "cost.num_gpus=4")
+    assert planned_argv(monkeypatch, stage, run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
+
+
+def test_cpu_run_is_one_process_whatever_it_prices(monkeypatch, tmp_path):
+    run = resolved_run(tmp_path, "cost.num_gpus=4", preset="tiny-cpu")
+    assert planned_argv(monkeypatch, "sft", run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
+
+
+@pytest.mark.parametrize("hostfile_text, nodes, gpus, message", [
+    (None, 2, 8, "no such file"),
+    ("gpu-node-1 slots=8\n", 2, 8, "cost.num_nodes=2 but"),
+    ("gpu-node-1 slots=8\ngpu-node-2 slots=4\n", 2, 8, "fewer slots: {'gpu-node-2': 4}"),
+    ("gpu-node-1 8\n", 1, 8, "is not 'hostname slots=N'"),
+    ("a slots=8\na slots=8\n", 2, 8, "listed twice"),
+    ("# nothing\n", 1, 1, "no 'hostname slots=N' line"),
+])
+def test_bad_hostfile_is_refused_with_the_file_named(monkeypatch, tmp_path, hostfile_text, nodes, gpus, message):
+    hostfile = tmp_path / "hostfile"
+    if hostfile_text is not None:
+        hostfile.write_text(hostfile_text)
+    run = resolved_run(tmp_path, f"cost.num_gpus={gpus}", f"cost.num_nodes={nodes}", f"cost.hostfile={hostfile}")
+    with pytest.raises(launch.ResourceError) as e:
+        planned_argv(monkeypatch, "ppo", run)
+    assert message in str(e.value) and str(hostfile) in str(e.value)
 
 
 # --- streaming and the result line ------------------------------------------------------
