@@ -172,6 +172,75 @@ def test_generic_dir_uses_its_test_split(tmp_path, hf_cache):
     assert (len(splits["train"]), len(splits["eval"])) == (8, 3)
 
 
+# -- raw HH transcripts (Anthropic/hh-rlhf) -------------------------------------------------
+
+def transcript_rows(n: int = 20) -> list[dict[str, str]]:
+    """Anthropic/hh-rlhf's layout: two whole conversations, equal up to the last answer
+    (a second turn on odd rows, so the prompt holds an earlier Assistant answer)."""
+    rows = []
+    for i, q in enumerate(QUESTIONS[:n]):
+        head = f"\n\nHuman: {q}\n\nAssistant:"
+        if i % 2:
+            head += " Let me think.\n\nHuman: Go on.\n\nAssistant:"
+        rows.append({"chosen": head + f" It is {i}.", "rejected": head + " Go away."})
+    return rows
+
+
+def test_hh_transcripts_split_at_the_last_assistant_turn(tmp_path, hf_cache):
+    d = tmp_path / "hh-rlhf"
+    write_jsonl(d / "train.jsonl", transcript_rows(20))
+    write_jsonl(d / "test.jsonl", transcript_rows(4))
+    assert resolve_spec(f"Anthropic/hh-rlhf={d}").schema == "Anthropic/hh-rlhf"
+    assert resolve_spec("Anthropic/hh-rlhf") == DatasetSpec("Anthropic/hh-rlhf", "Anthropic/hh-rlhf", False,
+                                                            "Anthropic/hh-rlhf")
+    splits, reports = load_pairs(f"Anthropic/hh-rlhf={d}", seed=0, cache_dir=hf_cache)
+    assert (len(splits["train"]), len(splits["eval"])) == (20, 4)
+    assert [(r.split, r.kept) for r in reports] == [("train", 20), ("test", 4)]
+    assert splits["eval"][0] == {"prompt": "\n\nHuman: What is 1 plus 1?\n\nAssistant:", "chosen": " It is 0.",
+                                 "rejected": " Go away."}
+    assert splits["eval"][1] == {
+        "prompt": "\n\nHuman: What is 1 plus 2?\n\nAssistant: Let me think.\n\nHuman: Go on.\n\nAssistant:",
+        "chosen": " It is 1.", "rejected": " Go away."}
+
+
+def test_hh_transcripts_that_do_not_share_the_prompt_are_dropped_and_counted(tmp_path, hf_cache):
+    rows = transcript_rows(12)
+    rows[2]["rejected"] = rows[2]["rejected"].replace("What is", "Who is")  # another conversation
+    rows[5]["chosen"] = "\n\nHuman: no answer turn at all"
+    f = tmp_path / "hh.jsonl"
+    write_jsonl(f, rows)
+    splits, [report] = load_pairs(f"Anthropic/hh-rlhf={f}", seed=0, cache_dir=hf_cache)
+    assert (report.total, report.kept) == (12, 10)
+    assert report.dropped == {"chosen and rejected differ before the last answer": 1,
+                              "no '\\n\\nAssistant:' turn": 1}
+    assert report.bad_rows == [2, 5]
+    assert len(splits["train"]) + len(splits["eval"]) == 10
+
+
+def test_local_file_with_only_chosen_rejected_is_read_as_transcripts(tmp_path, hf_cache):
+    f = tmp_path / "hh.jsonl"
+    write_jsonl(f, transcript_rows(10))
+    assert resolve_spec(str(f)).schema == "local"
+    splits, _ = load_pairs(str(f), seed=0, cache_dir=hf_cache)
+    rows = list(splits["train"]) + list(splits["eval"])
+    assert len(rows) == 10 and all(r["prompt"].endswith("\n\nAssistant:") for r in rows)
+    assert {r["rejected"] for r in rows} == {" Go away."}
+
+
+def test_unknown_hub_id_with_an_existing_file_names_the_hub_id(tmp_path):
+    """``Unknown/hub-id=/existing/file.jsonl``: the file is there; the hub id is the
+    problem, and the message lists the supported ones."""
+    f = tmp_path / "prefs.jsonl"
+    write_jsonl(f, hh_rows(2))
+    for spec, hint in ((f"Unknown/hub-id={f}", ""), (f"Anthropic/hh-rhlf={f}", "did you mean 'Anthropic/hh-rlhf'")):
+        with pytest.raises(ValueError) as e:
+            resolve_spec(spec)
+        msg = str(e.value)
+        assert not isinstance(e.value, FileNotFoundError) and "does not exist" not in msg
+        assert f"unknown hub id {spec.split('=')[0]!r}" in msg and hint in msg
+        assert all(name in msg for name in (*SEED_DATASETS, "Anthropic/hh-rlhf"))
+
+
 # -- validation -------------------------------------------------------------------------
 
 def test_bad_rows_are_dropped_and_counted(tmp_path, hf_cache):

@@ -12,7 +12,7 @@ phase's disjoint share -> tokenised rows -> length-grouped, batch-padded tensors
 from __future__ import annotations
 
 from .collate import LengthGroupedBatchSampler, PairCollator, PromptCollator, SFTCollator
-from .formats import GENERIC, SCHEMAS, SEED_DATASETS, Schema
+from .formats import GENERIC, HUB_DATASETS, SCHEMAS, SEED_DATASETS, Schema
 from .loading import (
     SAMPLES_DIR,
     DatasetSpec,
@@ -25,7 +25,7 @@ from .split import blend, parse_data_split, phase_indices
 from .tokenize import IGNORE_INDEX, build_phase_dataset, tokenize_pairs, tokenize_prompts, tokenize_sft
 
 __all__ = [
-    "GENERIC", "IGNORE_INDEX", "SAMPLES_DIR", "SCHEMAS", "SEED_DATASETS",
+    "GENERIC", "HUB_DATASETS", "IGNORE_INDEX", "SAMPLES_DIR", "SCHEMAS", "SEED_DATASETS",
     "DataValidationError", "DatasetSpec", "LengthGroupedBatchSampler", "PairCollator", "PromptCollator",
     "SFTCollator", "Schema", "ValidationReport",
     "blend", "build_phase_dataset", "load_pairs", "parse_data_split", "phase_indices", "resolve_spec",

@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 Triple = tuple[str, str, str]
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+class RowError(ValueError):
+    """A reader's reason to drop one row (counted in the validation report)."""
 
 
 def answer(text: str) -> str:
@@ -41,6 +46,25 @@ def _yitingxie(row: Mapping[str, str]) -> Triple:
             answer(after_last_assistant(row["rejected"])))
 
 
+def split_transcript(text: str) -> tuple[str, str]:
+    """A whole ``"\n\nHuman: ...\n\nAssistant: ..."`` conversation -> (prompt, last answer):
+    the prompt is everything up to and including the last ``"\n\nAssistant:"``."""
+    i = text.rfind(ASSISTANT_TURN)
+    if i < 0:
+        raise RowError("no '\\n\\nAssistant:' turn")
+    cut = i + len(ASSISTANT_TURN)
+    return text[:cut], text[cut:]
+
+
+def _transcripts(row: Mapping[str, str]) -> Triple:
+    # Anthropic/hh-rlhf: only two whole conversations that differ in their last answer.
+    prompt, chosen = split_transcript(row["chosen"])
+    other, rejected = split_transcript(row["rejected"])
+    if other != prompt:
+        raise RowError("chosen and rejected differ before the last answer")
+    return prompt, answer(chosen), answer(rejected)
+
+
 def _generic(row: Mapping[str, str]) -> Triple:
     return row["prompt"], answer(row["chosen"]), answer(row["rejected"])
 
@@ -62,17 +86,22 @@ class Schema:
 
 
 GENERIC = "local"
+TRANSCRIPTS = "Anthropic/hh-rlhf"
 
 SCHEMAS: dict[str, Schema] = {
     "Dahoas/rm-static": Schema("Dahoas/rm-static", _hh, ("test",)),
     "Dahoas/full-hh-rlhf": Schema("Dahoas/full-hh-rlhf", _hh, ("test",)),
     "Dahoas/synthetic-instruct-gptj-pairwise": Schema("Dahoas/synthetic-instruct-gptj-pairwise", _instruct, ()),
     "yitingxie/rlhf-reward-datasets": Schema("yitingxie/rlhf-reward-datasets", _yitingxie, ("test",)),
+    TRANSCRIPTS: Schema(TRANSCRIPTS, _transcripts, ("test",), columns=("chosen", "rejected")),
     GENERIC: Schema(GENERIC, _generic, ("test", "validation", "eval")),
 }
 
-# The four datasets of the reference recipe, by hub id.
-SEED_DATASETS: tuple[str, ...] = tuple(k for k in SCHEMAS if k != GENERIC)
+# The four datasets of the reference recipe, by hub id (each has a bundled sample).
+SEED_DATASETS: tuple[str, ...] = ("Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
+                                  "yitingxie/rlhf-reward-datasets")
+# Every hub id with a reader: the seed datasets and the raw Anthropic HH transcripts.
+HUB_DATASETS: tuple[str, ...] = tuple(k for k in SCHEMAS if k != GENERIC)
 
 
 def check_row(schema: Schema, row: Mapping[str, Any]) -> str:
@@ -93,7 +122,10 @@ def normalise(schema: Schema, row: Mapping[str, Any]) -> tuple[Triple | None, st
     """``(triple, "")`` for a usable row, ``(None, reason)`` otherwise."""
     if reason := check_row(schema, row):
         return None, reason
-    prompt, chosen, rejected = schema.read(row)
+    try:
+        prompt, chosen, rejected = schema.read(row)
+    except RowError as e:
+        return None, str(e)
     for col, text in (("chosen", chosen), ("rejected", rejected)):
         if not text.strip():
             return None, f"empty {col}"

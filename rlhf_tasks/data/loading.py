@@ -5,8 +5,12 @@ A spec string is one of:
 - ``Dahoas/rm-static``                 a seed dataset from the Hugging Face hub
 - ``Dahoas/rm-static=/data/rm-static`` the same schema read from a local directory or file
 - ``sample:Dahoas/rm-static``          the bundled sample in that schema (no network)
+- ``Anthropic/hh-rlhf``                raw HH transcripts: only ``chosen``/``rejected`` whole
+                                       conversations, the prompt is what precedes the last
+                                       ``"\n\nAssistant:"`` (also ``Anthropic/hh-rlhf=<dir or file>``)
 - ``/data/prefs.jsonl`` (or .json, .parquet, .csv, a directory)
-                                       prompt/chosen/rejected columns, used as they are
+                                       prompt/chosen/rejected columns, used as they are; a
+                                       file with only chosen/rejected is read as HH transcripts
 
 Loading goes through the real ``datasets.load_dataset``. Unusable rows are dropped and
 counted in a :class:`ValidationReport`; a split that is mostly unusable stops the run with
@@ -15,6 +19,8 @@ a :class:`DataValidationError` instead of training on the rest.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -23,7 +29,7 @@ from typing import Any
 
 import datasets
 
-from .formats import GENERIC, SCHEMAS, SEED_DATASETS, Schema, normalise
+from .formats import GENERIC, HUB_DATASETS, SCHEMAS, SEED_DATASETS, TRANSCRIPTS, Schema, normalise
 from .split import split_indices
 
 log = logging.getLogger("rlhf_tasks")
@@ -77,10 +83,16 @@ class ValidationReport:
 
 
 def _usage(spec: str, problem: str) -> str:
-    seeds = ", ".join(SEED_DATASETS)
-    return (f"dataset {spec!r}: {problem}. Supported: a seed hub id ({seeds}); <hub id>=<local dir or file>; "
-            f"sample:<hub id> (bundled sample); or a local .json/.jsonl/.parquet/.csv file or directory "
-            f"with prompt/chosen/rejected columns")
+    hubs = ", ".join(HUB_DATASETS)
+    return (f"dataset {spec!r}: {problem}. Supported: a hub id ({hubs}); <hub id>=<local dir or file>; "
+            f"sample:<hub id> (bundled sample of {', '.join(SEED_DATASETS)}); or a local "
+            f".json/.jsonl/.parquet/.csv file or directory with prompt/chosen/rejected columns "
+            f"(or only chosen/rejected HH transcripts)")
+
+
+def _unknown_hub_id(hub_id: str) -> str:
+    close = difflib.get_close_matches(hub_id, HUB_DATASETS, n=1)
+    return f"unknown hub id {hub_id!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 def _looks_like_path(s: str) -> bool:
@@ -105,12 +117,16 @@ def resolve_spec(spec: str) -> DatasetSpec:
             raise ValueError(_usage(spec, f"there is no bundled sample of {hub_id!r}"))
         return _local(spec, str(SAMPLES_DIR / hub_id), hub_id)
     head, sep, tail = spec.partition("=")
-    if sep and head in SEED_DATASETS:
+    if sep and head in HUB_DATASETS:
         if not tail:
             raise ValueError(_usage(spec, "no location after '='"))
         return _local(spec, tail, head)
-    if spec in SEED_DATASETS:
+    if spec in HUB_DATASETS:
         return DatasetSpec(spec, spec, False, spec)
+    if sep and not Path(spec).expanduser().exists() and not _looks_like_path(head):
+        # <hub id>=<location> with a hub id we have no reader for: say so, whether or not
+        # the location exists (it is not the problem).
+        raise ValueError(_usage(spec, _unknown_hub_id(head)))
     if Path(spec).expanduser().exists() or _looks_like_path(spec):
         return _local(spec, spec, GENERIC)
     raise ValueError(_usage(spec, "not a supported hub id nor an existing local path"))
@@ -173,6 +189,17 @@ def validate(raw: datasets.Dataset, ds_spec: DatasetSpec, split: str) -> tuple[d
     return normed.remove_columns("reason"), report
 
 
+def _detect_transcripts(ds_spec: DatasetSpec, columns: list[str]) -> DatasetSpec:
+    """A local file whose only columns are chosen and rejected is read as raw HH transcripts
+    (the layout of Anthropic/hh-rlhf). Any other column set keeps the generic reader, whose
+    error names a missing prompt column."""
+    if ds_spec.schema == GENERIC and set(columns) == {"chosen", "rejected"}:
+        log.info("data: %s has only chosen/rejected columns: reading them as %s transcripts", ds_spec.name,
+                 TRANSCRIPTS)
+        return dataclasses.replace(ds_spec, schema=TRANSCRIPTS)
+    return ds_spec
+
+
 def load_pairs(spec: str | DatasetSpec, seed: int, cache_dir: str | Path | None = None
                ) -> tuple[dict[str, datasets.Dataset], list[ValidationReport]]:
     """``({"train": ds, "eval": ds}, reports)``: normalised prompt/chosen/rejected rows.
@@ -181,11 +208,12 @@ def load_pairs(spec: str | DatasetSpec, seed: int, cache_dir: str | Path | None 
     rows. ``cache_dir`` is the ``datasets`` cache (default: ``HF_DATASETS_CACHE``).
     """
     ds_spec = spec if isinstance(spec, DatasetSpec) else resolve_spec(spec)
-    schema = SCHEMAS[ds_spec.schema]
     raw = _load_raw(ds_spec, cache_dir)
     if "train" not in raw:
         raise DataValidationError(f"dataset {ds_spec.name!r} ({ds_spec.location}) has no train split, "
                                   f"only {list(raw)}")
+    ds_spec = _detect_transcripts(ds_spec, raw["train"].column_names)
+    schema = SCHEMAS[ds_spec.schema]
     train, train_report = validate(raw["train"], ds_spec, "train")
     if train_report.kept == 0:
         raise DataValidationError(f"dataset {ds_spec.name!r} ({ds_spec.location}): no usable training rows "
