@@ -118,6 +118,46 @@ def test_policy_loss_clips_on_both_sides():
     assert close(logp.grad, [[0.0, 0.0, -0.55, 0.375, 0.0]])
 
 
+@pytest.mark.parametrize("junk", [math.nan, math.inf, -math.inf, 1e4])
+def test_losses_ignore_garbage_at_masked_positions(junk):
+    """Masked positions (prompt, padding after EOS) may hold anything: NaN or inf log-probs
+    of pad tokens, a huge log-ratio that exp() overflows. The loss, its gradient and the
+    stats must equal those of the clean tensors, and the masked gradient must be 0."""
+    eps = 0.2
+    mask = t([0, 1, 1, 1, 0], [1, 1, 0, 0, 0])
+    clean_logp = t([0.0, -1.0, -2.0, -0.5, 0.0], [-0.3, -0.7, 0.0, 0.0, 0.0])
+    old = t([0.0, -1.2, -1.9, -0.4, 0.0], [-0.2, -0.9, 0.0, 0.0, 0.0])
+    adv = t([0.0, 0.5, -1.0, 2.0, 0.0], [1.0, -0.5, 0.0, 0.0, 0.0])
+    dirty = mask == 0
+    results = []
+    for garbage in (False, True):
+        logp = clean_logp.clone()
+        a, o = adv.clone(), old.clone()
+        if garbage:
+            logp[dirty], a[dirty], o[dirty] = junk, junk, -junk
+        logp.requires_grad_(True)
+        loss, clip_frac, approx_kl = policy_loss(logp, o, a, mask, eps)
+        loss.backward()
+        results.append((loss.detach(), clip_frac, approx_kl, logp.grad))
+    (l0, c0, k0, g0), (l1, c1, k1, g1) = results
+    assert torch.isfinite(l1) and torch.isfinite(g1).all()
+    assert close(l1, l0.item()) and close(c1, c0.item()) and close(k1, k0.item())
+    assert torch.equal(g1, g0) and (g1[dirty] == 0).all()
+
+    values = t([0.0, 1.0, 2.0, 0.5, 0.0], [0.3, -0.2, 0.0, 0.0, 0.0])
+    clean = value_loss(values, values - 0.1, values + 0.3, mask, eps)
+    v = values.clone()
+    v[dirty] = junk
+    v.requires_grad_(True)
+    ret = values + 0.3
+    ret[dirty] = junk
+    loss, clip_frac = value_loss(v, v.detach() - 0.1, ret, mask, eps)
+    loss.backward()
+    assert close(loss.detach(), clean[0].item()) and close(clip_frac, clean[1].item())
+    assert torch.isfinite(v.grad).all() and (v.grad[dirty] == 0).all()
+    assert torch.isfinite(whiten(v.detach(), mask)).all()  # whitening too
+
+
 def test_value_loss_clipping():
     eps = 0.2
     old = t([1.0, 1.0, 1.0, 5.0])

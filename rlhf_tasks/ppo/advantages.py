@@ -74,7 +74,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return torch.where(mask.bool(), out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class FixedKLController:

@@ -29,11 +29,23 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``x`` where ``mask`` is 1; 0 (not NaN) where the mask is empty."""
+    """Mean of ``x`` where ``mask`` is 1; 0 (not NaN) where the mask is empty.
+
+    Masked entries are selected away, not multiplied by 0: NaN * 0 is NaN, and padding
+    positions may hold anything (log-probs of pad tokens, inf from a half-precision overflow).
+    """
+    keep = mask.bool()
+    x = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
     mask = mask.to(x.dtype)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(1e-8)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1e-8)
+        return x.sum() / mask.sum().clamp_min(1e-8)
+    return x.sum(dim) / mask.sum(dim).clamp_min(1e-8)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with 0 where ``mask`` is 0. Applied *before* any non-linearity: exp(garbage)
+    at a masked position would be inf, and its gradient (0 * inf) NaN."""
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
@@ -47,7 +59,8 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     approx_kl: k3 estimator of KL(pi_old || pi), mean((r - 1) - log r) >= 0; a
     health signal for the step size, not a loss term. Both are detached.
     """
-    log_ratio = log_probs - old_log_probs
+    log_ratio = _masked(log_probs - old_log_probs, action_mask)  # (B, N), 0 off the answer
+    advantages = _masked(advantages, action_mask)
     ratio = log_ratio.exp()
     surr = ratio * advantages
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
@@ -68,6 +81,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     loss = 0.5 * mean(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)).
     clip_fraction (detached): share of answer tokens where the clipped error is larger.
     """
+    values, old_values, returns = (_masked(t, action_mask) for t in (values, old_values, returns))
     values_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     err = (values - returns) ** 2
     err_clipped = (values_clipped - returns) ** 2
