@@ -30,18 +30,122 @@ SIZES = {  # OPT architectures (facebook/opt-*) with DeepSpeed-Chat's vocabulary
 }
 
 
-def build(name: str, vocab: int, attn: str):
+def build(name: str, vocab: int, attn: str, device: torch.device | str = "cpu", **config):
+    """A random-init OPT model of architecture ``name``, initialised directly on ``device``
+    (a 1.3B model initialises in seconds on a GPU, a minute on CPU). ``config``: extra
+    OPTConfig fields (token ids)."""
     from transformers import OPTConfig, OPTForCausalLM
 
     cfg = OPTConfig(vocab_size=vocab, max_position_embeddings=2048, dropout=0.0, attention_dropout=0.0,
-                    activation_dropout=0.0, **SIZES[name])
+                    activation_dropout=0.0, **SIZES[name], **config)
     cfg._attn_implementation = attn
-    return OPTForCausalLM(cfg)
+    with torch.device(device):
+        return OPTForCausalLM(cfg)
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 1) if device.type == "cuda" else None
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192, iters: int = 50) -> float:
+    """The dense-matmul peak this device reaches here and now: best of 3 rounds of ``iters``
+    (n x n) @ (n x n) products, timed with CUDA events on a GPU. MFU is model TFLOP/s over this."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    for _ in range(max(iters // 5, 2)):  # clocks up, cuBLAS heuristics cached
+        torch.mm(a, b, out=c)
+    best = 0.0
+    for _ in range(3):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                torch.mm(a, b, out=c)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                torch.mm(a, b, out=c)
+            seconds = time.perf_counter() - t0
+        best = max(best, 2 * n**3 * iters / seconds / 1e12)
+    del a, b, c
+    return best
+
+
+def plain_train(model: torch.nn.Module, batches, loss_fn, *, steps: int, accumulation: int, device: torch.device,
+                dtype: str, flops_per_token: float, lr: float = 1e-5, weight_decay: float = 0.0,
+                max_grad_norm: float = 1.0) -> dict:
+    """The baseline a user writes with plain transformers + torch: fp32 weights under bf16
+    autocast (what HF Trainer's ``bf16=True`` does), torch's fused AdamW, gradient clipping,
+    ``accumulation`` micro-batches per optimizer step. ``batches`` yields the same collated
+    micro-batches our stage trains on; ``loss_fn(model, batch)`` -> loss. The first optimizer
+    step is warm-up; real (non-padding) tokens/s are counted over the others."""
+    from rlhf_tasks.engine import torch_dtype
+
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda")
+    half = dtype != "fp32"
+    batches = iter(batches)
+    tokens = torch.zeros((), device=device, dtype=torch.long)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0, timed = None, 0
+    for _ in range(steps):
+        for _ in range(accumulation):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            with torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=half):
+                loss = loss_fn(model, batch)
+            (loss / accumulation).backward()
+            if t0 is not None:
+                tokens += batch["attention_mask"].sum()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if t0 is None:
+            sync(device)
+            t0 = time.perf_counter()
+        else:
+            timed += 1
+    sync(device)
+    seconds = time.perf_counter() - (t0 or time.perf_counter())
+    tok_s = tokens.item() / seconds if timed else 0.0
+    return {"tokens_per_s": tok_s, "model_tflops": tok_s * flops_per_token / 1e12, "timed_steps": timed,
+            "timed_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
+
+
+@torch.no_grad()
+def hf_generate(model, prompts: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: int, pad: int) -> torch.Tensor:
+    """Plain HF ``generate()`` (sampling, its default dynamic cache) with the sampling settings our
+    rollouts use (temperature 1, no top-k/top-p): (B, P) -> number of answer tokens up to EOS."""
+    from rlhf_tasks.ppo.generation import answer_mask
+
+    out = model.generate(input_ids=prompts, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                         top_p=1.0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True)
+    return answer_mask(out[:, prompts.shape[1]:], eos).sum()
+
+
+def time_generation(fn, prompts: torch.Tensor, mask: torch.Tensor, new_tokens: int, device: torch.device,
+                    warmup_tokens: int) -> dict:
+    """``fn(prompts, mask, new_tokens)`` -> answer tokens (tensor); one warm-up call with
+    ``warmup_tokens`` new tokens, then one timed call."""
+    t0 = time.perf_counter()
+    fn(prompts, mask, warmup_tokens)
+    sync(device)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = int(fn(prompts, mask, new_tokens))
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return {"new_tokens": n, "seconds": seconds, "new_tokens_per_s": n / seconds, "warmup_s": first}
 
 
 def bench_train(a, device) -> dict:
@@ -82,7 +186,7 @@ def bench_generate(a, device) -> dict:
     from rlhf_tasks.engine import torch_dtype
     from rlhf_tasks.ppo.generation import GenerationSettings, generate
 
-    model = build(a.model, a.vocab, a.attn).to(device, torch_dtype(a.dtype)).eval()
+    model = build(a.model, a.vocab, a.attn, device).to(torch_dtype(a.dtype)).eval()
     eos = 2
     # Keep sampling away from EOS so every row generates all its tokens (as the baselines do).
     prompts = torch.randint(3, a.vocab, (a.batch, a.prompt_len), device=device)

@@ -8,12 +8,13 @@ resumable checkpoints (DeepSpeed state + where in the data we were), and the fin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,62 @@ class LoopOutput:
     metrics: dict[str, float]
     history: dict[str, list[tuple[int, float]]]
     global_step: int
+    throughput: dict[str, float] = field(default_factory=dict)  # see Throughput.summary
+
+
+class Throughput:
+    """Steady-state training speed of one run: real (non-padding) tokens per second from
+    the end of the first optimizer step (warm-up: allocator, kernels) to the last, without
+    the time spent evaluating or checkpointing. Two extra host syncs per run, none per step."""
+
+    def __init__(self, device: torch.device, flops_per_token: float, world_size: int):
+        self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
+        self.tokens = torch.zeros((), device=device, dtype=torch.long)  # counted on device
+        self.t0: float | None = None
+        self.paused_s, self.steps = 0.0, 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def micro_batch(self, attention_mask: torch.Tensor) -> None:
+        if self.t0 is not None:
+            self.tokens += attention_mask.sum()
+
+    def step_done(self) -> None:
+        """After an optimizer step: the first one starts the clock."""
+        if self.t0 is None:
+            self._sync()
+            self.t0 = time.perf_counter()
+        else:
+            self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation and checkpoints are not training time."""
+        if self.t0 is None:
+            yield
+            return
+        self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def summary(self) -> dict[str, float]:
+        if self.t0 is None or self.steps == 0:
+            return {}
+        self._sync()
+        seconds = time.perf_counter() - self.t0 - self.paused_s
+        tok_s = self.tokens.item() * self.world_size / seconds
+        out = {"train_tokens_per_s": tok_s, "train_tflops": tok_s * self.flops_per_token / 1e12,
+               "train_timed_steps": self.steps, "train_timed_s": seconds}
+        if self.device.type == "cuda":
+            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return out
 
 
 def _progress(total: int, desc: str, initial: int, enabled: bool):
@@ -107,6 +164,7 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
     loss_sum = torch.zeros((), device=ctx.device)  # summed on device: no host sync per step
     tokens = torch.zeros((), device=ctx.device, dtype=torch.long)
     n_micro, t_window = 0, time.perf_counter()
+    speed = Throughput(ctx.device, flops_per_token, ctx.world_size)
     done = global_step >= total_steps
     last_eval: tuple[int, dict[str, float]] | None = None
     while not done and epoch < t.epochs:
@@ -127,9 +185,11 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
             epoch_n += 1
             tokens += n_tok
             n_micro += 1
+            speed.micro_batch(batch["attention_mask"])
             if not boundary:
                 continue
             global_step += 1
+            speed.step_done()
             bar.update(1)
             if global_step % t.log_every_steps == 0 or global_step == total_steps:
                 dt = time.perf_counter() - t_window
@@ -142,14 +202,17 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
                 loss_sum.zero_(), tokens.zero_()
                 n_micro, t_window = 0, time.perf_counter()
             if t.eval_every_steps and global_step % t.eval_every_steps == 0:
-                _record(ctx, history, eval_fn(engine), global_step)
+                with speed.paused():
+                    _record(ctx, history, eval_fn(engine), global_step)
             if t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0:
-                save_checkpoint()
+                with speed.paused():
+                    save_checkpoint()
             if global_step >= total_steps:
                 done = True
                 break
         if not done or micro_done >= micro_per_epoch:
-            metrics = eval_fn(engine)
+            with speed.paused():
+                metrics = eval_fn(engine)
             _record(ctx, history, metrics, global_step)
             last_eval = (global_step, metrics)
             mean = epoch_loss.item() / max(epoch_n, 1)
@@ -157,12 +220,13 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
                      mean, _fmt(metrics))
             epoch, micro_done = epoch + 1, 0
     bar.close()
+    throughput = speed.summary()
     if last_eval is not None and last_eval[0] == global_step:
         final = last_eval[1]
     else:
         final = eval_fn(engine)
         _record(ctx, history, final, global_step)
-    return LoopOutput(engine=engine, metrics=final, history=history, global_step=global_step)
+    return LoopOutput(engine=engine, metrics=final, history=history, global_step=global_step, throughput=throughput)
 
 
 def _record(ctx: StageContext, history: dict[str, list[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:

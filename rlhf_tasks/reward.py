@@ -85,7 +85,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
 
         out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
         metrics = {**out.metrics, "accuracy_before": out.history["accuracy"][0][1], "train_pairs": len(train_ds),
-                   "eval_pairs": len(eval_ds), "global_step": out.global_step}
+                   "eval_pairs": len(eval_ds), "global_step": out.global_step, **out.throughput}
         log.info("reward: accuracy %.3f -> %.3f (chosen %.3f, rejected %.3f)", metrics["accuracy_before"],
                  metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
         model = unwrap_for_saving(out.engine.module)

@@ -73,7 +73,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
         first = out.history["perplexity"][0][1]
         metrics = {"perplexity": out.metrics["perplexity"], "eval_loss": out.metrics["eval_loss"],
                    "perplexity_before": first, "train_rows": len(train_ds), "eval_rows": len(eval_ds),
-                   "global_step": out.global_step}
+                   "global_step": out.global_step, **out.throughput}
         log.info("sft: perplexity %.3f -> %.3f", first, metrics["perplexity"])
         model = unwrap_for_saving(out.engine.module)
 

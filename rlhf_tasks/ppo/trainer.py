@@ -67,6 +67,7 @@ def make_experience(m: Models, prompts: dict[str, torch.Tensor], p: PPOConfig, g
     """Rollout + the scoring pass of all four models; returns the experience and stats."""
     t0 = time.perf_counter()
     ro = generate(m.actor.module, prompts["input_ids"], prompts["attention_mask"], gen, eos_id, pad_id)
+    _sync(ro.sequences.device)  # once per iteration, so that generation and scoring time split honestly
     t_gen = time.perf_counter() - t0
     seq, attn, amask = ro.sequences, ro.attention_mask, ro.action_mask.to(torch.float32)
     m.actor.eval()
@@ -92,9 +93,34 @@ def make_experience(m: Models, prompts: dict[str, torch.Tensor], p: PPOConfig, g
              "empty_answers": (ro.answer_lengths <= 1).float().mean()}
     stats = {k: float(v) for k, v in stats.items()}  # one sync per iteration, after all the GPU work
     stats["generation_s"] = t_gen
+    stats["scoring_s"] = time.perf_counter() - t0 - t_gen
     stats["generation_tokens_per_s"] = stats["generation_tokens"] / max(t_gen, 1e-9)
     del kl
     return exp, stats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def speed_summary(iterations: list[dict[str, float]], prompts_per_iteration: int,
+                  device: torch.device) -> dict[str, float]:
+    """Steady-state PPO speed from per-iteration stats: mean seconds per iteration spent
+    generating, scoring (the no-grad pass of the four models) and training, and prompts/s.
+    The first iteration of a process (allocator, CUDA graph capture) is left out when
+    there are others."""
+    timed = iterations[1:] if len(iterations) > 1 else iterations
+    if not timed:
+        return {}
+    gen, score, train = (sum(x[k] for x in timed) / len(timed) for k in ("generation_s", "scoring_s", "training_s"))
+    out = {"generation_s": gen, "scoring_s": score, "training_s": train,
+           "prompts_per_s": prompts_per_iteration / (gen + score + train),
+           "generation_tokens_per_s": sum(x["generation_tokens"] for x in timed) / max(gen * len(timed), 1e-9),
+           "timed_iterations": len(timed)}
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
 
 
 def ppo_update(m: Models, exp: Experience, p: PPOConfig, unsup_batches: Iterator | None) -> dict[str, float]:
@@ -247,6 +273,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
 
         collate = PromptCollator(tok.pad_token_id)
         bar = loop._progress(total_iters, "ppo", it, ctx.is_main)
+        timings: list[dict[str, float]] = []
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(ctx.device)
         while it < total_iters:
             epoch, offset = divmod(it, per_epoch)
             sampler.set_epoch(epoch)
@@ -257,6 +286,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
                 t0 = time.perf_counter()
                 stats.update(ppo_update(m, exp, p, unsup))
                 stats["training_s"] = time.perf_counter() - t0
+                timings.append({k: stats[k] for k in ("generation_s", "scoring_s", "training_s", "generation_tokens")})
                 if ema is not None:
                     ema.update(m.actor.module)
                 kl_ctl.update(stats["kl"], B)
@@ -275,7 +305,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
         bar.close()
         first, last = _window_mean(history["reward"], first=True), _window_mean(history["reward"], first=False)
         metrics = {"reward_first": first, "reward_last": last, "kl_last": _window_mean(history["kl"], first=False),
-                   "iterations": it}
+                   "iterations": it, **speed_summary(timings, B * ctx.world_size, ctx.device)}
         log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
         actor = unwrap_for_saving(m.actor.module)
 
