@@ -1,0 +1,156 @@
+"""The GPU benchmark suite (bench/gpu_suite.py): its tiny mode runs every part end to end on
+CPU, and its reports never put a CPU figure where GPU numbers belong."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import gpu_suite  # noqa: E402
+
+
+def _section(text: str, which: str) -> str:
+    begin, end = gpu_suite.MARKERS[which]
+    return text[text.index(begin):text.index(end)]
+
+
+@pytest.mark.slow
+def test_tiny_mode_runs_every_part_on_cpu(tmp_path):
+    bench_md = tmp_path / "BENCHMARKS.md"
+    shutil.copy(REPO / "BENCHMARKS.md", bench_md)
+    gpu_before = _section(bench_md.read_text(), "gpu")
+    out = tmp_path / "out"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--benchmarks", str(bench_md), "--update-benchmarks"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads((out / "results.json").read_text())
+    assert r["mode"] == "tiny" and r["device"] == "cpu"
+    assert r["errors"] == [] and r["skipped"] == []
+    assert all(p["status"] == "ok" for p in r["parts"].values()), r["parts"]
+    assert r["elapsed_s"] <= time.time() - t0
+    for key in ("date", "command", "versions", "matmul_peak", "models", "data"):
+        assert r[key], key
+    assert r["versions"]["torch"] and r["versions"]["transformers"] and r["versions"]["deepspeed"]
+    assert r["matmul_peak"]["tflops"] > 0
+    assert r["models"]["tokenizer_vocab"] <= r["models"]["model_vocab"]
+
+    # Training: our stage and the plain baseline, for SFT and RM, all measured.
+    rows = {(t["stage"], t["implementation"].startswith("ours")): t for t in r["training"]}
+    assert set(rows) == {("SFT", True), ("SFT", False), ("RM", True), ("RM", False)}
+    for t in rows.values():
+        assert t["tokens_per_s"] > 0 and t["model_tflops"] > 0 and 0 < t["mfu"], t
+        assert t["timed_steps"] == 2  # 3 steps, the first one is warm-up
+        assert t["peak_memory_gb"] is None  # no GPU: no memory figure rather than a made-up one
+    # The stage's own summary went through metrics.json (final/) and the RLHF_RESULT line.
+    sft_metrics = json.loads((tmp_path / "work" / "run" / "sft" / "final" / "metrics.json").read_text())
+    assert sft_metrics["train_tokens_per_s"] == pytest.approx(rows["SFT", True]["tokens_per_s"])
+
+    # Generation: the HF baseline and ours through every backend, same shape.
+    gen = {g["key"]: g for g in r["generation"]}
+    assert "hf-baseline" in gen and len(gen) >= 2
+    for g in gen.values():
+        assert g["new_tokens"] > 0 and g["new_tokens_per_s"] > 0 and g["batch"] == 4
+
+    ppo = r["ppo"]
+    assert ppo["prompts_per_s"] > 0 and ppo["timed_iterations"] == 1
+    for k in ("generation_s", "scoring_s", "training_s"):
+        assert ppo[k] > 0, k
+    assert all(t["met"] is None for t in r["targets"])  # targets are judged on a GPU only
+
+    md = (out / "results.md").read_text()
+    assert "| step | implementation | model | batch | real tokens/s | model TFLOP/s | MFU | peak memory |" in md
+    assert "| prompts/s | generation s/iter | scoring s/iter | training s/iter |" in md
+    assert "not performance numbers" in md
+    assert "| target (H100, bf16)" not in md
+    for stage in ("sft", "reward", "ppo"):
+        assert "RLHF_RESULT" in (out / "logs" / f"{stage}.log").read_text()
+    # Models and checkpoints stay in --work: what comes back from a device run is small.
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 2_000_000
+
+    text = bench_md.read_text()
+    assert _section(text, "gpu") == gpu_before
+    assert "| SFT | ours" in _section(text, "cpu") and "not performance numbers" in _section(text, "cpu")
+
+
+def _full_results() -> dict:
+    """What a full run on a GPU records (made-up numbers, to check the report's shape)."""
+    return {
+        "mode": "full", "device": "cuda", "gpu": {"name": "Some GPU", "memory_gb": 80.0}, "date": "2026-01-01 00:00 UTC",
+        "command": "bash bench/gpu_suite.sh", "git_commit": "abc1234", "versions": {"torch": "2.11.0", "cuda": "13.0"},
+        "matmul_peak": {"tflops": 800.0, "how": "test"},
+        "models": {"actor": {"arch": "opt-1.3b", "params": 1.2e9}, "reward": {"arch": "opt-350m", "params": 3.3e8},
+                   "model_vocab": 8192, "tokenizer_vocab": 1250},
+        "training": [{"stage": "SFT", "implementation": "ours: stage", "model": "opt-1.3b", "batch": "8 x 8 acc.",
+                      "tokens_per_s": 60_000.0, "model_tflops": 480.0, "mfu": 0.6, "peak_memory_gb": 30.0},
+                     {"stage": "SFT", "implementation": "plain transformers + torch", "model": "opt-1.3b",
+                      "batch": "8 x 8 acc.", "tokens_per_s": 20_000.0, "model_tflops": 160.0, "mfu": 0.2,
+                      "peak_memory_gb": 40.0}],
+        "generation": [{"implementation": "HF generate()", "key": "hf-baseline", "model": "opt-1.3b", "vocab": 50272,
+                        "batch": 32, "prompt_len": 256, "max_new_tokens": 256, "new_tokens_per_s": 450.0,
+                        "seconds": 18.0, "warmup_s": 1.0, "model_tflops": 1.2},
+                       {"implementation": "ours: static", "key": "static", "model": "opt-1.3b", "vocab": 50272,
+                        "batch": 32, "prompt_len": 256, "max_new_tokens": 256, "new_tokens_per_s": 9_000.0,
+                        "seconds": 0.9, "warmup_s": 3.0, "model_tflops": 24.0}],
+        "ppo": {"actor": "opt-1.3b", "critic": "opt-350m", "recipe": "r", "generation_backend": "static",
+                "prompts_per_iteration": 32, "training_micro_batch": 8, "timed_iterations": 5, "prompts_per_s": 12.0,
+                "generation_s": 1.5, "scoring_s": 0.3, "training_s": 0.9, "generation_tokens_per_s": 5000.0,
+                "mean_answer_tokens": 230.0, "peak_memory_gb": 40.0},
+        "errors": [], "skipped": ["ppo: time budget"], "elapsed_s": 400.0,
+    }
+
+
+def test_full_report_judges_the_targets():
+    r = _full_results()
+    r["targets"] = gpu_suite.targets(r)
+    met = {t["target"].split(",")[0]: t["met"] for t in r["targets"]}
+    assert met == {"rollout generation OPT-1.3B": False, "PPO": True, "SFT OPT-1.3B": True}
+    md = gpu_suite.render_markdown(r)
+    assert md.startswith("### GPU suite: Some GPU (80.0 GB)")
+    assert "**800.0 TFLOP/s**" in md and "bash bench/gpu_suite.sh" in md and "vocabulary 8,192" in md
+    assert "| SFT | ours: stage | OPT-1.3B | 8 x 8 acc. | 60,000 | 480.0 | 60.0% | 30.0 GB |" in md
+    assert "| ours: static | 9,000 |" in md
+    assert "| 12.00 | 1.50 | 0.30 | 0.90 | 5,000 | 230 | 40.0 GB |" in md
+    assert "| rollout generation OPT-1.3B, batch 32, 256 + 256 | 10,000 new tokens/s | 9,000.0 | **no** |" in md
+    assert "HF generate() 450 in this run" in md and "DeepSpeed-Chat ~1.1 (shared/gpu/README.md)" in md
+    assert "- ppo: time budget" in md
+
+
+def test_targets_are_not_judged_off_a_gpu():
+    r = {**_full_results(), "device": "cpu"}
+    assert all(t["met"] is None for t in gpu_suite.targets(r))
+
+
+def test_replace_section_rewrites_only_its_markers(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text("head\n<!-- gpu-suite:begin -->\nold gpu\n<!-- gpu-suite:end -->\nmid\n"
+                    "<!-- cpu-tiny:begin -->\nold cpu\n<!-- cpu-tiny:end -->\ntail\n")
+    gpu_suite.replace_section(path, "cpu", "new cpu\n")
+    assert path.read_text() == ("head\n<!-- gpu-suite:begin -->\nold gpu\n<!-- gpu-suite:end -->\nmid\n"
+                                "<!-- cpu-tiny:begin -->\nnew cpu\n<!-- cpu-tiny:end -->\ntail\n")
+    (tmp_path / "C.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="gpu-suite"):
+        gpu_suite.replace_section(tmp_path / "C.md", "gpu", "x")
+
+
+def test_ppo_speed_summary_leaves_out_the_first_iteration():
+    from rlhf_tasks.ppo.trainer import speed_summary
+
+    its = [{"generation_s": 9.0, "scoring_s": 1.0, "training_s": 1.0, "generation_tokens": 100},
+           {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "generation_tokens": 400},
+           {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "generation_tokens": 200}]
+    s = speed_summary(its, 8, torch.device("cpu"))
+    assert s == {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "prompts_per_s": 2.0,
+                 "generation_tokens_per_s": 150.0, "timed_iterations": 2}
+    assert speed_summary(its[:1], 8, torch.device("cpu"))["prompts_per_s"] == pytest.approx(8 / 11)
+    assert speed_summary([], 8, torch.device("cpu")) == {}
