@@ -27,6 +27,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+GenerationBackend = Literal["static", "hf"]
 
 
 class ConfigError(ValueError):
@@ -238,6 +239,10 @@ class PPOConfig:
     critic_zero_stage: int = 0
     offload: bool = False
     offload_reference_model: bool = False
+    # "static": our decode loop on a preallocated KV cache (CUDA graphs on GPU), same tokens
+    # as HF under greedy decoding; "hf": transformers' generate() (ppo/generation.py).
+    generation_backend: GenerationBackend = "static"
+    generation_cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a CUDA graph
     dtype: Dtype = "bf16"
     actor_gradient_checkpointing: bool = False
     critic_gradient_checkpointing: bool = False
@@ -286,6 +291,7 @@ class PPOConfig:
         for name in ("actor_dropout", "critic_dropout"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v < 1.0, f"{w}.{name}", v, "null or a number in [0, 1)")
+        _check_literal(self, "generation_backend", w)
 
 
 @dataclass

@@ -59,8 +59,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
         sft = load_causal_lm(str(sft_dir), **kw).to(ctx.device).eval()
         ppo = load_causal_lm(str(ppo_dir), **kw).to(ctx.device).eval()
         reward = RewardModel.from_pretrained(str(rm_dir), **kw).to(ctx.device).eval()
-        gen = GenerationSettings(max_new_tokens=cfg.data.max_seq_len - cfg.data.max_prompt_seq_len,
-                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        gen = GenerationSettings.from_config(cfg)
         batches = list(DataLoader(prompts, batch_size=p.per_device_generation_batch_size,
                                   collate_fn=PromptCollator(tok.pad_token_id)))
         r_sft, len_sft, txt_sft, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device,

@@ -1,11 +1,53 @@
 from __future__ import annotations
 
+import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, OPTConfig, Qwen2Config
+from transformers.generation.logits_process import (
+    NoRepeatNGramLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
+from rlhf_tasks.ppo import static_decode
 from rlhf_tasks.ppo.generation import GenerationSettings, answer_mask, generate
+from rlhf_tasks.ppo.static_decode import ban_repeated_ngrams, choose_tokens
 
 EOS, PAD = 2, 1
+V = 97
+ARCHS = ("opt", "gpt2", "llama", "qwen2", "gpt_neox")
+
+
+def tiny_lm(arch: str, pad: int = PAD, eos: int = EOS, seed: int = 0):
+    """A random-init 2-layer model of ``arch`` whose greedy outputs vary from token to token
+    (a large init spread keeps it from repeating one token forever)."""
+    ids = dict(vocab_size=V, pad_token_id=pad, eos_token_id=eos, bos_token_id=eos)
+    dims = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    cfg = {
+        "opt": lambda: OPTConfig(word_embed_proj_dim=32, ffn_dim=64, **dims, **ids),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids),
+        "llama": lambda: LlamaConfig(intermediate_size=64, num_key_value_heads=2, **dims, **ids),
+        "qwen2": lambda: Qwen2Config(intermediate_size=64, num_key_value_heads=2, **dims, **ids),
+        "gpt_neox": lambda: GPTNeoXConfig(intermediate_size=64, **dims, **ids),
+    }[arch]()
+    cfg.initializer_range = 0.3
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def left_padded_prompts(pad: int = PAD, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, V, (5, 9), generator=g)  # (B, P)
+    mask = torch.ones_like(prompts)
+    for row, n_pad in enumerate([3, 6, 0, 8, 1]):  # one row is a single real token
+        prompts[row, :n_pad] = pad
+        mask[row, :n_pad] = 0
+    return prompts, mask
+
+
+def greedy(backend: str, **kw) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=24, do_sample=False, backend=backend, **kw)
 
 
 def test_answer_mask_keeps_up_to_first_eos_even_when_pad_is_eos():
@@ -15,17 +57,14 @@ def test_answer_mask_keeps_up_to_first_eos_even_when_pad_is_eos():
     assert answer_mask(answers, EOS).tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
 
 
-def test_generate_masks_align_with_log_probs():
-    torch.manual_seed(0)
-    cfg = OPTConfig(vocab_size=32, hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=1, num_attention_heads=2,
-                    ffn_dim=32, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=EOS, eos_token_id=EOS)
-    model = OPTForCausalLM(cfg)
-    prompts = torch.tensor([[PAD, PAD, 5, 6], [7, 8, 9, 10]])  # left-padded (B, P)
-    mask = (prompts != PAD).long()
-    ro = generate(model, prompts, mask, GenerationSettings(max_new_tokens=6), EOS, PAD)
+@pytest.mark.parametrize("backend", ["static", "hf"])
+def test_generate_masks_align_with_log_probs(backend):
+    model = tiny_lm("opt")
+    prompts, mask = left_padded_prompts()
+    ro = generate(model, prompts, mask, GenerationSettings(max_new_tokens=6, backend=backend), EOS, PAD)
     B, T = ro.sequences.shape
     P = ro.prompt_len
-    assert P == 4 and T <= P + 6
+    assert P == prompts.shape[1] and T <= P + 6
     assert ro.action_mask.shape == (B, T - 1)
     assert ro.action_mask[:, : P - 1].sum() == 0  # prompt positions never count as actions
     # action t predicts token t+1: the action mask is the attention mask of the answer, shifted by one
@@ -36,3 +75,127 @@ def test_generate_masks_align_with_log_probs():
         n = int(ro.attention_mask[b, P:].sum())
         assert (ans[n:] == PAD).all()
     assert (ro.answer_lengths >= 1).all()
+    assert not model.training
+
+
+def _eos_that_splits_rows(model, prompts, mask) -> int:
+    """A token that some rows emit early and others late or never, so that with it as EOS
+    the rows of one batch end at different lengths."""
+    free = generate(model, prompts, mask, greedy("hf"), eos_token_id=V + 5, pad_token_id=PAD)
+    answers = free.sequences[:, prompts.shape[1]:]
+    for tok in answers[0, 1:6].tolist():
+        first = [(row == tok).nonzero()[0].item() if (row == tok).any() else None for row in answers]
+        if len({f for f in first}) >= 3 and tok not in (PAD,):
+            return tok
+    pytest.fail("no token splits the rows; change the seed")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("ngram", [0, 3])
+def test_static_greedy_equals_hf_generate(arch, ngram):
+    """Token for token: left padding, rows finishing at different steps, n-gram blocking."""
+    model = tiny_lm(arch)
+    prompts, mask = left_padded_prompts()
+    eos = _eos_that_splits_rows(model, prompts, mask)
+    hf = generate(model, prompts, mask, greedy("hf", no_repeat_ngram_size=ngram), eos, PAD)
+    fast = generate(model, prompts, mask, greedy("static", no_repeat_ngram_size=ngram), eos, PAD)
+    assert torch.equal(fast.sequences, hf.sequences)
+    assert torch.equal(fast.attention_mask, hf.attention_mask)
+    assert torch.equal(fast.action_mask, hf.action_mask)
+    assert len(set(fast.answer_lengths.tolist())) >= 2  # rows really ended at different lengths
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_greedy_equals_hf_when_pad_is_eos(arch):
+    model = tiny_lm(arch, pad=EOS, eos=EOS)
+    prompts, mask = left_padded_prompts(pad=EOS)
+    eos = _eos_that_splits_rows(model, prompts, mask)
+    hf = generate(model, prompts, mask, greedy("hf"), eos, eos)  # the tokenizer's pad == eos
+    fast = generate(model, prompts, mask, greedy("static"), eos, eos)
+    assert torch.equal(fast.sequences, hf.sequences)
+    assert torch.equal(fast.action_mask, hf.action_mask)
+
+
+def test_generation_stops_when_every_row_has_finished():
+    model = tiny_lm("llama")
+    prompts, mask = left_padded_prompts()
+    eos = _eos_that_splits_rows(model, prompts, mask)
+    ro = generate(model, prompts, mask, greedy("static"), eos, PAD)
+    assert ro.sequences.shape[1] - ro.prompt_len == int(ro.answer_lengths.max())
+
+
+def test_sampled_rollouts_keep_the_contract_and_follow_the_seed():
+    model = tiny_lm("qwen2")
+    prompts, mask = left_padded_prompts()
+    s = GenerationSettings(max_new_tokens=12, temperature=0.8, top_k=20, top_p=0.9, backend="static")
+    torch.manual_seed(1)
+    a = generate(model, prompts, mask, s, EOS, PAD)
+    torch.manual_seed(1)
+    b = generate(model, prompts, mask, s, EOS, PAD)
+    assert torch.equal(a.sequences, b.sequences)  # reproducible under a seed, as evaluate needs
+    P = a.prompt_len
+    assert torch.equal(a.sequences[:, :P], prompts)
+    torch.testing.assert_close(a.action_mask[:, P - 1:], a.attention_mask[:, P:])
+    assert a.action_mask.shape == (prompts.shape[0], a.sequences.shape[1] - 1)
+    # top_k=1 samples the argmax: the same tokens as greedy decoding
+    one = generate(model, prompts, mask, GenerationSettings(max_new_tokens=12, top_k=1, backend="static"), EOS, PAD)
+    g = generate(model, prompts, mask, GenerationSettings(max_new_tokens=12, do_sample=False, backend="static"),
+                 EOS, PAD)
+    assert torch.equal(one.sequences, g.sequences)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8),
+                                                     (0.9, 8, 0.7)])
+def test_sampler_draws_from_hf_warped_distribution(temperature, top_k, top_p):
+    """Empirical frequencies of our on-device sampler match the distribution HF's
+    temperature / top-k / top-p warpers define (chi-square-like bound)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 12, generator=g) * 2  # (1, V)
+    warped = logits.clone()
+    for w in (TemperatureLogitsWarper(temperature), TopKLogitsWarper(top_k) if top_k else None,
+              TopPLogitsWarper(top_p) if top_p < 1 else None):
+        if w is not None:
+            warped = w(None, warped)
+    expected = warped.softmax(-1)[0]  # (V,)
+    n = 40000
+    draws = choose_tokens(logits.expand(n, -1).clone(), do_sample=True, temperature=temperature, top_k=top_k,
+                          top_p=top_p, generator=g)
+    freq = torch.bincount(draws, minlength=12).float() / n
+    assert (freq[expected == 0] == 0).all()  # filtered tokens are never drawn
+    tol = 4 * (expected * (1 - expected) / n).sqrt() + 1e-3
+    assert ((freq - expected).abs() <= tol).all(), (freq, expected)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_ngram_ban_matches_hf_processor(n):
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(0, 6, (4, 30), generator=g)  # a small vocabulary repeats n-grams often
+    logits = torch.randn(4, 6, generator=g)
+    ours = ban_repeated_ngrams(logits.clone(), tokens, n)
+    theirs = NoRepeatNGramLogitsProcessor(n)(tokens, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_unsupported_architecture_falls_back_to_hf(caplog, monkeypatch):
+    from transformers import BloomConfig
+
+    from rlhf_tasks.ppo import generation
+
+    monkeypatch.setattr(generation, "_fallback_logged", set())
+    cfg = BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD, eos_token_id=EOS)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert not static_decode.supports_static(model)
+    prompts, mask = left_padded_prompts()
+    with caplog.at_level("INFO", logger="rlhf_tasks"):
+        ro = generate(model, prompts, mask, greedy("static"), EOS, PAD)
+    assert "model_type 'bloom'" in caplog.text and "HF generate()" in caplog.text
+    hf = generate(model, prompts, mask, greedy("hf"), EOS, PAD)
+    assert torch.equal(ro.sequences, hf.sequences)
+
+
+def test_unknown_backend_is_refused():
+    model = tiny_lm("opt")
+    prompts, mask = left_padded_prompts()
+    with pytest.raises(ValueError, match="backend='vllm' is invalid"):
+        generate(model, prompts, mask, GenerationSettings(max_new_tokens=2, backend="vllm"), EOS, PAD)

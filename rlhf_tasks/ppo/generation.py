@@ -1,15 +1,25 @@
-"""Rollout generation: the one function the PPO trainer calls to get answers.
+"""Rollout generation: the one function the PPO trainer and evaluation call to get answers.
 
-Generation is ~90% of PPO time, so it sits behind :func:`generate` alone: a faster
-backend (static KV cache + CUDA graphs, or an inference engine) replaces the body
-without touching the trainer.
+Generation is ~90% of PPO time, so it sits behind :func:`generate` alone, with two
+backends chosen by ``ppo.generation_backend``:
+
+- ``static`` (default): our decode loop on a preallocated KV cache, CUDA graphs on GPU
+  (static_decode.py); same tokens as HF under greedy decoding.
+- ``hf``: transformers' ``generate()``; also used wherever ``static`` cannot run (ZeRO-3
+  partitioned weights, an architecture the static loop has not been checked on).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
+
+from . import static_decode
+
+log = logging.getLogger("rlhf_tasks")
+BACKENDS = ("static", "hf")
 
 
 @dataclass
@@ -20,6 +30,17 @@ class GenerationSettings:
     top_k: int = 0
     do_sample: bool = True
     no_repeat_ngram_size: int = 0
+    backend: str = "static"  # "static" | "hf"
+    cache_len: int | None = None  # static backend: fixed KV-cache length (prompt budget + max_new_tokens)
+    cuda_graphs: bool = True  # static backend on CUDA: replay the decode step as a CUDA graph
+
+    @classmethod
+    def from_config(cls, cfg) -> GenerationSettings:
+        """The rollout settings of a :class:`~rlhf_tasks.config.PipelineConfig` (PPO and evaluate)."""
+        p, d = cfg.ppo, cfg.data
+        return cls(max_new_tokens=d.max_seq_len - d.max_prompt_seq_len, temperature=p.temperature, top_p=p.top_p,
+                   top_k=p.top_k, backend=p.generation_backend, cache_len=d.max_seq_len,
+                   cuda_graphs=p.generation_cuda_graphs)
 
 
 @dataclass
@@ -56,17 +77,39 @@ def answer_mask(answers: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: GenerationSettings,
              eos_token_id: int, pad_token_id: int) -> Rollout:
-    """Sample answers for left-padded prompts (B, P) with HF ``generate``."""
+    """Sample answers for left-padded prompts (B, P) with the configured backend."""
     was_training = model.training
     model.eval()
+    try:
+        if _use_static(model, settings):
+            out = static_decode.static_generate(
+                model, prompt_ids, prompt_mask, max_new_tokens=settings.max_new_tokens, eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id, do_sample=settings.do_sample, temperature=settings.temperature,
+                top_k=settings.top_k, top_p=settings.top_p, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                cache_len=settings.cache_len, cuda_graphs=settings.cuda_graphs)
+        else:
+            out = hf_generate(model, prompt_ids, prompt_mask, settings, eos_token_id, pad_token_id)
+    finally:
+        model.train(was_training)
+    return to_rollout(out, prompt_ids, prompt_mask, eos_token_id, pad_token_id)
+
+
+def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, settings: GenerationSettings,
+                eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """transformers' ``generate()``: (B, P) -> (B, P + A)."""
     kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample, eos_token_id=eos_token_id,
                   pad_token_id=pad_token_id, use_cache=True, synced_gpus=_zero3(model))
     if settings.do_sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k or None)
+        # Explicit values, so that nothing is inherited from a checkpoint's generation_config.json
+        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k)
     if settings.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
-    model.train(was_training)
+    return model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **kwargs)
+
+
+def to_rollout(out: torch.Tensor, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, eos_token_id: int,
+               pad_token_id: int) -> Rollout:
+    """(B, P + A) generated ids -> a :class:`Rollout` with answers cut at their first EOS."""
     P = prompt_ids.shape[1]
     answers = out[:, P:]  # (B, A), A <= max_new_tokens
     if answers.shape[1] == 0:  # nothing generated at all: give every row one EOS to score
@@ -80,8 +123,35 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, setting
     return Rollout(sequences=sequences, attention_mask=attention_mask, action_mask=action_mask, prompt_len=P)
 
 
+_fallback_logged: set[str] = set()
+
+
+def _use_static(model, settings: GenerationSettings) -> bool:
+    if settings.backend == "hf":
+        return False
+    if settings.backend != "static":
+        raise ValueError(f"generation backend={settings.backend!r} is invalid: one of {', '.join(BACKENDS)}")
+    why = None
+    if _partitioned(model):
+        why = "the weights are ZeRO-3 partitioned"
+    elif not static_decode.supports_static(model):
+        why = f"model_type {static_decode.model_type(model)!r} is not one it has been checked on"
+    if why:
+        if why not in _fallback_logged:
+            _fallback_logged.add(why)
+            log.info("generation: static backend not used (%s); using HF generate()", why)
+        return False
+    return True
+
+
+def _partitioned(model) -> bool:
+    """ZeRO-3 gives each parameter a ``ds_id`` and keeps only a shard on each rank."""
+    p = next(model.parameters(), None)
+    return p is not None and hasattr(p, "ds_id")
+
+
 def _zero3(model) -> bool:
     """Under ZeRO-3 every rank must keep stepping until all ranks finish generating."""
     import torch.distributed as dist
 
-    return bool(getattr(model, "_ds_zero3", False)) and dist.is_initialized() and dist.get_world_size() > 1
+    return _partitioned(model) and dist.is_initialized() and dist.get_world_size() > 1

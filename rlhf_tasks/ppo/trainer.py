@@ -244,8 +244,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
             raise ValueError(f"ppo: {len(prompts)} prompts are fewer than one generation batch ({B})")
         updates_per_iter = p.ppo_epochs * -(-B // p.per_device_training_batch_size) // p.gradient_accumulation_steps
         m = build_models(ctx, cfg, total_iters * max(updates_per_iter, 1))
-        gen = GenerationSettings(max_new_tokens=cfg.data.max_seq_len - cfg.data.max_prompt_seq_len,
-                                 temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
+        gen = GenerationSettings.from_config(cfg)
         kl_ctl = _kl_controller(p)
         ema = EMA(m.actor.module, p.ema_decay) if p.enable_ema else None
         unsup = _unsupervised_batches(cfg, tok, ctx) if p.unsupervised_coef > 0 else None
