@@ -43,11 +43,16 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="talk to a trained actor")
     p.add_argument("--path", required=True, help="a final/ directory (or any causal LM directory / hub id)")
     p.add_argument("--prompt", help="answer this one prompt and exit (non-interactive)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the run's answer budget (max_seq_len - max_prompt_seq_len), else 64")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=5)
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: the run's ppo.dtype on a GPU, fp32 on CPU")
+    p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"], default=None,
+                   help="default: the run's model.attn_implementation (eager where the model has no sdpa)")
     return ap
 
 

@@ -145,7 +145,10 @@ class TrainConfig:
     # LoRA (peft); lora_dim 0 = full fine-tuning
     lora_dim: int = 0
     lora_alpha: float | None = None  # None = lora_dim (scaling 1)
-    lora_module_name: str = "decoder.layers."
+    # "auto": every projection inside the transformer blocks, for any architecture (OPT,
+    # GPT-2, Llama, Qwen2, GPT-NeoX, Bloom...); else a module-name substring as in
+    # DeepSpeed-Chat ("decoder.layers." for OPT)
+    lora_module_name: str = "auto"
     only_optimize_lora: bool = False
     # Bookkeeping
     eval_every_steps: int = 0  # 0 = once per epoch
@@ -247,9 +250,9 @@ class PPOConfig:
     actor_gradient_checkpointing: bool = False
     critic_gradient_checkpointing: bool = False
     actor_lora_dim: int = 0
-    actor_lora_module_name: str = "decoder.layers."
+    actor_lora_module_name: str = "auto"  # as lora_module_name
     critic_lora_dim: int = 0
-    critic_lora_module_name: str = "decoder.layers."
+    critic_lora_module_name: str = "auto"
     only_optimize_lora: bool = False
     actor_dropout: float | None = 0.0
     critic_dropout: float | None = 0.0

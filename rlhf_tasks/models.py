@@ -113,6 +113,25 @@ def _load_config(path: str, dropout: float | None, trust_remote_code: bool):
     return config
 
 
+def _attention_unsupported(e: BaseException) -> bool:
+    """transformers' refusal of an attention kernel: a ValueError for an architecture
+    without sdpa/flash support (Bloom has no sdpa), an ImportError when flash-attn is missing."""
+    return isinstance(e, (ValueError, ImportError)) and "attention" in str(e).lower()
+
+
+def from_pretrained_with_attention(auto_cls, path: str, attn_implementation: str = "sdpa", **kwargs) -> nn.Module:
+    """``auto_cls.from_pretrained`` with the configured attention kernel, or eager attention
+    (with a warning) when this architecture cannot use it. Every model load goes through here."""
+    try:
+        return auto_cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    except (ValueError, ImportError) as e:
+        if attn_implementation == "eager" or not _attention_unsupported(e):
+            raise
+        log.warning("%s: attn_implementation=%s is not available for this model (%s); falling back to eager attention",
+                    path, attn_implementation, str(e).splitlines()[0][:200])
+    return auto_cls.from_pretrained(path, attn_implementation="eager", **kwargs)
+
+
 def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, dropout: float | None = None,
                    trust_remote_code: bool = False, attn_implementation: str = "sdpa",
                    gradient_checkpointing: bool = False) -> nn.Module:
@@ -120,9 +139,9 @@ def load_causal_lm(name: str, *, dtype: torch.dtype = torch.float32, dropout: fl
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=_load_config(path, dropout, trust_remote_code), dtype=dtype,
-        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+    model = from_pretrained_with_attention(
+        AutoModelForCausalLM, path, attn_implementation, config=_load_config(path, dropout, trust_remote_code),
+        dtype=dtype, trust_remote_code=trust_remote_code,
     )
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -179,9 +198,9 @@ class RewardModel(nn.Module):
         from transformers import AutoModel
 
         path = resolve_model_path(name)
-        backbone = AutoModel.from_pretrained(
-            path, config=_load_config(path, dropout, trust_remote_code), dtype=dtype,
-            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        backbone = from_pretrained_with_attention(
+            AutoModel, path, attn_implementation, config=_load_config(path, dropout, trust_remote_code), dtype=dtype,
+            trust_remote_code=trust_remote_code,
         )
         model = cls(backbone).to(dtype)
         head = Path(path) / VALUE_HEAD_FILE
@@ -221,17 +240,56 @@ def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 # -- LoRA ---------------------------------------------------------------------------
 
-def apply_lora(model: nn.Module, lora_dim: int, module_name: str, *, alpha: float | None = None,
+LORA_AUTO = "auto"
+
+
+def _projection_types() -> tuple[type, ...]:
+    # GPT-2 builds its projections from transformers' Conv1D (a transposed Linear), which
+    # peft adapts as well.
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, Conv1D)
+
+
+def block_list_name(model: nn.Module) -> str:
+    """Name of the model's stack of transformer blocks: the ``nn.ModuleList`` holding the
+    most parameters (``decoder.layers`` in OPT, ``h`` in GPT-2 and Bloom, ``layers`` in
+    Llama, Qwen2 and GPT-NeoX, with ``model.``/``transformer.``/``gpt_neox.`` in front for
+    the causal-LM classes)."""
+    lists = [(sum(p.numel() for p in m.parameters()), n) for n, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks: set lora_module_name")
+    return max(lists)[1]
+
+
+def lora_targets(model: nn.Module, module_name: str) -> list[str]:
+    """Names of the projection layers that get adapters. ``auto``: every Linear (or GPT-2
+    Conv1D) inside the transformer blocks – attention and MLP, not embeddings or heads –
+    whatever the architecture calls them; else the layers whose name contains
+    ``module_name`` (DeepSpeed-Chat's substring rule, e.g. ``decoder.layers.`` for OPT)."""
+    types = _projection_types()
+    if module_name == LORA_AUTO:
+        prefix = block_list_name(model) + "."
+        targets = [n for n, m in model.named_modules() if isinstance(m, types) and n.startswith(prefix)]
+    else:
+        targets = [n for n, m in model.named_modules() if isinstance(m, types) and module_name in n]
+    if not targets:
+        linear = [n for n, m in model.named_modules() if isinstance(m, types)][:5]
+        raise ValueError(f"lora_module_name={module_name!r} matches no Linear layer of {type(model).__name__}; "
+                         f"examples of names: {linear}; '{LORA_AUTO}' picks the transformer blocks' projections")
+    return targets
+
+
+def apply_lora(model: nn.Module, lora_dim: int, module_name: str = LORA_AUTO, *, alpha: float | None = None,
                only_optimize_lora: bool = False) -> nn.Module:
-    """Add LoRA adapters (peft) to every ``nn.Linear`` whose name contains ``module_name``
-    (DeepSpeed-Chat's ``--lora_module_name``). Returns the peft-wrapped model."""
+    """Add LoRA adapters (peft) to the layers :func:`lora_targets` picks (DeepSpeed-Chat's
+    ``--lora_module_name``, or ``auto``). Returns the peft-wrapped model."""
     from peft import LoraConfig, get_peft_model
 
-    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and module_name in n]
-    if not targets:
-        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
-        raise ValueError(f"lora_module_name={module_name!r} matches no Linear layer; examples of names: {linear}")
-    cfg = LoraConfig(r=lora_dim, lora_alpha=alpha or lora_dim, target_modules=targets, lora_dropout=0.0, bias="none")
+    targets = lora_targets(model, module_name)
+    cfg = LoraConfig(r=lora_dim, lora_alpha=alpha or lora_dim, target_modules=targets, lora_dropout=0.0, bias="none",
+                     fan_in_fan_out=not isinstance(model.get_submodule(targets[0]), nn.Linear))
     peft_model = get_peft_model(model, cfg)
     if not only_optimize_lora:
         # DeepSpeed-Chat trains the base weights too unless --only_optimize_lora.

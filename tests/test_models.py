@@ -104,3 +104,90 @@ def test_seed_recipe_models_load_from_local_directories(tmp_path, tiny_model_dir
     info, tok = check_models(cfg)
     assert info["actor"]["model_type"] == info["reward"]["model_type"] == "opt"
     assert tok.eos_token_id is not None
+
+
+# -- other architectures: LoRA defaults and the attention fallback --------------------------
+
+def _tiny_config(arch: str):
+    """A 2-layer, 16-wide random-init config of each architecture (no download)."""
+    import transformers as T
+
+    common = dict(vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return {
+        "opt": lambda: T.OPTConfig(hidden_size=16, word_embed_proj_dim=16, num_hidden_layers=2, num_attention_heads=2,
+                                   ffn_dim=32, max_position_embeddings=64, **common),
+        "gpt2": lambda: T.GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64, **common),
+        "llama": lambda: T.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, max_position_embeddings=64, **common),
+        "qwen2": lambda: T.Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, max_position_embeddings=64, **common),
+        "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                            num_attention_heads=2, max_position_embeddings=64, **common),
+        "bloom": lambda: T.BloomConfig(hidden_size=16, n_layer=2, n_head=2, **common),
+    }[arch]()
+
+
+ARCHS = ["opt", "gpt2", "llama", "qwen2", "gpt_neox", "bloom"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("head", ["causal_lm", "backbone"])
+def test_lora_default_targets_every_block_projection(arch, head):
+    """lora_module_name's default ('auto') adapts the attention and MLP projections of
+    every transformer block, whatever the architecture names them, and nothing outside
+    them (embeddings, lm_head); the merged model computes what the adapted one did."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.models import lora_targets
+
+    cfg = PipelineConfig.load("tiny-cpu")
+    assert cfg.sft.lora_module_name == cfg.ppo.actor_lora_module_name == cfg.ppo.critic_lora_module_name == "auto"
+    torch.manual_seed(0)
+    model = (AutoModelForCausalLM if head == "causal_lm" else AutoModel).from_config(_tiny_config(arch)).eval()
+    targets = lora_targets(model, "auto")
+    per_layer = len(targets) // 2
+    assert per_layer >= 4 and len(targets) == 2 * per_layer, targets  # q/k/v or fused qkv, out, 2+ MLP
+    assert not any("lm_head" in n or "emb" in n or "wte" in n for n in targets)
+    ids = torch.randint(3, 64, (2, 6))
+    lora = apply_lora(model, 4, cfg.sft.lora_module_name, only_optimize_lora=True)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for n, p in lora.named_parameters():  # make the adapters do something
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    with torch.no_grad():
+        out = lora(input_ids=ids).last_hidden_state if head == "backbone" else lora(input_ids=ids).logits
+        merged = merge_lora(lora)
+        again = merged(input_ids=ids).last_hidden_state if head == "backbone" else merged(input_ids=ids).logits
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(again, out, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bloom", "llama"])
+def test_attention_falls_back_to_eager_only_where_sdpa_is_missing(arch, tmp_path, caplog):
+    """Bloom has no sdpa kernel: the actor and the reward model still load (eager, with
+    a warning naming the directory); Llama keeps sdpa."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_tasks.models import load_causal_lm
+
+    AutoModelForCausalLM.from_config(_tiny_config(arch)).save_pretrained(tmp_path / arch)
+    with caplog.at_level("WARNING", logger="rlhf_tasks.models"):
+        lm = load_causal_lm(str(tmp_path / arch), attn_implementation="sdpa")
+        rm = RewardModel.from_pretrained(str(tmp_path / arch), attn_implementation="sdpa")
+    want = "eager" if arch == "bloom" else "sdpa"
+    assert lm.config._attn_implementation == want and rm.backbone.config._attn_implementation == want
+    fell_back = [r for r in caplog.records if "falling back to eager" in r.getMessage()]
+    assert len(fell_back) == (2 if arch == "bloom" else 0)
+    if fell_back:
+        assert str(tmp_path / arch) in fell_back[0].getMessage()
+    ids = torch.randint(3, 64, (1, 5))
+    assert torch.isfinite(rm.score(ids, torch.ones_like(ids))).all()
+
+
+def test_other_attention_errors_are_not_swallowed(tmp_path):
+    from rlhf_tasks.models import load_causal_lm
+
+    with pytest.raises(OSError):
+        load_causal_lm(str(tmp_path / "missing-model"), attn_implementation="sdpa")
