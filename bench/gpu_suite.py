@@ -270,7 +270,7 @@ class Suite:
             model = throughput.build(size, vocab, "sdpa", self.device, pad_token_id=self.tok.pad_token_id,
                                      bos_token_id=self.tok.bos_token_id, eos_token_id=self.tok.eos_token_id)
             model.generation_config.pad_token_id = self.tok.pad_token_id
-            target = self.work / "models" / size
+            target = self.work / "models" / f"{role}-{size}"
             model.to(self.dtype).save_pretrained(target)  # the stages load it in fp32 and cast as configured
             self.tok.save_pretrained(target)
             out[role] = {"arch": size, "dir": str(target), "params": sum(x.numel() for x in model.parameters()),
