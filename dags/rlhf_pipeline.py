@@ -162,12 +162,10 @@ with DAG(
     @task(queue=GPU_QUEUE, retries=1, execution_timeout=timedelta(hours=2))
     def install() -> dict:
         """Check the worker, resolve the config, cache data and models, open the MLflow run."""
-        import re
-
-        from rlhf_tasks.storage import storage_root
+        from rlhf_tasks.storage import run_dir_for
 
         ctx = get_current_context()
-        run_dir = storage_root() / "runs" / re.sub(r"[^\w.-]+", "_", ctx["dag_run"].run_id)
+        run_dir = run_dir_for(ctx["dag_run"].run_id)  # a run id with "/" or ".." stays inside storage
         return _run("prepare", str(run_dir), preset=ctx["params"]["preset"], overrides=_overrides(ctx["params"]))
 
     @task(**gpu_task)

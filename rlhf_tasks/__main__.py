@@ -6,19 +6,26 @@ a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
 
 The last stdout line of a stage is ``RLHF_RESULT <json>`` (paths, metrics, MLflow run
 id): the Airflow task parses it and passes only that on.
+
+Exit status: 0 done; 2 a bad input (config value, data file, model directory), refused
+before any training; 3 the run directory's stage is already running in another process;
+4 the storage is full (the previous checkpoint is intact).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, list_presets
+from .storage import RunDir, RunDirBusy, StorageFullError, new_run_id, stage_lock, storage_root
 
 RESULT_PREFIX = "RLHF_RESULT "
+EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
 STAGE_MODULES = {"prepare": "prepare", "sft": "sft", "reward": "reward", "ppo": "ppo.trainer",
                  "evaluate": "evaluate", "register": "register", "report": "report"}
 
@@ -79,16 +86,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             print((cfg or PipelineConfig.load("tiny-cpu")).to_yaml())
             return 0
-        from .stage import load_run_config
-        from .storage import RunDir, new_run_id, storage_root
-
         run = RunDir(args.output or storage_root() / "runs" / new_run_id())
-        cfg = load_run_config(run, cfg)
-        module = importlib.import_module(f"rlhf_tasks.{STAGE_MODULES[args.command]}")
-        result = module.run(cfg, run)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if run.path.exists() and not run.path.is_dir():
+            raise ConfigError(f"--output {run.path} is a file, not a run directory")
+        with stage_lock(run.path, args.command):
+            from . import preflight
+            from .stage import load_run_config
+
+            cfg = load_run_config(run, cfg)
+            preflight.check(args.command, cfg, run)
+            module = importlib.import_module(f"rlhf_tasks.{STAGE_MODULES[args.command]}")
+            result = module.run(cfg, run)
+    except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BUSY
+    except StorageFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STORAGE_FULL
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: storage full at {e.filename or 'the storage'}: {e}", file=sys.stderr)
+            return EXIT_STORAGE_FULL
+        if not isinstance(e, FileNotFoundError):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     payload = result if isinstance(result, dict) else json.loads(result.to_json())
     print(RESULT_PREFIX + json.dumps(payload, sort_keys=True, default=str), flush=True)
     return 0

@@ -310,6 +310,11 @@ class TrackingConfig:
     def validate(self, where: str = "tracking") -> None:
         _check(isinstance(self.experiment, str) and self.experiment != "", f"{where}.experiment", self.experiment, "a non-empty name")
         _check(isinstance(self.registered_model, str) and self.registered_model != "", f"{where}.registered_model", self.registered_model, "a non-empty name")
+        # A file:/sqlite: store would let a config (a trigger-form override) write anywhere on
+        # the worker; a local store is the operator's choice, through MLFLOW_TRACKING_URI.
+        _check(self.tracking_uri is None or str(self.tracking_uri).startswith(("http://", "https://", "databricks")),
+               f"{where}.tracking_uri", self.tracking_uri,
+               "an http(s):// MLflow server URL, or null (a local store is set with MLFLOW_TRACKING_URI)")
 
 
 @dataclass

@@ -25,8 +25,15 @@ from .config import TrainConfig
 from .data.collate import LengthGroupedBatchSampler
 from .engine import OptimSettings, initialize
 from .models import count_parameters
-from .stage import StageContext
-from .storage import atomic_dir, latest_checkpoint, mark_complete, prune_checkpoints, write_json
+from .stage import StageContext, get_rng_state, set_rng_state
+from .storage import (
+    atomic_dir,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    write_json,
+)
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -134,12 +141,15 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
     ckpt_root = ctx.run.checkpoints(ctx.name)
     history: dict[str, list[tuple[int, float]]] = {}
     global_step, epoch, micro_done = 0, 0, 0
+    if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
+        log.info("%s: removed %s left by an interrupted attempt", ctx.name, gone)
     if (found := latest_checkpoint(ckpt_root)) is not None:
         _, path = found
         _, client = engine.load_checkpoint(str(ckpt_root), tag=path.name)
         global_step, epoch, micro_done = client["global_step"], client["epoch"], client["micro_done"]
         history = {k: [tuple(x) for x in v] for k, v in client["history"].items()}
         ctx.previous_elapsed_s = client["elapsed_s"]
+        set_rng_state(client.get("rng"))
         if ctx.is_main:
             write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": global_step, "checkpoint": str(path)})
             ctx.tracker.set_tags({"rlhf.resumed_from_step": str(global_step)})
@@ -151,13 +161,14 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
         log.info("%s: before training: %s", ctx.name, _fmt(before))
 
     def save_checkpoint() -> None:
-        tag = f"step-{global_step}"
         client = {"global_step": global_step, "epoch": epoch, "micro_done": micro_done, "history": history,
-                  "elapsed_s": ctx.elapsed_s, "config": ctx.cfg.to_dict()}
-        engine.save_checkpoint(str(ckpt_root), tag=tag, client_state=client, save_latest=False)
+                  "elapsed_s": ctx.elapsed_s, "config": ctx.cfg.to_dict(), "rng": get_rng_state()}
+        info = {"global_step": global_step, "time": time.time()}
+        with checkpoint_dir(ckpt_root, global_step, info, is_main=ctx.is_main) as partial:
+            engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state=client, save_latest=False)
+            if ctx.is_main:
+                ctx.cfg.save(partial / "config.yaml")
         if ctx.is_main:
-            ctx.cfg.save(ckpt_root / tag / "config.yaml")
-            mark_complete(ckpt_root / tag, {"global_step": global_step, "time": time.time()})
             prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
     bar = _progress(total_steps, ctx.name, global_step, ctx.is_main)
@@ -198,6 +209,9 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
                      "tflops": tok_s * flops_per_token / 1e12, "epoch": epoch + micro_done / micro_per_epoch}
                 _record(ctx, history, {"loss": m["loss"]}, global_step)
                 ctx.log_metrics(m, global_step)
+                if ctx.is_main:
+                    log.info("%s: step %d/%d loss %.4f lr %.3g tokens/s %.0f", ctx.name, global_step, total_steps,
+                             m["loss"], m["lr"], tok_s)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
                 loss_sum.zero_(), tokens.zero_()
                 n_micro, t_window = 0, time.perf_counter()

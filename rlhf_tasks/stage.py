@@ -27,6 +27,13 @@ log = logging.getLogger("rlhf_tasks")
 
 # Metric prefixes as named in the design (the reward stage logs under rm/).
 METRIC_PREFIX = {"sft": "sft", "reward": "rm", "ppo": "ppo", "evaluate": "eval"}
+# A stage waits this long for the MLflow server at start, then trains on and opens its run
+# in the background once the server answers; metrics are kept (bounded queue) through an
+# outage of up to MLFLOW_OUTAGE_BUDGET_S and sent when it ends.
+# A finished stage waits up to RLHF_MLFLOW_FLUSH_TIMEOUT_S for its last metrics to be sent.
+MLFLOW_START_TIMEOUT_S = 10.0
+MLFLOW_OUTAGE_BUDGET_S = 24 * 3600.0
+MLFLOW_FLUSH_TIMEOUT_S = float(os.environ.get("RLHF_MLFLOW_FLUSH_TIMEOUT_S") or 60.0)
 
 
 def setup_logging() -> None:
@@ -49,6 +56,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def get_rng_state() -> dict[str, Any]:
+    """Every random generator a stage draws from, saved in its checkpoints: a resumed
+    run samples (PPO rollouts, dropout) exactly as the uninterrupted run would have."""
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | None) -> None:
+    """Restore :func:`get_rng_state` (a checkpoint from before it existed has none)."""
+    if not state:
+        return
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -68,9 +96,10 @@ def tracking_uri(cfg: PipelineConfig) -> str | None:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def ensure_parent_run(cfg: PipelineConfig, run: RunDir) -> str | None:
+def ensure_parent_run(cfg: PipelineConfig, run: RunDir, start_timeout_s: float = 60.0) -> str | None:
     """One MLflow parent run per pipeline run; its id is kept in the run directory so
-    that every stage (and every retry) nests under the same parent."""
+    that every stage (and every retry) nests under the same parent. None when tracking
+    is off or the server did not answer within ``start_timeout_s`` (0: one attempt)."""
     uri = tracking_uri(cfg)
     if not uri:
         return None
@@ -83,7 +112,7 @@ def ensure_parent_run(cfg: PipelineConfig, run: RunDir) -> str | None:
         from .tracking import Tracker
 
         parent = Tracker.start(uri, cfg.tracking.experiment, run_name=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID") or run.path.name,
-                               tags={"rlhf.run_dir": str(run.path), "rlhf.preset": cfg.name, "rlhf.kind": "pipeline",
+                               start_timeout_s=start_timeout_s, tags={"rlhf.run_dir": str(run.path), "rlhf.preset": cfg.name, "rlhf.kind": "pipeline",
                                      **({"git.commit": c} if (c := git_commit()) else {}), **airflow_tags()})
         if parent.run_id:
             parent.log_params(cfg.to_dict())
@@ -106,6 +135,7 @@ class StageContext:
     prefix: str
     started: float = field(default_factory=time.time)
     previous_elapsed_s: float = 0.0  # wall-clock of earlier attempts (restored from a checkpoint)
+    cost_logged: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -145,18 +175,24 @@ def _open_tracker(name: str, cfg: PipelineConfig, run: RunDir, rank: int):
     if not uri or rank != 0:
         return NullTracker()
 
-    parent = ensure_parent_run(cfg, run)
+    # Server down at start: train anyway; the run (and its parent) open once it answers.
+    parent = ensure_parent_run(cfg, run, start_timeout_s=MLFLOW_START_TIMEOUT_S)
     id_file = run.stage(name) / "mlflow_run_id"
     resume = id_file.read_text().strip() if id_file.is_file() else None
     tags = {"rlhf.stage": name, "rlhf.preset": cfg.name, "rlhf.run_dir": str(run.path), **airflow_tags()}
     if c := git_commit():
         tags["git.commit"] = c
-    tracker = Tracker.start(uri, cfg.tracking.experiment, run_name=name, parent_run_id=parent, resume_run_id=resume,
-                            tags=tags, system_metrics=cfg.tracking.system_metrics)
-    if tracker.run_id:
+
+    def opened(run_id: str) -> None:
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(tracker.run_id)
-        tracker.log_params(cfg.to_dict())
+        id_file.write_text(run_id)
+
+    tracker = Tracker.start(uri, cfg.tracking.experiment, run_name=name,
+                            parent_run_id=parent or (lambda: ensure_parent_run(cfg, run, start_timeout_s=0)),
+                            resume_run_id=resume, tags=tags, system_metrics=cfg.tracking.system_metrics,
+                            start_timeout_s=MLFLOW_START_TIMEOUT_S if parent else 0, defer=True, on_open=opened,
+                            retry_budget_s=MLFLOW_OUTAGE_BUDGET_S)
+    tracker.log_params(cfg.to_dict())
     return tracker
 
 
@@ -164,6 +200,13 @@ def load_run_config(run: RunDir, cfg: PipelineConfig | None) -> PipelineConfig:
     """The run directory's config.yaml is the source of truth for every stage of a run:
     the first stage writes it; later ones must agree with it (so a resumed or retried
     run can never silently mix settings)."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    with open(run.path / ".config.lock", "w") as lock:  # stages starting side by side read/write it in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_run_config(run, cfg)
+
+
+def _load_run_config(run: RunDir, cfg: PipelineConfig | None) -> PipelineConfig:
     if run.config_path.is_file():
         saved = PipelineConfig.load(run.config_path)
         if cfg is None or cfg.to_dict() == saved.to_dict():
@@ -211,9 +254,26 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
         status = "KILLED"
         raise
     finally:
-        if ctx.is_main:
+        if ctx.is_main and not ctx.cost_logged:
             ctx.tracker.log_metrics(ctx.cost_metrics(), step=0)
-        ctx.tracker.close(status)
+        # finish() has already waited for the metrics (cost_logged): do not wait twice.
+        ctx.tracker.close(status, timeout=5.0 if ctx.cost_logged else MLFLOW_FLUSH_TIMEOUT_S)
+        if ctx.is_main:
+            log.info("%s: %s", name, _points_line(ctx.tracker.stats()))
+
+
+def _points_line(stats: dict[str, int]) -> str:
+    return ("mlflow metric points: produced {points_produced}, sent {points_sent}, dropped {points_dropped}, "
+            "invalid {points_invalid}, pending {points_pending}").format(**stats)
+
+
+def tracking_metrics(ctx: StageContext) -> dict[str, float]:
+    """Flush the stage's metrics (cost included) and count them: ``tracking/points_*``."""
+    if not ctx.cost_logged:
+        ctx.tracker.log_metrics(ctx.cost_metrics(), step=0)
+        ctx.cost_logged = True
+    ctx.tracker.flush(timeout=MLFLOW_FLUSH_TIMEOUT_S)
+    return {f"tracking/{k}": float(v) for k, v in ctx.tracker.stats().items()}
 
 
 def finished(name: str, run_dir: RunDir) -> StageResult | None:
@@ -228,6 +288,8 @@ def finished(name: str, run_dir: RunDir) -> StageResult | None:
 def finish(ctx: StageContext, final_dir: Path, metrics: dict[str, float]) -> StageResult:
     """Write result.json (the DAG reads it) and return the result."""
     metrics = {**metrics, "cost_usd": ctx.cost_metrics()["cost/usd"]}
+    if ctx.is_main:
+        metrics.update(tracking_metrics(ctx))
     result = StageResult(stage=ctx.name, final_dir=str(final_dir), metrics=metrics,
                          mlflow_run_id=ctx.tracker.run_id, wall_clock_s=round(ctx.elapsed_s, 3))
     if ctx.is_main:

@@ -7,20 +7,29 @@
       cache/tokenized/<hash>/                 tokenised phase datasets
       runs/<run_id>/config.yaml               resolved config of the run
       runs/<run_id>/<stage>/checkpoints/step-N/   DeepSpeed state; COMPLETE written last
+      runs/<run_id>/<stage>/checkpoints/.step-N.partial/   a checkpoint being written
+      runs/<run_id>/.locks/<stage>.lock       held (flock) by the process running that stage
       runs/<run_id>/<stage>/final/            save_pretrained + tokenizer + metrics.json
       runs/<run_id>/<stage>/result.json       the StageResult the DAG reads
 
 A stage is a transaction: ``final/`` appears by an atomic rename of a finished temporary
 directory, so a reader never sees half a model, and a re-run of a finished stage is a no-op.
+Checkpoints are written the same way (``.step-N.partial`` -> fsync -> COMPLETE -> rename to
+``step-N``), so a process killed at any moment leaves only whole checkpoints behind. A disk
+that fills up mid-write raises :class:`StorageFullError` and leaves the previous checkpoint
+as it was. One process at a time runs a stage of a run directory (:func:`stage_lock`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -39,6 +48,25 @@ def storage_root() -> Path:
 
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+MAX_RUN_NAME = 200
+
+
+def run_dir_for(run_id: str, root: Path | None = None) -> Path:
+    """``<storage>/runs/<name>`` for an orchestrator's run id (Airflow's contain ``:`` and
+    ``+``; a hostile one may contain ``/`` or ``..``): every character outside
+    ``[A-Za-z0-9_.-]`` becomes ``_``, leading dots are dropped, and the result is checked
+    to be a direct child of ``runs/``, so no run id can point outside storage."""
+    runs = (root or storage_root()) / "runs"
+    name = _UNSAFE_NAME.sub("_", str(run_id)).lstrip(".")[:MAX_RUN_NAME]
+    if not name.strip("._-"):
+        raise ValueError(f"run id {run_id!r} has no character usable in a directory name")
+    path = runs / name
+    if path.resolve().parent != runs.resolve():
+        raise ValueError(f"run id {run_id!r} would put the run directory outside {runs}")
+    return path
 
 
 @dataclass
@@ -91,12 +119,60 @@ class RunDir:
         return r if Path(r.final_dir).is_dir() else None
 
 
+class StorageFullError(OSError):
+    """The storage filled up (or hit a quota) while writing; what was half written is gone."""
+
+
+class RunDirBusy(RuntimeError):
+    """Another process is running the same stage in the same run directory."""
+
+
+# Below this many free bytes a failed write is taken to be a full disk: torch.save reports
+# ENOSPC as a RuntimeError from its zip writer ("unexpected pos ..."), without an errno.
+FULL_FREE_BYTES = 1 << 20
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FULL_TEXT = ("no space left", "os error 28", "disk quota", "file too large")
+
+
+def free_bytes(path: Path) -> int | None:
+    for p in (Path(path), *Path(path).parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(p).free
+    return None
+
+
+def storage_full_error(exc: BaseException, path: Path, what: str, keep_note: str = "") -> StorageFullError | None:
+    """A :class:`StorageFullError` naming ``path`` and the free space if ``exc`` (or its
+    cause) is a full disk, else None."""
+    free = free_bytes(path)
+    chain, e = [], exc
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(isinstance(e, OSError) and e.errno in _FULL_ERRNOS for e in chain) or any(
+        t in str(e).lower() for e in chain for t in _FULL_TEXT)
+    if not full and isinstance(exc, (OSError, RuntimeError)) and free is not None and free < FULL_FREE_BYTES:
+        full = True
+    if not full or isinstance(exc, StorageFullError):
+        return None
+    return StorageFullError(errno.ENOSPC, f"storage full at {path}: {free if free is not None else '?'} bytes free "
+                                          f"while writing {what} ({type(exc).__name__}: {str(exc)[:200]}); "
+                                          f"nothing half-written was kept{keep_note}. Free space or enlarge the "
+                                          f"volume, then run the stage again")
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if (full := storage_full_error(exc, path, str(path))) is not None:
+            raise full from exc
+        raise
 
 
 @contextlib.contextmanager
@@ -104,7 +180,8 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; rename it to ``target`` on success.
 
     An existing ``target`` is replaced only after the new one is complete, so a crash
-    at any point leaves either the old or the new directory, never a mix.
+    at any point leaves either the old or the new directory, never a mix. A full disk
+    raises :class:`StorageFullError` (the temporary directory removed, ``target`` kept).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +189,12 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+        _fsync_tree(tmp)
+    except BaseException as exc:
+        full = storage_full_error(exc, target, str(target))
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
     if target.exists():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:6]}")
@@ -125,6 +206,104 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_PARTIAL_RE = re.compile(r"^\.step-(\d+)\.(partial|deleting)$")
+# Tests only: "<seconds>" or "<seconds>@<step>" pauses checkpoint writes (that one) after the
+# files are written and before COMPLETE, so that a test can kill the process inside the write.
+PAUSE_ENV = "RLHF_FAULT_PAUSE_IN_CHECKPOINT_S"
+
+
+def _test_pause(step: int) -> float:
+    seconds, _, at = os.environ.get(PAUSE_ENV, "").partition("@")
+    if not seconds or (at and int(at) != step):
+        return 0.0
+    return float(seconds)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush a directory's files and the directory entries to the device, so that a
+    rename that publishes them cannot survive a power loss without their contents."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError), open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename out of the ``step-N`` namespace first, then delete: a process killed while
+    deleting leaves a ``.step-N.deleting`` directory, never a half-deleted ``step-N``
+    that still has its marker."""
+    m = _STEP_RE.match(path.name)
+    if m:
+        doomed = path.with_name(f".step-{m.group(1)}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        try:
+            path.rename(doomed)
+        except OSError:
+            doomed = path
+        shutil.rmtree(doomed, ignore_errors=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def checkpoint_dir(root: Path, step: int, info: dict[str, Any], *, is_main: bool = True) -> Iterator[Path]:
+    """Write checkpoint ``step-<step>`` of ``root`` as a transaction.
+
+    Yields ``root/.step-<step>.partial`` for every rank to write into (DeepSpeed's
+    ``save_checkpoint(str(path.parent), tag=path.name)``, or into it directly). On success
+    the main rank flushes it to the device, writes the COMPLETE marker and renames it to
+    ``step-<step>``. On any error the partial directory is removed; a full disk raises
+    :class:`StorageFullError` that names the checkpoint kept from before.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    partial = root / f".step-{step}.partial"
+    final = root / f"step-{step}"
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a killed attempt
+    try:
+        yield partial
+        if is_main:
+            partial.mkdir(exist_ok=True)
+            _fsync_tree(partial)
+            if (pause := _test_pause(step)) > 0:
+                (partial / ".paused").touch()  # the fault tests kill the process now
+                time.sleep(pause)
+                (partial / ".paused").unlink(missing_ok=True)
+            mark_complete(partial, info)
+            if final.exists():  # an incomplete step-N of an older layout, or a re-done step
+                _remove_dir(final)
+            partial.rename(final)
+            _fsync_dir(root)
+    except BaseException as exc:
+        if is_main:
+            prev = latest_checkpoint(root)
+            keep = f"; the previous checkpoint {prev[1]} is intact" if prev else "; there is no earlier checkpoint"
+            full = storage_full_error(exc, root, f"checkpoint step-{step}", keep)
+            shutil.rmtree(partial, ignore_errors=True)
+            if full is not None:
+                raise full from exc
+        raise
+
+
+def remove_partial_checkpoints(root: Path) -> list[str]:
+    """Delete what killed attempts left half-written or half-deleted; their names."""
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if _PARTIAL_RE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p.name)
+    return sorted(gone)
 
 
 def mark_complete(ckpt_dir: Path, info: dict[str, Any]) -> None:
@@ -154,10 +333,47 @@ def prune_checkpoints(root: Path, keep: int) -> None:
     older than the newest complete one (left by a crash)."""
     ckpts = complete_checkpoints(root)
     for _, p in ckpts[:-keep] if keep > 0 else ckpts:
-        shutil.rmtree(p, ignore_errors=True)
+        _remove_dir(p)
     if ckpts:
         newest = ckpts[-1][0]
         for p in root.iterdir():
             m = _STEP_RE.match(p.name)
             if m and int(m.group(1)) < newest and not (p / MARKER).is_file():
+                _remove_dir(p)
+            elif (m := _PARTIAL_RE.match(p.name)) and int(m.group(1)) < newest:
                 shutil.rmtree(p, ignore_errors=True)
+
+
+# --- one process per stage and run directory ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def stage_lock(run_path: Path, stage: str) -> Iterator[None]:
+    """Hold ``<run>/.locks/<stage>.lock`` (``flock``, exclusive, non-blocking) for the
+    stage's life: a second process for the same stage and run directory fails at once
+    with :class:`RunDirBusy` naming the holder. The kernel drops the lock when its holder
+    dies, even by SIGKILL, so a retry after a crash is never blocked. Under the DeepSpeed
+    launcher only global rank 0 takes it (the other ranks are the same run)."""
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        yield
+        return
+    lock_dir = Path(run_path) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    f = open(lock_dir / f"{stage}.lock", "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its id yet"
+            raise RunDirBusy(f"run directory {run_path} is in use: its {stage} stage is already running "
+                             f"({holder}). Two runs cannot share an output directory at once: wait for that "
+                             "one to finish or stop it, or give this run another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock

@@ -10,7 +10,12 @@ slow or briefly down. So:
 - Params, tags and artifacts are sent at once (they are rare), retried for a bounded
   time, and a failure is a warning, never an exception.
 - :meth:`Tracker.start` falls back to :class:`NullTracker` (same interface, does
-  nothing) when the server cannot be reached within ``start_timeout_s``.
+  nothing) when the server cannot be reached within ``start_timeout_s`` or, with
+  ``defer=True`` (what the stages use), returns a tracker that keeps the metrics and
+  opens the run in the background as soon as the server answers.
+- Every metric point is counted: produced (accepted by ``log_metrics``), sent
+  (acknowledged by the server), dropped and invalid; :meth:`Tracker.stats` reports them
+  and the stages put them in their result and log.
 
 Also here: cost helpers, the plots logged as artifacts, and :func:`register_model`
 (model registry with a ``champion`` alias that moves only on improvement).
@@ -124,12 +129,20 @@ class NullTracker:
 
     run_id: str | None = None
     tracking_uri: str | None = None
+    unreachable = False  # True: tracking was asked for but the server did not answer
+    _produced = 0
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
+        self._produced += len(metrics)
+
+    def stats(self) -> dict[str, int]:
+        """Metric points: produced, sent to the server, dropped, invalid, still pending."""
+        lost = self._produced if self.unreachable else 0
+        return {"points_produced": self._produced, "points_sent": 0, "points_dropped": lost,
+                "points_invalid": 0, "points_pending": 0}
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         pass
@@ -176,11 +189,22 @@ class Tracker(NullTracker):
 
     ``close(status)`` flushes, stops the threads and ends the run; ``close("RUNNING")``
     flushes but leaves the run open (a parent run that later tasks log into).
+
+    Deferred (``run_id`` None, ``opener`` given): the server was down when the stage
+    started. Metrics queue up as usual, params and tags are kept in memory, and the
+    worker calls ``opener`` with backoff until it returns the run; then ``on_open(run_id)``
+    runs, params and tags are sent, and the queue drains. Artifacts logged before that
+    are skipped (warning).
     """
 
-    def __init__(self, client: Any, run_id: str, tracking_uri: str, *, retry_budget_s: float = 120.0,
-                 op_budget_s: float = 30.0, queue_size: int = 100_000, existing_params: Mapping[str, str] | None = None):
+    def __init__(self, client: Any, run_id: str | None, tracking_uri: str, *, retry_budget_s: float = 120.0,
+                 op_budget_s: float = 30.0, queue_size: int = 100_000, existing_params: Mapping[str, str] | None = None,
+                 opener: Callable[[], Any] | None = None, on_open: Callable[[str], None] | None = None,
+                 system_metrics_interval_s: float | None = None):
         from mlflow.entities import Metric, Param, RunTag
+
+        if run_id is None and opener is None:
+            raise ValueError("a Tracker needs a run_id or an opener")
 
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self._client = client
@@ -200,9 +224,18 @@ class Tracker(NullTracker):
         self._closed = False
         self._warned: set[str] = set()
         self._dropped = 0
+        self._produced = 0
+        self._sent = 0
+        self._invalid = 0
         self._outage_since: float | None = None
         self._sampler: _SystemMetricsSampler | None = None
-        self._thread = threading.Thread(target=self._worker, name=f"mlflow-metrics-{run_id[:8]}", daemon=True)
+        self._opener, self._on_open = opener, on_open
+        self._system_metrics_interval_s = system_metrics_interval_s
+        self._stash_params: dict[str, Any] = {}
+        self._stash_tags: dict[str, Any] = {}
+        self._open_failures = 0
+        self._thread = threading.Thread(target=self._worker, name=f"mlflow-metrics-{(run_id or 'deferred')[:8]}",
+                                        daemon=True)
         self._thread.start()
         # A stage that forgets close() (or exits on an exception) still delivers its metrics.
         atexit.register(self._atexit)
@@ -214,7 +247,8 @@ class Tracker(NullTracker):
               parent_run_id: str | None = None, resume_run_id: str | None = None,
               tags: Mapping[str, Any] | None = None, system_metrics: bool = False,
               system_metrics_interval_s: float = 10.0, start_timeout_s: float = 60.0,
-              retry_budget_s: float = 120.0) -> Tracker | NullTracker:
+              retry_budget_s: float = 120.0, defer: bool = False,
+              on_open: Callable[[str], None] | None = None) -> Tracker | NullTracker:
         """Open a run, or a :class:`NullTracker` if tracking is off or unreachable.
 
         - ``resume_run_id``: reopen that run (a retried task continues the same run);
@@ -227,7 +261,11 @@ class Tracker(NullTracker):
           ``system/...`` through this tracker's resilient queue. Setting
           ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns it off.
         - The server is retried for ``start_timeout_s``, then tracking is off for this
-          process (warning), rather than failing the stage.
+          process (warning), rather than failing the stage; with ``defer=True`` a
+          deferred tracker (class docstring) is returned instead.
+        - ``parent_run_id`` may be a callable returning the id (None: not available
+          yet), so that a deferred run can create its parent first.
+        - ``on_open(run_id)`` is called once the run is open (at once, or later).
         """
         if not tracking_uri:
             return NullTracker()
@@ -236,23 +274,78 @@ class Tracker(NullTracker):
 
         client = MlflowClient(tracking_uri)
         tags = {k: _truncate(v, MAX_TAG_VALUE_CHARS) for k, v in (tags or {}).items()}
+
+        def opener():
+            parent = parent_run_id() if callable(parent_run_id) else parent_run_id
+            if callable(parent_run_id) and parent is None:
+                raise ConnectionError("the parent run cannot be opened yet")
+            return _open_run(client, experiment, run_name, parent, resume_run_id, tags)
+
+        want_system = system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() not in (
+            "false", "0")
         try:
-            _, run = _retry(lambda: _open_run(client, experiment, run_name, parent_run_id, resume_run_id, tags),
-                            f"opening a run in experiment {experiment!r} at {tracking_uri}", start_timeout_s,
+            _, run = _retry(opener, f"opening a run in experiment {experiment!r} at {tracking_uri}", start_timeout_s,
                             raise_on_failure=True)
         except Exception as exc:
-            log.warning("mlflow: tracking server %s unavailable (%s); tracking is OFF for this process",
-                        tracking_uri, _short(exc))
-            return NullTracker()
+            if defer and not _is_permanent(exc):
+                log.warning("mlflow: tracking server %s unavailable (%s); training goes on, metrics are kept and "
+                            "sent once it answers", tracking_uri, _short(exc))
+                return cls(client, None, tracking_uri, retry_budget_s=retry_budget_s, opener=opener, on_open=on_open,
+                           system_metrics_interval_s=system_metrics_interval_s if want_system else None)
+            (log.warning if start_timeout_s > 0 else log.debug)(
+                "mlflow: tracking server %s unavailable (%s); tracking is OFF for this process", tracking_uri,
+                _short(exc))
+            null = NullTracker()
+            null.unreachable = True
+            return null
         tracker = cls(client, run.info.run_id, tracking_uri, retry_budget_s=retry_budget_s,
                       existing_params=run.data.params)
         log.info("mlflow: run %s (%s) in experiment %r at %s", run.info.run_id,
                  "resumed" if run.info.run_id == resume_run_id else "new", experiment, tracking_uri)
-        if system_metrics and os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").lower() not in ("false", "0"):
-            first_step = 1 + max((m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith("system/")),
-                               default=-1)
-            tracker._sampler = _SystemMetricsSampler.start(tracker, system_metrics_interval_s, first_step)
+        if on_open is not None:
+            on_open(run.info.run_id)
+        if want_system:
+            tracker._start_sampler(run, system_metrics_interval_s)
         return tracker
+
+    def _start_sampler(self, run: Any, interval_s: float) -> None:
+        first_step = 1 + max((m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith("system/")),
+                             default=-1)
+        self._sampler = _SystemMetricsSampler.start(self, interval_s, first_step)
+
+    def _try_open(self) -> bool:
+        """Deferred tracker: one attempt to open the run (worker thread)."""
+        try:
+            run = self._opener()
+        except Exception as exc:
+            if self._open_failures == 0:
+                log.warning("mlflow: run not open yet, metrics kept (%s)", _short(exc))
+            self._open_failures += 1
+            return False
+        with self._cv:
+            self._params.update(run.data.params)
+            self.run_id = run.info.run_id
+            params, tags = self._stash_params, self._stash_tags
+            self._stash_params, self._stash_tags = {}, {}
+        log.warning("mlflow: tracking server answers again: run %s open, sending %d queued metrics", self.run_id,
+                    self._queue.qsize())
+        if tags:
+            self.set_tags(tags)
+        if params:
+            self.log_params(params)
+        if self._on_open is not None:
+            try:
+                self._on_open(self.run_id)
+            except Exception as exc:  # a callback must not kill the sender
+                log.warning("mlflow: on_open callback failed: %s", _short(exc))
+        if self._system_metrics_interval_s and not self._closed:
+            self._start_sampler(run, self._system_metrics_interval_s)
+        return True
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"points_produced": self._produced, "points_sent": self._sent, "points_dropped": self._dropped,
+                    "points_invalid": self._invalid, "points_pending": self._pending}
 
     # -- metrics --
 
@@ -267,17 +360,21 @@ class Tracker(NullTracker):
             try:
                 v = float(value)
             except (TypeError, ValueError):
+                self._invalid += 1
                 self._warn_once(f"type:{key}", "mlflow: metric %r is not a number (%r); dropped", key, value)
                 continue
             if not math.isfinite(v):
+                self._invalid += 1
                 self._warn_once(f"finite:{key}", "mlflow: metric %r is %s at step %s; dropped (warned once)",
                                 key, v, step)
                 continue
             if not _valid_name(key):
+                self._invalid += 1
                 self._warn_once(f"name:{key}", "mlflow: %r is not a valid metric name; dropped", key)
                 continue
             with self._cv:
                 self._pending += 1
+                self._produced += 1
             try:
                 self._queue.put_nowait(self._Metric(key, v, timestamp_ms, int(step)))
             except queue.Full:
@@ -296,6 +393,14 @@ class Tracker(NullTracker):
         batch: list[Any] = []
         delay = 0.5
         while not self._abandon.is_set():
+            if self.run_id is None:
+                if self._stop.is_set() and self._queue.empty():
+                    return
+                if not self._try_open():
+                    self._abandon.wait(delay)
+                    delay = min(delay * 2, self.max_backoff_s)
+                    continue
+                delay = 0.5
             if not batch:
                 try:
                     batch.append(self._queue.get(timeout=0.1))
@@ -315,10 +420,10 @@ class Tracker(NullTracker):
                 # Wait before retrying, but wake up at once if close() abandons the queue.
                 self._abandon.wait(delay)
                 delay = min(delay * 2, self.max_backoff_s)
-        self._done(batch)
+        self._done(batch, dropped=True)
         while True:
             try:
-                self._done([self._queue.get_nowait()])
+                self._done([self._queue.get_nowait()], dropped=True)
             except queue.Empty:
                 return
 
@@ -329,6 +434,8 @@ class Tracker(NullTracker):
         except Exception as exc:
             now = time.monotonic()
             if _is_permanent(exc):
+                with self._cv:
+                    self._dropped += len(batch)
                 log.warning("mlflow: server rejected %d metrics, dropped: %s", len(batch), _short(exc))
                 return True
             if self._outage_since is None:
@@ -342,14 +449,18 @@ class Tracker(NullTracker):
                             now - self._outage_since, len(batch), self._dropped)
                 return True
             return False
+        with self._cv:
+            self._sent += len(batch)
         if self._outage_since is not None:
             log.warning("mlflow: server reachable again after %.0f s", time.monotonic() - self._outage_since)
             self._outage_since = None
         return True
 
-    def _done(self, batch: list[Any]) -> None:
+    def _done(self, batch: list[Any], dropped: bool = False) -> None:
         with self._cv:
             self._pending -= len(batch)
+            if dropped:
+                self._dropped += len(batch)
             self._cv.notify_all()
 
     # -- params, tags, artifacts --
@@ -359,6 +470,11 @@ class Tracker(NullTracker):
         Keys already logged with the same value are skipped (a resumed run re-logs its
         config); a different value cannot be logged (MLflow params are immutable), so
         it is skipped with a warning."""
+        if self.run_id is None:  # deferred: sent once the run is open
+            with self._cv:
+                if self.run_id is None:
+                    self._stash_params.update(flatten(params))
+                    return
         todo: dict[str, str] = {}
         for key, value in flatten(params).items():
             v = _truncate(value, MAX_PARAM_VALUE_CHARS)
@@ -379,11 +495,18 @@ class Tracker(NullTracker):
                 self._params.update(chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.run_id is None:  # deferred: sent once the run is open
+            with self._cv:
+                if self.run_id is None:
+                    self._stash_tags.update(tags)
+                    return
         run_tags = [self._RunTag(k, _truncate(v, MAX_TAG_VALUE_CHARS)) for k, v in tags.items()]
         _retry(lambda: self._client.log_batch(self.run_id, tags=run_tags, synchronous=True), "setting tags",
                self.op_budget_s)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> bool:
+        if self._not_open(str(path)):
+            return False
         if not Path(path).is_file():
             log.warning("mlflow: artifact %s does not exist; not logged", path)
             return False
@@ -391,6 +514,8 @@ class Tracker(NullTracker):
                       f"logging artifact {path}", self.op_budget_s)[0]
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> bool:
+        if self._not_open(str(local_dir)):
+            return False
         if not Path(local_dir).is_dir():
             log.warning("mlflow: artifact directory %s does not exist; not logged", local_dir)
             return False
@@ -424,7 +549,15 @@ class Tracker(NullTracker):
         return self._artifact_call(lambda: self._client.log_table(self.run_id, data=columns, artifact_file=name), name)
 
     def _artifact_call(self, fn: Callable[[], Any], name: str) -> bool:
+        if self._not_open(name):
+            return False
         return _retry(fn, f"logging artifact {name}", self.op_budget_s)[0]
+
+    def _not_open(self, what: str) -> bool:
+        if self.run_id is None:
+            log.warning("mlflow: run not open yet (server unreachable); artifact %s not logged", what)
+            return True
+        return False
 
     # -- end --
 
@@ -443,8 +576,12 @@ class Tracker(NullTracker):
         self._stop.set()
         self._abandon.set()
         self._thread.join(timeout=5)
+        if self._sampler is not None:  # started by a deferred open during the flush
+            self._sampler.stop()
         atexit.unregister(self._atexit)
-        if status != "RUNNING":
+        if self.run_id is None:
+            log.warning("mlflow: the tracking server never answered; this run was not recorded")
+        elif status != "RUNNING":
             _retry(lambda: self._client.set_terminated(self.run_id, status), f"ending run {self.run_id}",
                    self.op_budget_s)
 

@@ -36,8 +36,16 @@ from ..models import (
     unwrap_for_saving,
 )
 from ..phases import ppo_prompts, sft_rows
-from ..stage import StageContext, finish, finished, stage_run
-from ..storage import RunDir, StageResult, latest_checkpoint, mark_complete, prune_checkpoints
+from ..stage import StageContext, finish, finished, get_rng_state, set_rng_state, stage_run
+from ..storage import (
+    RunDir,
+    StageResult,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_checkpoints,
+    remove_partial_checkpoints,
+    write_json,
+)
 from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
 from .experience import Experience
 from .generation import GenerationSettings, generate
@@ -251,6 +259,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
 
         ckpt_root = ctx.run.checkpoints("ppo")
         it, history = 0, {}
+        if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
+            log.info("ppo: removed %s left by an interrupted attempt", gone)
         if (found := latest_checkpoint(ckpt_root)) is not None:
             _, path = found
             _, client = m.actor.load_checkpoint(str(ckpt_root / path.name), tag="actor")
@@ -258,16 +268,23 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
             it, history = client["iteration"], {k: [tuple(x) for x in v] for k, v in client["history"].items()}
             kl_ctl.value = client["kl_coef"]
             ctx.previous_elapsed_s = client["elapsed_s"]
+            if ema is not None and client.get("ema"):
+                ema.shadow = client["ema"]
+            set_rng_state(client.get("rng"))
+            if ctx.is_main:
+                write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": it, "checkpoint": str(path)})
+                ctx.tracker.set_tags({"rlhf.resumed_from_step": str(it)})
             log.info("ppo: resumed from %s (iteration %d)", path, it)
 
         def save_checkpoint() -> None:
-            d = ckpt_root / f"step-{it}"
-            client = {"iteration": it, "history": history, "kl_coef": kl_ctl.value, "elapsed_s": ctx.elapsed_s}
-            m.actor.save_checkpoint(str(d), tag="actor", client_state=client, save_latest=False)
-            m.critic.save_checkpoint(str(d), tag="critic", save_latest=False)
+            client = {"iteration": it, "history": history, "kl_coef": kl_ctl.value, "elapsed_s": ctx.elapsed_s,
+                      "rng": get_rng_state(), "ema": ema.shadow if ema is not None else None}
+            with checkpoint_dir(ckpt_root, it, {"iteration": it}, is_main=ctx.is_main) as d:
+                m.actor.save_checkpoint(str(d), tag="actor", client_state=client, save_latest=False)
+                m.critic.save_checkpoint(str(d), tag="critic", save_latest=False)
+                if ctx.is_main:
+                    cfg.save(d / "config.yaml")
             if ctx.is_main:
-                cfg.save(d / "config.yaml")
-                mark_complete(d, {"iteration": it})
                 prune_checkpoints(ckpt_root, p.keep_checkpoints)
 
         collate = PromptCollator(tok.pad_token_id)
@@ -296,6 +313,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
                     history.setdefault(k, []).append((it, stats[k]))
                 if it % p.log_every_steps == 0:
                     ctx.log_metrics(stats, it)
+                    if ctx.is_main:
+                        log.info("ppo: step %d/%d reward %.4f kl %.4f actor_loss %.4f critic_loss %.4f", it,
+                                 total_iters, stats["reward"], stats["kl"], stats["actor_loss"], stats["critic_loss"])
                     bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
                 if p.checkpoint_every_steps and it % p.checkpoint_every_steps == 0 and it < total_iters:
                     save_checkpoint()
