@@ -229,7 +229,9 @@ class PPOConfig:
     cliprange_value: float = 0.2
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
+    # DeepSpeed-Chat uses the raw GAE advantages; True normalises them per rollout batch
+    # (mean 0, std 1 over the answer tokens), as TRL and OpenRLHF do.
+    whiten_advantages: bool = False
     unsupervised_coef: float = 0.0  # >0 mixes the SFT loss on the SFT share (DeepSpeed-Chat's unsup_coef)
     enable_ema: bool = False
     ema_decay: float = 0.992
