@@ -59,7 +59,9 @@ class ModelConfig:
     reward: str = "builtin:tiny-opt"
     tokenizer: str | None = None  # default: the actor's
     trust_remote_code: bool = False
-    attn_implementation: str = "sdpa"  # "sdpa", "eager" or "flash_attention_2"
+    # "sdpa", "eager" or "flash_attention_2"; a model without the kernel (Bloom has no sdpa)
+    # loads with eager attention and a warning
+    attn_implementation: str = "sdpa"
 
     def validate(self, where: str = "model") -> None:
         for name in ("actor", "reward"):
@@ -77,10 +79,11 @@ class ModelConfig:
 class DataConfig:
     """Datasets and how they are shared between the three phases.
 
-    ``datasets`` entries: a hub id of a seed dataset (``Dahoas/rm-static``), the same
-    with a local location (``Dahoas/rm-static=/data/rm-static``), a bundled sample
-    (``sample:Dahoas/rm-static``) or a local json/jsonl/parquet/csv file or directory
-    with prompt/chosen/rejected columns. ``data_split`` gives SFT, RM and PPO disjoint
+    ``datasets`` entries: a hub id of a seed dataset (``Dahoas/rm-static``) or of raw HH
+    transcripts (``Anthropic/hh-rlhf``), the same with a local location
+    (``Dahoas/rm-static=/data/rm-static``), a bundled sample (``sample:Dahoas/rm-static``)
+    or a local json/jsonl/parquet/csv file or directory with prompt/chosen/rejected columns
+    (or only chosen/rejected whole conversations, read as HH transcripts). ``data_split`` gives SFT, RM and PPO disjoint
     shares of every dataset, as in DeepSpeed-Chat (``2,4,4``).
     """
 
