@@ -207,7 +207,7 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
                 tok_s = tokens.item() * ctx.world_size / dt
                 m = {"loss": loss_sum.item() / n_micro, "lr": engine.get_lr()[0], "tokens_per_s": tok_s,
                      "tflops": tok_s * flops_per_token / 1e12, "epoch": epoch + micro_done / micro_per_epoch}
-                _record(ctx, history, {"loss": m["loss"]}, global_step)
+                history.setdefault("loss", []).append((global_step, m["loss"]))  # logged once, with m
                 ctx.log_metrics(m, global_step)
                 if ctx.is_main:
                     log.info("%s: step %d/%d loss %.4f lr %.3g tokens/s %.0f", ctx.name, global_step, total_steps,
