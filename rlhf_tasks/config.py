@@ -242,15 +242,15 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # "static": our decode loop on a preallocated KV cache (CUDA graphs on GPU), same tokens
+    # as HF under greedy decoding; "hf": transformers' generate() (ppo/generation.py).
+    generation_backend: GenerationBackend = "static"
+    generation_cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a CUDA graph
     # DeepSpeed
     actor_zero_stage: int = 0
     critic_zero_stage: int = 0
     offload: bool = False
     offload_reference_model: bool = False
-    # "static": our decode loop on a preallocated KV cache (CUDA graphs on GPU), same tokens
-    # as HF under greedy decoding; "hf": transformers' generate() (ppo/generation.py).
-    generation_backend: GenerationBackend = "static"
-    generation_cuda_graphs: bool = True  # static backend on CUDA: replay each decode step as a CUDA graph
     dtype: Dtype = "bf16"
     actor_gradient_checkpointing: bool = False
     critic_gradient_checkpointing: bool = False
@@ -294,12 +294,12 @@ class PPOConfig:
                "offload needs actor_zero_stage and critic_zero_stage >= 1")
         _check_literal(self, "dtype", w)
         _check_literal(self, "lr_scheduler_type", w)
+        _check_literal(self, "generation_backend", w)
         _check(not (self.only_optimize_lora and self.actor_lora_dim == 0 and self.critic_lora_dim == 0),
                f"{w}.only_optimize_lora", True, "needs actor_lora_dim or critic_lora_dim > 0")
         for name in ("actor_dropout", "critic_dropout"):
             v = getattr(self, name)
             _check(v is None or 0.0 <= v < 1.0, f"{w}.{name}", v, "null or a number in [0, 1)")
-        _check_literal(self, "generation_backend", w)
 
 
 @dataclass
