@@ -364,8 +364,13 @@ def stage_lock(run_path: Path, stage: str) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not written its id yet"
+            holder = ""
+            for _ in range(20):  # the holder writes its id right after locking
+                f.seek(0)
+                if holder := f.read().strip():
+                    break
+                time.sleep(0.05)
+            holder = holder or "a process that has not written its id yet"
             raise RunDirBusy(f"run directory {run_path} is in use: its {stage} stage is already running "
                              f"({holder}). Two runs cannot share an output directory at once: wait for that "
                              "one to finish or stop it, or give this run another --output") from None

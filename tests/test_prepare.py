@@ -40,9 +40,11 @@ def result_payload(stdout: str) -> dict:
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file under ``root`` with its bytes and mtime: to prove nothing changed."""
+    """Every file under ``root`` with its bytes and mtime: to prove nothing changed. The
+    lock files a stage holds while it runs (``.locks/``, ``.config.lock``) are not data."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and not (p.name.endswith(".lock") and p.relative_to(root).parts[0].startswith("."))}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
