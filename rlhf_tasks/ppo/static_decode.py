@@ -18,7 +18,6 @@ The contract is HF ``generate``'s: left-padded prompts, rows that emit EOS keep 
 from __future__ import annotations
 
 import logging
-import weakref
 
 import torch
 
@@ -146,14 +145,13 @@ class _Runner:
         return step
 
 
-_runners: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_graphs_failed: set[int] = set()
-
-
 def _runner(model, cuda_graphs: bool) -> _Runner:
-    r = _runners.get(model)
+    """The model's runner, kept on the model itself: the reference cycle is freed with the
+    model (a weak-keyed table would keep every model alive through its runner)."""
+    r = getattr(model, "_rlhf_static_runner", None)
     if r is None or r.cuda_graphs != cuda_graphs:
-        r = _runners[model] = _Runner(model, cuda_graphs)
+        r = _Runner(model, cuda_graphs)
+        object.__setattr__(model, "_rlhf_static_runner", r)
     return r
 
 
@@ -169,14 +167,14 @@ def static_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, 
     CUDA graph serves them all.
     """
     device = prompt_ids.device
-    use_graphs = cuda_graphs and device.type == "cuda" and id(model) not in _graphs_failed
+    use_graphs = cuda_graphs and device.type == "cuda" and not getattr(model, "_rlhf_graphs_failed", False)
     try:
         return _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample,
                        temperature, top_k, top_p, no_repeat_ngram_size, cache_len, use_graphs)
     except Exception as exc:  # noqa: BLE001 - any compile/capture failure falls back to eager
         if not use_graphs:
             raise
-        _graphs_failed.add(id(model))
+        object.__setattr__(model, "_rlhf_graphs_failed", True)
         log.warning("generation: CUDA-graph decode failed (%s: %s); using the eager static decode loop",
                     type(exc).__name__, str(exc)[:300])
         return _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, do_sample,
