@@ -154,3 +154,23 @@ def test_ppo_speed_summary_leaves_out_the_first_iteration():
                  "generation_tokens_per_s": 150.0, "timed_iterations": 2}
     assert speed_summary(its[:1], 8, torch.device("cpu"))["prompts_per_s"] == pytest.approx(8 / 11)
     assert speed_summary([], 8, torch.device("cpu")) == {}
+
+
+def test_generation_bench_compares_both_backends_on_the_same_work(tmp_path):
+    """bench/generation.py: both backends generate every token of every row, and --update
+    writes only its own section of BENCHMARKS.md."""
+    import argparse
+
+    import generation as gen_bench
+
+    a = argparse.Namespace(batch=2, prompt_len=8, new_tokens=4, rounds=1, dtype="fp32")
+    row = gen_bench.measure("tiny", a, torch.device("cpu"))
+    assert row["hf_new_tokens_per_s"] > 0 and row["static_new_tokens_per_s"] > 0
+    assert row["speedup"] == pytest.approx(row["static_new_tokens_per_s"] / row["hf_new_tokens_per_s"], rel=0.02)
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- gpu-suite:begin -->\nuntouched\n<!-- gpu-suite:end -->\n")
+    for _ in range(2):  # the second run replaces the section instead of adding one
+        gen_bench.update_benchmarks([row], "python bench/generation.py", md)
+    text = md.read_text()
+    assert text.count("<!-- generation-cpu:begin -->") == 1 and "untouched" in text
+    assert "| tiny |" in text and "speed-up" in text
