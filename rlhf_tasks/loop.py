@@ -141,6 +141,7 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
     ckpt_root = ctx.run.checkpoints(ctx.name)
     history: dict[str, list[tuple[int, float]]] = {}
     global_step, epoch, micro_done = 0, 0, 0
+    rng_state = None  # restored once the data iterator exists (making one draws a seed)
     if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
         log.info("%s: removed %s left by an interrupted attempt", ctx.name, gone)
     if (found := latest_checkpoint(ckpt_root)) is not None:
@@ -149,7 +150,7 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
         global_step, epoch, micro_done = client["global_step"], client["epoch"], client["micro_done"]
         history = {k: [tuple(x) for x in v] for k, v in client["history"].items()}
         ctx.previous_elapsed_s = client["elapsed_s"]
-        set_rng_state(client.get("rng"))
+        rng_state = client.get("rng")
         if ctx.is_main:
             write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": global_step, "checkpoint": str(path)})
             ctx.tracker.set_tags({"rlhf.resumed_from_step": str(global_step)})
@@ -181,8 +182,11 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
     while not done and epoch < t.epochs:
         sampler.set_epoch(epoch)
         batches = list(sampler)[micro_done:]
-        loader = DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=0,
-                            pin_memory=ctx.device.type == "cuda")
+        loader = iter(DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=0,
+                                 pin_memory=ctx.device.type == "cuda"))
+        if rng_state is not None:  # now the generators are where the uninterrupted run had them
+            set_rng_state(rng_state)
+            rng_state = None
         epoch_loss, epoch_n = torch.zeros((), device=ctx.device), 0
         for batch in loader:
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}

@@ -257,7 +257,7 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
         if ctx.is_main and not ctx.cost_logged:
             ctx.tracker.log_metrics(ctx.cost_metrics(), step=0)
         # finish() has already waited for the metrics (cost_logged): do not wait twice.
-        ctx.tracker.close(status, timeout=5.0 if ctx.cost_logged else MLFLOW_FLUSH_TIMEOUT_S)
+        ctx.tracker.close(status, timeout=1.0 if ctx.cost_logged else MLFLOW_FLUSH_TIMEOUT_S)
         if ctx.is_main:
             log.info("%s: %s", name, _points_line(ctx.tracker.stats()))
 

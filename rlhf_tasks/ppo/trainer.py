@@ -259,6 +259,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
 
         ckpt_root = ctx.run.checkpoints("ppo")
         it, history = 0, {}
+        rng_state = None  # restored once the prompt iterator exists (making one draws a seed)
         if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
             log.info("ppo: removed %s left by an interrupted attempt", gone)
         if (found := latest_checkpoint(ckpt_root)) is not None:
@@ -270,7 +271,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
             ctx.previous_elapsed_s = client["elapsed_s"]
             if ema is not None and client.get("ema"):
                 ema.shadow = client["ema"]
-            set_rng_state(client.get("rng"))
+            rng_state = client.get("rng")
             if ctx.is_main:
                 write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": it, "checkpoint": str(path)})
                 ctx.tracker.set_tags({"rlhf.resumed_from_step": str(it)})
@@ -296,7 +297,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
             epoch, offset = divmod(it, per_epoch)
             sampler.set_epoch(epoch)
             batches = list(sampler)[offset:]
-            for batch in DataLoader(prompts, batch_sampler=batches, collate_fn=collate):
+            prompt_batches = iter(DataLoader(prompts, batch_sampler=batches, collate_fn=collate))
+            if rng_state is not None:  # now the generators are where the uninterrupted run had them
+                set_rng_state(rng_state)
+                rng_state = None
+            for batch in prompt_batches:
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
                 exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, tok.eos_token_id, tok.pad_token_id)
                 t0 = time.perf_counter()
