@@ -2,26 +2,48 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from rlhf_tasks.storage import RunDir
-from tests.faults.helpers import FAST, run_stage
-
-NEEDS = {"sft": (), "reward": (), "ppo": ("sft", "reward")}
+from tests.faults.helpers import FAST, StageProc
 
 
 class Reference:
-    """One uninterrupted tiny-cpu run (FAST settings); stages run on first request."""
+    """One uninterrupted tiny-cpu run (FAST settings), made in the background as soon as the
+    fixture is first asked for: SFT and RM side by side, then PPO."""
 
     def __init__(self, run: RunDir):
         self.run = run
         self.results: dict[str, dict] = {}
+        self.errors: dict[str, BaseException] = {}
+        self._done = {s: threading.Event() for s in ("sft", "reward", "ppo")}
+        threading.Thread(target=self._make, daemon=True).start()
+
+    def _make(self) -> None:
+        args = ["--preset", "tiny-cpu", "--set", *FAST]
+        procs = {s: StageProc(s, self.run.path, *args) for s in ("sft", "reward")}
+        for s, p in procs.items():
+            self._collect(s, p)
+        if self.errors:
+            self._done["ppo"].set()
+            return
+        self._collect("ppo", StageProc("ppo", self.run.path))
+
+    def _collect(self, stage: str, proc: StageProc) -> None:
+        try:
+            with proc:
+                self.results[stage] = proc.result()
+        except BaseException as e:  # reported by result()
+            self.errors[stage] = e
+        finally:
+            self._done[stage].set()
 
     def result(self, stage: str) -> dict:
-        for s in (*NEEDS[stage], stage):
-            if s not in self.results:
-                args = [] if self.run.config_path.is_file() else ["--preset", "tiny-cpu", "--set", *FAST]
-                self.results[s] = run_stage(s, self.run.path, *args)
+        self._done[stage].wait()
+        if stage not in self.results:
+            raise RuntimeError(f"the reference {stage} run failed: {self.errors}")
         return self.results[stage]
 
 

@@ -72,9 +72,9 @@ def _weights_diff(a, b) -> float:
 def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     rng = random.Random(seed)
     interval, total = INTERVAL[stage], TOTAL[stage]
-    ref = fault_reference.result(stage)["metrics"]
     run = RunDir(tmp_path / "run")
     if stage == "ppo":
+        fault_reference.result("sft"), fault_reference.result("reward")  # PPO's inputs
         seed_ppo_run(fault_reference.run, run)
         args: list[str] = []
     else:
@@ -122,7 +122,7 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
         saved = json.loads((run.stage(stage) / "resume.json").read_text())
         assert saved["resumed_from_step"] == resume2
 
-    got = result["metrics"]
+    got, ref = result["metrics"], fault_reference.result(stage)["metrics"]  # made meanwhile, side by side
     rel = {k: abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-8) for k in KEY_METRICS[stage]}
     wdiff = _weights_diff(run.final(stage), fault_reference.run.final(stage))
     report.update(resumed2_from=resume2, redone_steps=[last1 - (resume1 or 0), last2 - (resume2 or 0)],
