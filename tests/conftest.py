@@ -30,3 +30,28 @@ def tiny_model_dir(storage) -> Path:
     from rlhf_tasks.models import resolve_model_path
 
     return Path(resolve_model_path("builtin:tiny-opt"))
+
+
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_process_group_leak():
+    """A module that runs a stage inside the test process joins a process group: RANK,
+    MASTER_PORT... go into os.environ and this process listens on MASTER_PORT. Stage
+    subprocesses started by later modules would inherit them and fail to bind the port
+    (EADDRINUSE), so the group is torn down and the variables restored after each module."""
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    import sys
+
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
