@@ -28,7 +28,7 @@ log = logging.getLogger("rlhf_tasks")
 # Architectures whose HF implementation takes (position_ids, 4-D mask, StaticCache) as this
 # module drives them, checked token for token against ``generate`` in the tests. Others
 # (e.g. Bloom, whose ALiBi bias is built from a 2-D mask) use HF ``generate``.
-SUPPORTED_MODEL_TYPES = frozenset({"opt", "gpt2", "llama", "qwen2", "gpt_neox", "mistral", "qwen3"})
+SUPPORTED_MODEL_TYPES = frozenset({"opt", "gpt2", "llama", "qwen2", "gpt_neox"})
 
 # How often (in decode steps) the loop asks the device whether every row has finished:
 # each ask is a host sync, which on a GPU stalls the launch queue.
@@ -211,7 +211,6 @@ def _decode(model, prompt_ids, prompt_mask, N, eos, pad, do_sample, temperature,
     steps_alive = torch.zeros((), dtype=torch.long, device=device)  # steps where some row was unfinished
     check_every = EOS_CHECK_EVERY.get(device.type, 1)
     step = runner.decode_step(device)
-    t = 0
     for t in range(N):
         if ngram:
             ban_repeated_ngrams(logits, out[:, :P + t], ngram)
