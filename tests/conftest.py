@@ -13,6 +13,18 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 REPO = Path(__file__).resolve().parents[1]
+DAG_FILE = REPO / "dags" / "rlhf_pipeline.py"
+
+
+def load_dag_module(name: str):
+    """Import dags/rlhf_pipeline.py by path as a fresh module named ``name``, as Airflow's
+    dag-processor does (AIRFLOW_HOME must already point somewhere writable)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, DAG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-DAG_FILE = REPO / "dags" / "rlhf_pipeline.py"
+from tests.conftest import DAG_FILE, load_dag_module
 
 
 @pytest.fixture(scope="module")
 def dag(tmp_path_factory):
     os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow")))
-    spec = importlib.util.spec_from_file_location("rlhf_pipeline_dag", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.dag
+    return load_dag_module("rlhf_pipeline_dag").dag
 
 
 def test_parse_is_light_and_offline(tmp_path):
@@ -108,9 +102,7 @@ def test_form_accepts_good_values_and_maps_to_config(dag, tmp_path):
             "datasets": ["sample:Dahoas/rm-static"], "overrides": ["ppo.cliprange=0.1"], "kl_coef": 0.05}
     for k, v in good.items():
         dag.params.get_param(k).resolve(v)
-    spec = importlib.util.spec_from_file_location("rlhf_pipeline_dag2", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_dag_module("rlhf_pipeline_dag2")
     params = {k: None for k in module.FORM_TO_CONFIG} | good
     overrides = module._overrides(params)
     cfg = PipelineConfig.load("opt-1.3b", overrides)

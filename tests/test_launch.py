@@ -21,8 +21,7 @@ import pytest
 
 from rlhf_tasks import launch
 from rlhf_tasks.launch import StageFailed, launch_argv, run_stage
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, load_dag_module
 
 
 def use_child(monkeypatch, script: str, *extra: str) -> list[tuple]:
@@ -116,12 +115,8 @@ def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
 
 
 def test_form_num_gpus_is_the_config_override(monkeypatch, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dag_for_launch", REPO / "dags" / "rlhf_pipeline.py")
-    module = importlib.util.module_from_spec(spec)
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    spec.loader.exec_module(module)
+    module = load_dag_module("dag_for_launch")
     overrides = module._overrides({"num_gpus": 2, "overrides": []})
     run = resolved_run(tmp_path, *overrides)
     assert planned_argv(monkeypatch, "sft", run)[:3] == ["deepspeed", "--num_gpus", "2"]

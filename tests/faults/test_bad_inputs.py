@@ -13,7 +13,6 @@ shell, never write outside storage and never run.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 from rlhf_tasks import __main__ as cli
 from rlhf_tasks import stage as stage_module
 from rlhf_tasks.storage import run_dir_for
-from tests.conftest import REPO
+from tests.conftest import load_dag_module
 
 CANARY = "PWNED"
 
@@ -188,7 +187,6 @@ def test_unknown_preset_and_bad_preset_file(tmp_path, capsys):
 
 # --- the trigger form (Airflow Params, JSON schema) --------------------------------------------------
 
-DAG_FILE = REPO / "dags" / "rlhf_pipeline.py"
 FORM_CASES = [
     ("preset", "gpt-5"), ("preset", "../../etc/passwd"), ("actor_model", ""), ("datasets", []),
     ("datasets", [""]), ("data_split", "2,4,4; rm -rf /"), ("max_seq_len", 8), ("sft_epochs", 0),
@@ -201,10 +199,7 @@ FORM_CASES = [
 @pytest.fixture(scope="module")
 def dag(tmp_path_factory):
     os.environ.setdefault("AIRFLOW_HOME", str(tmp_path_factory.mktemp("airflow")))
-    spec = importlib.util.spec_from_file_location("rlhf_pipeline_dag_faults", DAG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_dag_module("rlhf_pipeline_dag_faults")
 
 
 @pytest.mark.parametrize("field, bad", FORM_CASES, ids=[f"{f}={b!r}" for f, b in FORM_CASES])
