@@ -293,12 +293,12 @@ class Suite:
         from rlhf_tasks.config import PPOConfig
 
         p, m = self.plan, self.R["models"]
-        o = [f"device={self.device.type}", f"model.actor={m['actor']['dir']}", f"model.reward={m['reward']['dir']}",
+        o = [f"device={self.device.type}", f"model.actor={m['actor']['dir']}", f"model.rm={m['reward']['dir']}",
              "model.attn_implementation=sdpa", f"data.datasets={self.R['data']['path']}",
              f"data.data_split={p.data_split}", f"data.max_seq_len={p.max_seq_len}",
              f"data.max_prompt_seq_len={p.max_prompt_seq_len}", f"data.max_eval_samples={p.eval_rows}"]
         for stage, batch, acc, steps in (("sft", p.sft_batch, p.sft_accumulation, p.sft_steps),
-                                         ("reward", p.rm_batch, p.rm_accumulation, p.rm_steps)):
+                                         ("rm", p.rm_batch, p.rm_accumulation, p.rm_steps)):
             o += [f"{stage}.dtype={p.dtype}", f"{stage}.epochs=1", f"{stage}.max_steps={steps}",
                   f"{stage}.per_device_train_batch_size={batch}", f"{stage}.gradient_accumulation_steps={acc}",
                   f"{stage}.per_device_eval_batch_size=16", f"{stage}.checkpoint_every_steps=0",
@@ -306,8 +306,8 @@ class Suite:
         # SFT without LoRA: the DeepSpeed-Chat bf16 number we compare with is "bf16 and no LoRA".
         o += ["sft.lora_dim=0", f"ppo.dtype={p.dtype}", f"ppo.max_steps={p.ppo_iterations}", "ppo.epochs=1",
               f"ppo.per_device_generation_batch_size={p.ppo_batch}",
-              f"ppo.per_device_training_batch_size={p.ppo_train_batch}", "ppo.checkpoint_every_steps=0"]
-        if "generation_backend" in {f.name for f in dataclasses.fields(PPOConfig)} and self.a.ppo_backend:
+              f"ppo.per_device_train_batch_size={p.ppo_train_batch}", "ppo.checkpoint_every_steps=0"]
+        if "generation_backend" in PPOConfig.model_fields and self.a.ppo_backend:
             o.append(f"ppo.generation_backend={self.a.ppo_backend}")
         return o
 
@@ -357,9 +357,9 @@ class Suite:
                           f"{p.sft_batch} x {p.sft_accumulation} acc.")
 
     def reward(self) -> None:
-        r = self.run_stage("reward")
+        r = self.run_stage("rm")
         p = self.plan
-        self.training_row("RM", "ours: `rlhf_tasks reward` stage (DeepSpeed ZeRO-0)", p.reward, r["metrics"],
+        self.training_row("RM", "ours: `rlhf_tasks rm` stage (DeepSpeed ZeRO-0)", p.reward, r["metrics"],
                           f"{p.rm_batch} pairs x {p.rm_accumulation} acc.")
 
     def baseline(self, kind: str) -> None:
@@ -384,9 +384,9 @@ class Suite:
                 return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
                          use_cache=False).loss
         else:
-            t, (ds, _) = cfg.reward, phases.rm_pairs(cfg, tok, "train")
+            t, (ds, _) = cfg.rm, phases.rm_pairs(cfg, tok, "train")
             collate = PairCollator(tok.pad_token_id)
-            model = RewardModel.from_pretrained(cfg.model.reward, attn_implementation="sdpa", dropout=0.0)
+            model = RewardModel.from_pretrained(cfg.model.rm, attn_implementation="sdpa", dropout=0.0)
             flops = loop.flops_per_token(model.backbone, int(sum(ds["length"]) / len(ds)))
 
             def loss_fn(m, b):
@@ -414,8 +414,8 @@ class Suite:
         m, p = r["metrics"], self.plan
         cfg = PipelineConfig.load(self.run_dir / "config.yaml")
         c = cfg.ppo
-        recipe = (f"{cfg.name} preset: actor LoRA {c.actor_lora_dim or 'none'}"
-                  f"{' + gradient checkpointing' if c.actor_gradient_checkpointing else ''}, ZeRO-{c.actor_zero_stage}, "
+        recipe = (f"{cfg.name} preset: actor LoRA {c.actor.lora_dim or 'none'}"
+                  f"{' + gradient checkpointing' if c.actor.gradient_checkpointing else ''}, ZeRO-{c.actor.zero_stage}, "
                   f"{c.dtype}, answers up to {cfg.data.max_seq_len - cfg.data.max_prompt_seq_len} tokens")
         backend = next((o.split("=", 1)[1] for o in self.overrides() if o.startswith("ppo.generation_backend=")),
                        "hf (no generation_backend setting yet)")

@@ -149,7 +149,8 @@ def time_generation(fn, prompts: torch.Tensor, mask: torch.Tensor, new_tokens: i
 
 
 def bench_train(a, device) -> dict:
-    from rlhf_tasks.engine import OptimSettings, init_distributed, initialize
+    from rlhf_tasks.config import EngineConfig
+    from rlhf_tasks.engine import Batching, init_distributed, initialize
     from rlhf_tasks.loop import flops_per_token
 
     _, world = init_distributed(device)
@@ -157,11 +158,8 @@ def bench_train(a, device) -> dict:
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fpt = flops_per_token(model, a.seq)
-    o = OptimSettings(learning_rate=1e-5, weight_decay=0.0, betas=(0.9, 0.95), lr_scheduler_type="constant",
-                      num_warmup_steps=0, total_steps=a.steps + a.warmup, micro_batch_size=a.batch,
-                      gradient_accumulation_steps=1, max_grad_norm=1.0, zero_stage=a.zero, offload=False,
-                      dtype=a.dtype)
-    engine = initialize(model, o, device, world)
+    o = EngineConfig(learning_rate=1e-5, lr_scheduler_type="constant", zero_stage=a.zero)
+    engine = initialize(model, o, Batching(a.batch, 1, a.dtype, a.steps + a.warmup), device, world)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

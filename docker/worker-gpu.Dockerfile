@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# GPU Celery worker: takes the `gpu` queue (install, sft, reward_model, ppo, evaluate).
+# GPU Celery worker: takes the `gpu` queue (install, sft, rm, ppo, evaluate).
 # CUDA *devel* base because DeepSpeed compiles its ops with nvcc: the common ones are
 # prebuilt below, any other is JIT-built on first use (ninja + nvcc are here for that).
 #

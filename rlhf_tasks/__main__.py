@@ -1,8 +1,8 @@
 """Command line: ``python -m rlhf_tasks <stage> --preset P --set key=value ... --output DIR``.
 
 Stages: ``prepare`` (check the worker, resolve the config, validate data and models),
-``sft``, ``reward``, ``ppo``, ``evaluate``, ``register``, ``report``; ``chat`` talks to
-a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
+``sft``, ``rm``, ``ppo``, ``evaluate``, ``register`` (which writes the run report); ``chat``
+talks to a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
 
 The last stdout line of a stage is ``RLHF_RESULT <json>`` (paths, metrics, MLflow run
 id): the Airflow task parses it and passes only that on.
@@ -21,13 +21,13 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, list_presets
-from .storage import RunDir, RunDirBusy, StorageFullError, new_run_id, stage_lock, storage_root
+from .config import ConfigError, PipelineConfig, list_presets, resolve_run_config
+from .storage import STAGES, RunDir, RunDirBusy, StorageFullError, new_run_id, stage_lock, storage_root
 
 RESULT_PREFIX = "RLHF_RESULT "
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
-STAGE_MODULES = {"prepare": "prepare", "sft": "sft", "reward": "reward", "ppo": "ppo.trainer",
-                 "evaluate": "evaluate", "register": "register", "report": "report"}
+STAGE_MODULES = {"prepare": "prepare", **dict(zip(STAGES, ("sft", "reward", "ppo.trainer", "evaluate"), strict=True)),
+                 "register": "register"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--output {run.path} is a file, not a run directory")
         with stage_lock(run.path, args.command):
             from . import preflight
-            from .stage import load_run_config
-
-            cfg = load_run_config(run, cfg)
+            cfg = resolve_run_config(run.path, cfg)
             preflight.check(args.command, cfg, run)
             module = importlib.import_module(f"rlhf_tasks.{STAGE_MODULES[args.command]}")
             result = module.run(cfg, run)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-# Normalise before anything imports deepspeed's op builder (see normalise_cuda_arch_list).
+import torch
+
+from .config import EngineConfig
+from .launch import free_port
+
 _ARCH_RE = re.compile(r"^(\d+\.\d+)[a-z]?(\+PTX)?$")
 
 
@@ -40,17 +43,21 @@ def normalise_cuda_arch_list(env: dict[str, str] | None = None) -> str | None:
     return new
 
 
-normalise_cuda_arch_list()
-# DeepSpeed JIT-builds ops (on CPU: its shared-memory allreduce) into torch's extension
-# cache. One cache per environment: two virtualenvs sharing ~/.cache would rebuild the op
-# in turn, each time behind a lock file that a killed process leaves behind for good.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-# Tests and the embedded default run on CPU: tell DeepSpeed so instead of letting it
-# probe for accelerators (and warn) in every process.
-if os.environ.get("RLHF_DEVICE") == "cpu":
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import torch  # noqa: E402
+def prepare_environment() -> str | None:
+    """Set what DeepSpeed reads from the environment when it is imported or JIT-builds an
+    op. Called before the first ``import deepspeed`` of a process (:func:`init_distributed`,
+    where every stage starts, and prepare's DeepSpeed check); idempotent. Returns the
+    normalised ``TORCH_CUDA_ARCH_LIST``."""
+    arch = normalise_cuda_arch_list()
+    # DeepSpeed JIT-builds ops (on CPU: its shared-memory allreduce) into torch's extension
+    # cache. One cache per environment: two virtualenvs sharing ~/.cache would rebuild the op
+    # in turn, each time behind a lock file that a killed process leaves behind for good.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # Tests and the embedded default run on CPU: tell DeepSpeed so instead of letting it
+    # probe for accelerators (and warn) in every process.
+    if os.environ.get("RLHF_DEVICE") == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return arch
 
 
 def resolve_device(device: str) -> torch.device:
@@ -67,46 +74,34 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
     """Join (or, for a single process, create) the process group. Returns (rank, world)."""
+    prepare_environment()
     import deepspeed
     import torch.distributed as dist
 
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # started by plain python, not by the deepspeed launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size()
 
 
-@dataclass
-class OptimSettings:
-    """What an engine needs beyond the model: one per trained model."""
+@dataclass(frozen=True)
+class Batching:
+    """How a trained model is fed: the stage's settings, not the model's (PPO's actor and
+    critic share one)."""
 
-    learning_rate: float
-    weight_decay: float
-    betas: tuple[float, float]
-    lr_scheduler_type: str
-    num_warmup_steps: int
-    total_steps: int
-    micro_batch_size: int
+    micro_batch_size: int  # the stage's per_device_train_batch_size
     gradient_accumulation_steps: int
-    max_grad_norm: float
-    zero_stage: int
-    offload: bool
     dtype: str
+    total_steps: int  # optimizer steps, for the LR schedule
 
 
-def deepspeed_config(o: OptimSettings, world_size: int) -> dict[str, Any]:
+def deepspeed_config(o: EngineConfig, b: Batching, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for one engine."""
     zero: dict[str, Any] = {"stage": o.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if o.offload:
@@ -118,14 +113,14 @@ def deepspeed_config(o: OptimSettings, world_size: int) -> dict[str, Any]:
         # in launch latency than the memory it saves.
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=30_000_000)
     return {
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
-        "gradient_accumulation_steps": o.gradient_accumulation_steps,
-        "train_batch_size": o.micro_batch_size * o.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": b.micro_batch_size,
+        "gradient_accumulation_steps": b.gradient_accumulation_steps,
+        "train_batch_size": b.micro_batch_size * b.gradient_accumulation_steps * world_size,
         "gradient_clipping": o.max_grad_norm,
         "zero_optimization": zero,
-        "fp16": {"enabled": o.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+        "fp16": {"enabled": b.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": o.dtype == "bf16"},
+        "bf16": {"enabled": b.dtype == "bf16"},
         "steps_per_print": 10**9,  # our own logging; DeepSpeed's would sync every step
         "wall_clock_breakdown": False,
     }
@@ -142,29 +137,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, o: OptimSettings, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, o: EngineConfig, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, o.weight_decay)
     if not groups:
         raise ValueError("no trainable parameters: check lora_dim / only_optimize_lora")
     if o.offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=o.learning_rate, betas=o.betas)
+        return DeepSpeedCPUAdam(groups, lr=o.learning_rate, betas=o.adam_betas)
     # torch's fused AdamW: one kernel for all parameters, no JIT build (DeepSpeed's
     # FusedAdam costs ~50 s of compilation on a fresh worker and is no faster).
-    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=o.betas, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=o.learning_rate, betas=o.adam_betas, fused=device.type == "cuda")
 
 
-def initialize(model: torch.nn.Module, o: OptimSettings, device: torch.device, world_size: int):
-    """Wrap ``model`` in a DeepSpeed engine with its optimizer and LR schedule."""
+def initialize(model: torch.nn.Module, o: EngineConfig, b: Batching, device: torch.device, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with its optimizer and LR schedule: ``o`` is
+    the model's config section as the user wrote it (``sft``, ``rm``, ``ppo.actor``, ``ppo.critic``)."""
     import deepspeed
     from transformers import get_scheduler
 
     optimizer = build_optimizer(model, o, device)
     scheduler = get_scheduler(o.lr_scheduler_type, optimizer, num_warmup_steps=o.num_warmup_steps,
-                              num_training_steps=max(o.total_steps, 1))
+                              num_training_steps=max(b.total_steps, 1))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(o, world_size))
+                                           config=deepspeed_config(o, b, world_size))
     return engine
 
 

@@ -8,20 +8,20 @@ answer tokens, averaged over answers), answer lengths, and a side-by-side sample
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import loop
-from .config import PipelineConfig
 from .data import PromptCollator
 from .engine import torch_dtype
 from .models import RewardModel, load_causal_lm, load_tokenizer
 from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, generate
 from .ppo.trainer import actor_log_probs
-from .stage import finish, finished, stage_run
-from .storage import RunDir, StageResult, write_json
+from .stage import StageContext, stage
+from .storage import write_json
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -41,59 +41,58 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
     return torch.cat(rewards), torch.cat(lengths).float(), texts, rollouts
 
 
-def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := finished("evaluate", run_dir)) is not None:
-        return done
+@stage("evaluate")
+def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
+    cfg, run_dir = ctx.cfg, ctx.run
     p = cfg.ppo
-    with stage_run("evaluate", cfg, run_dir) as ctx:
-        sft_dir, ppo_dir, rm_dir = run_dir.final("sft"), run_dir.final("ppo"), run_dir.final("reward")
-        for name, d in (("sft", sft_dir), ("ppo", ppo_dir), ("reward", rm_dir)):
-            if not d.is_dir():
-                raise FileNotFoundError(f"evaluate needs the {name} stage's output {d}")
-        tok = load_tokenizer(str(sft_dir), cfg.model.trust_remote_code)
-        prompts, _ = ppo_prompts(cfg, tok, "eval")
-        prompts = loop.cap_eval(prompts, p.eval_prompts, cfg.seed)
-        dtype = torch_dtype(p.dtype)
-        kw = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                  attn_implementation=cfg.model.attn_implementation)
-        sft = load_causal_lm(str(sft_dir), **kw).to(ctx.device).eval()
-        ppo = load_causal_lm(str(ppo_dir), **kw).to(ctx.device).eval()
-        reward = RewardModel.from_pretrained(str(rm_dir), **kw).to(ctx.device).eval()
-        gen = GenerationSettings.from_config(cfg)
-        batches = list(DataLoader(prompts, batch_size=p.per_device_generation_batch_size,
-                                  collate_fn=PromptCollator(tok.pad_token_id)))
-        r_sft, len_sft, txt_sft, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device,
-                                                      p.clip_reward_value, cfg.seed)
-        r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(ppo, reward, batches, gen, tok, ctx.device,
-                                                           p.clip_reward_value, cfg.seed)
-        kls = []
-        with torch.no_grad():
-            for ro in ro_ppo:
-                lp = actor_log_probs(ppo, ro.sequences, ro.attention_mask).float()
-                lq = actor_log_probs(sft, ro.sequences, ro.attention_mask).float()
-                kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
-        kl = torch.cat(kls)
-        metrics = {
-            "sft_reward": r_sft.mean().item(), "ppo_reward": r_ppo.mean().item(),
-            "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
-            # Standard error of the difference of the two means: the gain is luck unless it is
-            # several times this.
-            "reward_gain_se": ((r_ppo.var() + r_sft.var()) / len(r_ppo)).sqrt().item(),
-            "ppo_win_rate": ((r_ppo > r_sft).float() + 0.5 * (r_ppo == r_sft).float()).mean().item(),
-            "kl_ppo_sft": kl.mean().item(),
-            "sft_answer_length": len_sft.mean().item(), "ppo_answer_length": len_ppo.mean().item(),
-            "prompts": len(prompts),
-        }
-        log.info("evaluate: average reward SFT %.3f -> PPO %.3f (KL %.3f) on %d held-out prompts",
-                 metrics["sft_reward"], metrics["ppo_reward"], metrics["kl_ppo_sft"], len(prompts))
-        prompt_texts = tok.batch_decode([r["prompt_input_ids"] for r in prompts], skip_special_tokens=True)
-        rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), "ppo_answer": b,
-                 "ppo_reward": round(float(rb), 3)}
-                for pr, a, ra, b, rb in zip(prompt_texts, txt_sft, r_sft, txt_ppo, r_ppo, strict=True)]
-        ctx.log_metrics(metrics, 0)
-        out = run_dir.stage("evaluate")
-        write_json(out / "samples.json", rows)
-        write_json(out / "metrics.json", metrics)
-        if ctx.is_main and ctx.tracker.run_id:
-            ctx.tracker.log_table(rows, "samples/sft_vs_ppo.json")
-        return finish(ctx, ppo_dir, metrics)
+    sft_dir, ppo_dir, rm_dir = run_dir.final("sft"), run_dir.final("ppo"), run_dir.final("rm")
+    for name, d in (("sft", sft_dir), ("ppo", ppo_dir), ("rm", rm_dir)):
+        if not d.is_dir():
+            raise FileNotFoundError(f"evaluate needs the {name} stage's output {d}")
+    tok = load_tokenizer(str(sft_dir), cfg.model.trust_remote_code)
+    prompts, _ = ppo_prompts(cfg, tok, "eval")
+    prompts = loop.cap_eval(prompts, p.eval_prompts, cfg.seed)
+    dtype = torch_dtype(p.dtype)
+    kw = dict(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+              attn_implementation=cfg.model.attn_implementation)
+    sft = load_causal_lm(str(sft_dir), **kw).to(ctx.device).eval()
+    ppo = load_causal_lm(str(ppo_dir), **kw).to(ctx.device).eval()
+    reward = RewardModel.from_pretrained(str(rm_dir), **kw).to(ctx.device).eval()
+    gen = GenerationSettings.from_config(cfg)
+    batches = list(DataLoader(prompts, batch_size=p.per_device_generation_batch_size,
+                              collate_fn=PromptCollator(tok.pad_token_id)))
+    r_sft, len_sft, txt_sft, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device,
+                                                  p.clip_reward_value, cfg.seed)
+    r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(ppo, reward, batches, gen, tok, ctx.device,
+                                                       p.clip_reward_value, cfg.seed)
+    kls = []
+    with torch.no_grad():
+        for ro in ro_ppo:
+            lp = actor_log_probs(ppo, ro.sequences, ro.attention_mask).float()
+            lq = actor_log_probs(sft, ro.sequences, ro.attention_mask).float()
+            kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
+    kl = torch.cat(kls)
+    metrics = {
+        "sft_reward": r_sft.mean().item(), "ppo_reward": r_ppo.mean().item(),
+        "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
+        # Standard error of the difference of the two means: the gain is luck unless it is
+        # several times this.
+        "reward_gain_se": ((r_ppo.var() + r_sft.var()) / len(r_ppo)).sqrt().item(),
+        "ppo_win_rate": ((r_ppo > r_sft).float() + 0.5 * (r_ppo == r_sft).float()).mean().item(),
+        "kl_ppo_sft": kl.mean().item(),
+        "sft_answer_length": len_sft.mean().item(), "ppo_answer_length": len_ppo.mean().item(),
+        "prompts": len(prompts),
+    }
+    log.info("evaluate: average reward SFT %.3f -> PPO %.3f (KL %.3f) on %d held-out prompts",
+             metrics["sft_reward"], metrics["ppo_reward"], metrics["kl_ppo_sft"], len(prompts))
+    prompt_texts = tok.batch_decode([r["prompt_input_ids"] for r in prompts], skip_special_tokens=True)
+    rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), "ppo_answer": b,
+             "ppo_reward": round(float(rb), 3)}
+            for pr, a, ra, b, rb in zip(prompt_texts, txt_sft, r_sft, txt_ppo, r_ppo, strict=True)]
+    ctx.log_metrics(metrics, 0)
+    out = ctx.stage_dir
+    write_json(out / "samples.json", rows)
+    write_json(out / "metrics.json", metrics)
+    if ctx.is_main and ctx.tracker.run_id:
+        ctx.tracker.log_table(rows, "samples/sft_vs_ppo.json")
+    return ppo_dir, metrics

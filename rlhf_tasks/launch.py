@@ -14,12 +14,16 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .config import PipelineConfig
+from .storage import PPO, RM, SFT
 
 RESULT_PREFIX = "RLHF_RESULT "
 log = logging.getLogger("rlhf_tasks.launch")
@@ -30,8 +34,8 @@ class StageFailed(RuntimeError):
 
 
 # Stages whose code runs one rank per GPU (DeepSpeed engines, sharded data). The others
-# (prepare, evaluate, register, report) are single-process whatever the run's resources.
-DISTRIBUTED_STAGES = ("sft", "reward", "ppo")
+# (prepare, evaluate, register) are single-process whatever the run's resources.
+DISTRIBUTED_STAGES = (SFT, RM, PPO)
 
 
 class ResourceError(ValueError):
@@ -60,7 +64,7 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
     -> {host: slots}. Raises :class:`ResourceError` naming the file and line."""
     p = Path(path)
     if not p.is_file():
-        raise ResourceError(f"cost.hostfile={str(path)!r}: no such file (it must exist on the worker that starts "
+        raise ResourceError(f"resources.hostfile={str(path)!r}: no such file (it must exist on the worker that starts "
                             "the stage, e.g. on the shared volume)")
     hosts: dict[str, int] = {}
     for n, raw in enumerate(p.read_text().splitlines(), 1):
@@ -79,42 +83,32 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 
-def resources_from_config(cfg: dict[str, Any], where: str = "config") -> Resources:
-    """The resources of a resolved config (``cost.num_gpus``, ``cost.num_nodes``,
-    ``cost.hostfile``), checked against the hostfile. ``device: cpu`` runs one process:
-    there the GPU count only prices the run."""
-    cost = cfg.get("cost") or {}
-    if cfg.get("device") == "cpu":
+def resources_for(cfg: PipelineConfig, where: str = "config") -> Resources:
+    """The processes a distributed stage of this run gets (``resources.num_gpus`` per node
+    on ``resources.num_nodes`` hosts of ``resources.hostfile``), checked against the
+    hostfile. ``device: cpu`` runs one process: there the GPU count only prices the run."""
+    if cfg.device == "cpu":
         return Resources()
-    gpus, nodes, hostfile = cost.get("num_gpus", 1), cost.get("num_nodes", 1), cost.get("hostfile") or None
-    for name, v in (("num_gpus", gpus), ("num_nodes", nodes)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ResourceError(f"{where}: cost.{name}={v!r} is invalid: an integer >= 1")
-    if nodes > 1 and not hostfile:
-        raise ResourceError(f"{where}: cost.num_nodes={nodes} needs cost.hostfile (DeepSpeed's 'host slots=N' file)")
-    if hostfile:
-        hosts = read_hostfile(hostfile)
-        if len(hosts) < nodes:
-            raise ResourceError(f"{where}: cost.num_nodes={nodes} but {hostfile} lists {len(hosts)} host(s)")
-        short = {h: s for h, s in list(hosts.items())[:nodes] if s < gpus}
+    r = cfg.resources
+    if r.hostfile:
+        hosts = read_hostfile(r.hostfile)
+        if len(hosts) < r.num_nodes:
+            raise ResourceError(f"{where}: resources.num_nodes={r.num_nodes} but {r.hostfile} lists {len(hosts)} host(s)")
+        short = {h: s for h, s in list(hosts.items())[:r.num_nodes] if s < r.num_gpus}
         if short:
-            raise ResourceError(f"{where}: cost.num_gpus={gpus} per node but {hostfile} gives fewer slots: {short}")
-    return Resources(gpus, nodes, hostfile)
+            raise ResourceError(f"{where}: resources.num_gpus={r.num_gpus} per node but {r.hostfile} gives fewer "
+                                f"slots: {short}")
+    return Resources(r.num_gpus, r.num_nodes, r.hostfile)
 
 
 def run_resources(run_dir: str | Path) -> Resources:
     """The one place the launcher learns a run's resources: the run directory's
-    ``config.yaml`` (written by ``prepare``, with the trigger form's ``num_gpus`` already
-    applied as an override). No config yet: one process."""
+    ``config.yaml`` (written when the run was resolved, with the trigger form's values
+    applied). No config yet: one process."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         return Resources()
-    import yaml
-
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict):
-        raise ResourceError(f"{path}: the top level must be a mapping")
-    return resources_from_config(cfg, str(path))
+    return resources_for(PipelineConfig.load(path), str(path))
 
 
 def launch_argv(stage: str, args: list[str], num_gpus: int = 1, num_nodes: int = 1,
@@ -136,7 +130,7 @@ def launch_argv(stage: str, args: list[str], num_gpus: int = 1, num_nodes: int =
         argv += ["--hostfile", hostfile, "--num_nodes", str(num_nodes), "--num_gpus", str(num_gpus)]
     elif devices:
         if len(devices) < num_gpus:
-            raise ResourceError(f"cost.num_gpus={num_gpus} but this worker sees {len(devices)} GPU(s) "
+            raise ResourceError(f"resources.num_gpus={num_gpus} but this worker sees {len(devices)} GPU(s) "
                                 f"(CUDA_VISIBLE_DEVICES={visible_devices})")
         argv += ["--include", "localhost:" + ",".join(devices[:num_gpus])]
     else:
@@ -146,16 +140,13 @@ def launch_argv(stage: str, args: list[str], num_gpus: int = 1, num_nodes: int =
     return [*argv, "--module", "rlhf_tasks", stage, *args]
 
 
-def run_stage(stage: str, run_dir: str | Path, *, preset: str | None = None, overrides: list[str] | None = None,
-              env: dict[str, str] | None = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_stage(stage: str, run_dir: str | Path, *, env: dict[str, str] | None = None,
+              echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run ``python -m rlhf_tasks <stage> --output run_dir`` (or the DeepSpeed launcher)
-    and return the parsed ``RLHF_RESULT`` payload. A distributed stage gets the
-    processes its run's config asks for (:func:`run_resources`)."""
+    and return the parsed ``RLHF_RESULT`` payload. The stage reads the run's config.yaml
+    (written when the run was resolved); a distributed stage gets the processes that
+    config asks for (:func:`run_resources`)."""
     args = ["--output", str(run_dir)]
-    if preset:
-        args += ["--preset", preset]
-    for o in overrides or []:
-        args += ["--set", o]
     res = run_resources(run_dir) if stage in DISTRIBUTED_STAGES else Resources()
     child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     argv = launch_argv(stage, args, res.num_gpus, res.num_nodes, res.hostfile,
@@ -198,6 +189,13 @@ def run_stage(stage: str, run_dir: str | Path, *, preset: str | None = None, ove
     if code != 0 or result is None:
         raise StageFailed(f"stage {stage!r} exited with code {code}; last lines:\n" + "\n".join(tail[-15:]))
     return result
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (the process group's master port, local servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _in_main_thread() -> bool:

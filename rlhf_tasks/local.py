@@ -19,13 +19,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from .launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_ID = "rlhf_pipeline"
@@ -57,12 +58,6 @@ def airflow_env(h: Path, dags_folder: Path | None = None) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -21,19 +21,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .config import TrainConfig
+from .checkpoint import Checkpointer
+from .config import SupervisedConfig
 from .data.collate import LengthGroupedBatchSampler
-from .engine import OptimSettings, initialize
+from .engine import Batching, initialize
 from .models import count_parameters
-from .stage import StageContext, get_rng_state, set_rng_state
-from .storage import (
-    atomic_dir,
-    checkpoint_dir,
-    latest_checkpoint,
-    prune_checkpoints,
-    remove_partial_checkpoints,
-    write_json,
-)
+from .stage import StageContext
+from .storage import atomic_dir, write_json
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -113,16 +107,7 @@ def _progress(total: int, desc: str, initial: int, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
 
 
-def optim_settings(t: TrainConfig, total_steps: int) -> OptimSettings:
-    return OptimSettings(
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, betas=t.adam_betas,
-        lr_scheduler_type=t.lr_scheduler_type, num_warmup_steps=t.num_warmup_steps, total_steps=total_steps,
-        micro_batch_size=t.per_device_train_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm, zero_stage=t.zero_stage, offload=t.offload, dtype=t.dtype,
-    )
-
-
-def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, collate, loss_fn: LossFn,
+def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_ds, collate, loss_fn: LossFn,
           eval_fn: Callable[[Any], dict[str, float]], flops_per_token: float) -> LoopOutput:
     """Train ``model`` on ``train_ds`` with DeepSpeed; resume from the newest complete
     checkpoint of this stage when there is one."""
@@ -136,41 +121,19 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
     total, trainable = count_parameters(model)
     log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
              ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
-    engine = initialize(model, optim_settings(t, total_steps), ctx.device, ctx.world_size)
+    batching = Batching(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.dtype, total_steps)
+    engine = initialize(model, t, batching, ctx.device, ctx.world_size)
 
-    ckpt_root = ctx.run.checkpoints(ctx.name)
+    ckpt = Checkpointer(ctx, {"": engine}, t.checkpoint_every_steps, t.keep_checkpoints)
     history: dict[str, list[tuple[int, float]]] = {}
     global_step, epoch, micro_done = 0, 0, 0
-    rng_state = None  # restored once the data iterator exists (making one draws a seed)
-    if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
-        log.info("%s: removed %s left by an interrupted attempt", ctx.name, gone)
-    if (found := latest_checkpoint(ckpt_root)) is not None:
-        _, path = found
-        _, client = engine.load_checkpoint(str(ckpt_root), tag=path.name)
-        global_step, epoch, micro_done = client["global_step"], client["epoch"], client["micro_done"]
-        history = {k: [tuple(x) for x in v] for k, v in client["history"].items()}
-        ctx.previous_elapsed_s = client["elapsed_s"]
-        rng_state = client.get("rng")
-        if ctx.is_main:
-            write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": global_step, "checkpoint": str(path)})
-            ctx.tracker.set_tags({"rlhf.resumed_from_step": str(global_step)})
-        log.info("%s: resumed from %s (step %d, epoch %d, %d micro-batches into it)",
-                 ctx.name, path, global_step, epoch, micro_done)
+    if (state := ckpt.resume()) is not None:
+        global_step, epoch, micro_done, history = (state[k] for k in ("global_step", "epoch", "micro_done", "history"))
+        log.info("%s: at epoch %d, %d micro-batches into it", ctx.name, epoch, micro_done)
     else:
         before = eval_fn(engine)
         _record(ctx, history, before, 0)
         log.info("%s: before training: %s", ctx.name, _fmt(before))
-
-    def save_checkpoint() -> None:
-        client = {"global_step": global_step, "epoch": epoch, "micro_done": micro_done, "history": history,
-                  "elapsed_s": ctx.elapsed_s, "config": ctx.cfg.to_dict(), "rng": get_rng_state()}
-        info = {"global_step": global_step, "time": time.time()}
-        with checkpoint_dir(ckpt_root, global_step, info, is_main=ctx.is_main) as partial:
-            engine.save_checkpoint(str(ckpt_root), tag=partial.name, client_state=client, save_latest=False)
-            if ctx.is_main:
-                ctx.cfg.save(partial / "config.yaml")
-        if ctx.is_main:
-            prune_checkpoints(ckpt_root, t.keep_checkpoints)
 
     bar = _progress(total_steps, ctx.name, global_step, ctx.is_main)
     loss_sum = torch.zeros((), device=ctx.device)  # summed on device: no host sync per step
@@ -184,9 +147,7 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
         batches = list(sampler)[micro_done:]
         loader = iter(DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=0,
                                  pin_memory=ctx.device.type == "cuda"))
-        if rng_state is not None:  # now the generators are where the uninterrupted run had them
-            set_rng_state(rng_state)
-            rng_state = None
+        ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
         epoch_loss, epoch_n = torch.zeros((), device=ctx.device), 0
         for batch in loader:
             batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
@@ -222,9 +183,10 @@ def train(ctx: StageContext, t: TrainConfig, model: torch.nn.Module, train_ds, c
             if t.eval_every_steps and global_step % t.eval_every_steps == 0:
                 with speed.paused():
                     _record(ctx, history, eval_fn(engine), global_step)
-            if t.checkpoint_every_steps and global_step % t.checkpoint_every_steps == 0:
+            if ckpt.due(global_step):
                 with speed.paused():
-                    save_checkpoint()
+                    ckpt.save(global_step, {"epoch": epoch, "micro_done": micro_done, "history": history,
+                                            "config": ctx.cfg.to_dict()})
             if global_step >= total_steps:
                 done = True
                 break
@@ -257,14 +219,24 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def save_final(ctx: StageContext, engine, save_model: Callable[[Path, dict | None], None], tokenizer,
-               metrics: dict[str, float], zero_stage: int) -> Path:
-    """Write ``final/`` atomically: weights (safetensors), tokenizer, config.yaml, metrics.json."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else None
+def save_final(ctx: StageContext, engine, model: torch.nn.Module, tokenizer, metrics: dict[str, float],
+               also: Callable[[Path], None] | None = None) -> Path:
+    """Write ``final/`` atomically: ``model`` (the engine's model, LoRA merged) with
+    ``save_pretrained`` (safetensors; a causal LM's generation config gets the pad token),
+    whatever ``also(dir)`` adds, the tokenizer, config.yaml and metrics.json.
+
+    Under ZeRO-3 each rank holds a shard: every rank takes part in gathering the 16-bit
+    weights (DeepSpeed's ``save_16bit_model`` would write a plain ``pytorch_model.bin``,
+    and only with ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes them."""
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
     target = ctx.run.final(ctx.name)
     if ctx.is_main:
         with atomic_dir(target) as tmp:
-            save_model(tmp, state_dict)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.save_pretrained(tmp, state_dict=state_dict)
+            if also is not None:
+                also(tmp)
             tokenizer.save_pretrained(tmp)
             ctx.cfg.save(tmp / "config.yaml")
             write_json(tmp / "metrics.json", metrics)
@@ -273,7 +245,7 @@ def save_final(ctx: StageContext, engine, save_model: Callable[[Path, dict | Non
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus attention (12 * L * H * T)."""
-    n = sum(p.numel() for p in model.parameters())
+    n = model.num_parameters()  # a Hugging Face model (the reward model's backbone)
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0

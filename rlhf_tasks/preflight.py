@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig
-from .storage import RunDir
+from .storage import EVALUATE, PPO, RM, SFT, STAGES, RunDir
 
 ALLOW_REMOTE_CODE_ENV = "RLHF_ALLOW_REMOTE_CODE"
 BUILTIN_MODELS = ("builtin:tiny-opt",)
@@ -31,9 +31,9 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
                 "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 # Models each stage loads from the config (later stages load the earlier stages' outputs).
-STAGE_MODELS = {"prepare": ("actor", "reward"), "sft": ("actor",), "reward": ("reward",)}
-STAGE_INPUTS = {"ppo": ("sft", "reward"), "evaluate": ("sft", "reward", "ppo")}
-STAGES_WITH_DATA = ("prepare", "sft", "reward", "ppo", "evaluate")
+STAGE_MODELS = {"prepare": ("actor", "rm"), SFT: ("actor",), RM: ("rm",)}
+STAGE_INPUTS = {PPO: (SFT, RM), EVALUATE: (SFT, RM, PPO)}
+STAGES_WITH_DATA = ("prepare", *STAGES)
 
 
 def remote_code_allowed() -> bool:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -63,11 +62,11 @@ def check_torch(cfg: PipelineConfig) -> dict[str, Any]:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(n)]
         info["gpu_memory_gb"] = [round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1) for i in range(n)]
         info["bf16_supported"] = torch.cuda.is_bf16_supported()
-        if cfg.device == "cpu":  # the GPUs are not used: cost.num_gpus only prices the run
+        if cfg.device == "cpu":  # the GPUs are not used: resources.num_gpus only prices the run
             return info
-        if n < cfg.cost.num_gpus:
-            raise EnvironmentError_(f"cost.num_gpus={cfg.cost.num_gpus} but this worker has {n} GPU(s)")
-        uses_bf16 = "bf16" in (cfg.sft.dtype, cfg.reward.dtype, cfg.ppo.dtype)
+        if n < cfg.resources.num_gpus:
+            raise EnvironmentError_(f"resources.num_gpus={cfg.resources.num_gpus} but this worker has {n} GPU(s)")
+        uses_bf16 = "bf16" in (cfg.sft.dtype, cfg.rm.dtype, cfg.ppo.dtype)
         if uses_bf16 and not info["bf16_supported"]:
             raise EnvironmentError_(f"bf16 requested but {info['gpus'][0]} does not support it: use dtype=fp16")
     return info
@@ -77,14 +76,14 @@ def check_resources(cfg: PipelineConfig, torch_info: dict[str, Any]) -> dict[str
     """The processes the launcher will start for the training stages, resolved by the
     launcher's own function from this config: a missing or short hostfile fails here,
     before any GPU stage."""
-    from .launch import ResourceError, resources_from_config
+    from .launch import ResourceError, resources_for
 
     try:
-        res = resources_from_config(cfg.to_dict(), "config")
+        res = resources_for(cfg, "config")
     except ResourceError as e:
         raise ConfigError(str(e)) from None
     if res.world_size > 1 and not res.hostfile and not torch_info["cuda_available"]:
-        raise EnvironmentError_(f"cost.num_gpus={res.num_gpus} asks for {res.num_gpus} processes but this worker has "
+        raise EnvironmentError_(f"resources.num_gpus={res.num_gpus} asks for {res.num_gpus} processes but this worker has "
                                 "no GPU (device=cpu runs one process and only prices the GPUs)")
     return {"num_gpus": res.num_gpus, "num_nodes": res.num_nodes, "hostfile": res.hostfile,
             "world_size": res.world_size}
@@ -93,13 +92,13 @@ def check_resources(cfg: PipelineConfig, torch_info: dict[str, Any]) -> dict[str
 def check_deepspeed(cfg: PipelineConfig) -> dict[str, Any]:
     """Import DeepSpeed and, where the run needs one, build its CPU-Adam op now (the
     first JIT build takes about a minute; better here than inside a GPU task)."""
-    from .engine import normalise_cuda_arch_list
+    from .engine import prepare_environment
 
-    arch = normalise_cuda_arch_list()
+    arch = prepare_environment()
     import deepspeed
 
     info: dict[str, Any] = {"deepspeed": deepspeed.__version__, "torch_cuda_arch_list": arch}
-    if cfg.sft.offload or cfg.reward.offload or cfg.ppo.offload:
+    if cfg.sft.offload or cfg.rm.offload or cfg.ppo.actor.offload or cfg.ppo.critic.offload:
         from deepspeed.ops.op_builder import CPUAdamBuilder
 
         t0 = time.time()
@@ -124,7 +123,7 @@ def check_models(cfg: PipelineConfig) -> tuple[dict[str, Any], Any]:
     from .models import load_tokenizer, resolve_model_path
 
     info: dict[str, Any] = {}
-    for role in ("actor", "reward"):
+    for role in ("actor", "rm"):
         name = getattr(cfg.model, role)
         try:
             path = resolve_model_path(name)
@@ -142,7 +141,7 @@ def check_data(cfg: PipelineConfig, tok) -> dict[str, Any]:
     from .phases import ppo_prompts, rm_pairs, sft_rows
 
     counts: dict[str, Any] = {}
-    for stage, loader in (("sft", sft_rows), ("reward", rm_pairs), ("ppo", ppo_prompts)):
+    for stage, loader in (("sft", sft_rows), ("rm", rm_pairs), ("ppo", ppo_prompts)):
         for split in ("train", "eval"):
             ds, reports = loader(cfg, tok, split)
             counts[f"{stage}/{split}"] = len(ds)
@@ -154,7 +153,8 @@ def check_data(cfg: PipelineConfig, tok) -> dict[str, Any]:
 
 
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
-    from .stage import ensure_parent_run, setup_logging
+    from .stage import setup_logging
+    from .tracking import Tracker, ensure_parent_run, tracking_uri
 
     setup_logging()
     t0 = time.time()
@@ -172,10 +172,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     write_json(run_dir.path / "environment.json", report)
     parent = ensure_parent_run(cfg, run_dir)
     if parent:
-        from .tracking import Tracker
-
-        t = Tracker.start(os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.tracking_uri, cfg.tracking.experiment,
-                          run_name="", resume_run_id=parent)
+        t = Tracker.start(tracking_uri(cfg), cfg.tracking.experiment, run_name="", resume_run_id=parent)
         t.log_artifact(str(run_dir.path / "environment.json"), "environment")
         t.close("RUNNING")
     log.info("prepare: worker ok, %s rows per phase/split, %.1f s", report["data"], report["prepare_s"])

@@ -14,13 +14,14 @@ import logging
 from typing import Any
 
 from .config import PipelineConfig
-from .stage import ensure_parent_run, setup_logging, tracking_uri
-from .storage import RunDir, write_json
+from .cost import cost_usd
+from .stage import setup_logging
+from .storage import EVALUATE, PPO, STAGES, RunDir, write_json
+from .tracking import ensure_parent_run, tracking_uri
 
 log = logging.getLogger("rlhf_tasks")
 
-STEPS = (("sft", "Step 1: SFT"), ("reward", "Step 2: reward model"), ("ppo", "Step 3: PPO"),
-         ("evaluate", "Evaluation"))
+STEPS = tuple(zip(STAGES, ("Step 1: SFT", "Step 2: reward model", "Step 3: PPO", "Evaluation"), strict=True))
 
 
 def collect(run_dir: RunDir) -> dict[str, Any]:
@@ -31,6 +32,15 @@ def collect(run_dir: RunDir) -> dict[str, Any]:
         if r is not None:
             out[stage] = r
     return out
+
+
+def _gpus(cfg: PipelineConfig) -> int:
+    return cfg.resources.num_gpus * cfg.resources.num_nodes
+
+
+def _cost_usd(cfg: PipelineConfig, r) -> float:
+    """The stage's own figure (0 on CPU: no GPU was paid for), else hours x price x GPUs."""
+    return r.metrics.get("cost_usd", cost_usd(r.wall_clock_s, cfg.resources.gpu_hourly_usd, _gpus(cfg)))
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -48,41 +58,35 @@ def _duration(s: float) -> str:
 
 
 def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
-    gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
-    price = cfg.cost.gpu_hourly_usd
     time_rows, total_s, total_usd = [], 0.0, 0.0
     for stage, label in STEPS:
         r = results.get(stage)
         if r is None:
             continue
         total_s += r.wall_clock_s
-        # The stage's own figure (0 on CPU: no GPU was paid for), else hours x price x GPUs.
-        cost = r.metrics.get("cost_usd", r.wall_clock_s / 3600 * price * gpus)
+        cost = _cost_usd(cfg, r)
         total_usd += cost
         time_rows.append([label, _duration(r.wall_clock_s), _fmt(float(cost), 2)])
     time_rows.append(["Total", _duration(total_s), _fmt(total_usd, 2)])
-    m = {s: r.metrics for s, r in results.items()}
+    sft, rm, ppo, ev = (results[s].metrics if s in results else {} for s in STAGES)
     quality = [
-        ["Step 1: SFT", "perplexity (held-out)", _fmt(m.get("sft", {}).get("perplexity_before")),
-         _fmt(m.get("sft", {}).get("perplexity"))],
-        ["Step 2: reward model", "accuracy (held-out pairs)", _fmt(m.get("reward", {}).get("accuracy_before")),
-         _fmt(m.get("reward", {}).get("accuracy"))],
+        ["Step 1: SFT", "perplexity (held-out)", _fmt(sft.get("perplexity_before")), _fmt(sft.get("perplexity"))],
+        ["Step 2: reward model", "accuracy (held-out pairs)", _fmt(rm.get("accuracy_before")), _fmt(rm.get("accuracy"))],
         ["Step 2: reward model", "mean score chosen / rejected", "",
-         f"{_fmt(m.get('reward', {}).get('chosen_score'))} / {_fmt(m.get('reward', {}).get('rejected_score'))}"],
-        ["Step 3: PPO", "average reward (training rollouts)", _fmt(m.get("ppo", {}).get("reward_first")),
-         _fmt(m.get("ppo", {}).get("reward_last"))],
-        ["Evaluation", "average reward SFT → PPO (held-out prompts)", _fmt(m.get("evaluate", {}).get("sft_reward")),
-         _fmt(m.get("evaluate", {}).get("ppo_reward"))],
-        ["Evaluation", "KL(PPO ‖ SFT) per answer", "", _fmt(m.get("evaluate", {}).get("kl_ppo_sft"))],
+         f"{_fmt(rm.get('chosen_score'))} / {_fmt(rm.get('rejected_score'))}"],
+        ["Step 3: PPO", "average reward (training rollouts)", _fmt(ppo.get("reward_first")), _fmt(ppo.get("reward_last"))],
+        ["Evaluation", "average reward SFT → PPO (held-out prompts)", _fmt(ev.get("sft_reward")),
+         _fmt(ev.get("ppo_reward"))],
+        ["Evaluation", "KL(PPO ‖ SFT) per answer", "", _fmt(ev.get("kl_ppo_sft"))],
     ]
     return time_rows, quality
 
 
 def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any]) -> str:
     time_rows, quality = report_tables(cfg, results)
-    price = f"${cfg.cost.gpu_hourly_usd:.2f}/GPU-hour x {cfg.cost.num_gpus * cfg.cost.num_nodes} GPU(s)"
+    price = f"${cfg.resources.gpu_hourly_usd:.2f}/GPU-hour x {_gpus(cfg)} GPU(s)"
     lines = [f"# RLHF run report: {run_dir.path.name}", "",
-             f"Preset `{cfg.name}`; actor `{cfg.model.actor}`, reward model `{cfg.model.reward}`; "
+             f"Preset `{cfg.name}`; actor `{cfg.model.actor}`, reward model `{cfg.model.rm}`; "
              f"datasets {', '.join(f'`{d}`' for d in cfg.data.datasets)}; split {cfg.data.data_split}.", "",
              f"## Time and cost per step ({price})", "", "| step | wall-clock | cost (USD) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in time_rows]
@@ -130,25 +134,22 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     log.info("register: report written to %s\n%s", run_dir.path / "report.md", md)
     out: dict[str, Any] = {"stage": "register", "report": str(run_dir.path / "report.md")}
     uri = tracking_uri(cfg)
-    if uri and "evaluate" in results:
+    if uri and EVALUATE in results:
         from .tracking import Tracker, register_model
 
         parent = ensure_parent_run(cfg, run_dir)
         t = Tracker.start(uri, cfg.tracking.experiment, run_name="", resume_run_id=parent)
         total_s = sum(r.wall_clock_s for r in results.values())
-        gpus = cfg.cost.num_gpus * cfg.cost.num_nodes
-        summary = {"time/wall_clock_s": total_s,
-                   "cost/usd": sum(r.metrics.get("cost_usd", r.wall_clock_s / 3600 * cfg.cost.gpu_hourly_usd * gpus)
-                                   for r in results.values())}
+        summary = {"time/wall_clock_s": total_s, "cost/usd": sum(_cost_usd(cfg, r) for r in results.values())}
         for stage, r in results.items():
             summary.update({f"summary/{stage}/{k}": v for k, v in r.metrics.items() if isinstance(v, (int, float))})
         t.log_metrics(summary, step=0)
         t.log_artifact(str(run_dir.path / "report.md"), "report")
         t.log_artifact(str(run_dir.path / "report.html"), "report")
-        ev = results["evaluate"]
-        reg = register_model(uri, run_dir.final("ppo"), cfg.tracking.registered_model, "eval/ppo_reward",
+        ev = results[EVALUATE]
+        reg = register_model(uri, run_dir.final(PPO), cfg.tracking.registered_model, "eval/ppo_reward",
                              float(ev.metrics["ppo_reward"]),
-                             run_id=(results["ppo"].mlflow_run_id if "ppo" in results else None) or parent)
+                             run_id=(results[PPO].mlflow_run_id if PPO in results else None) or parent)
         t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.promoted": str(reg.get("promoted"))})
         t.close("FINISHED")
         out.update(registered=reg, mlflow_parent_run_id=parent)

@@ -8,11 +8,11 @@ higher) and the mean chosen / rejected scores.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from . import loop
-from .config import PipelineConfig
 from .data import PairCollator
 from .engine import torch_dtype
 from .models import (
@@ -25,8 +25,7 @@ from .models import (
     unwrap_for_saving,
 )
 from .phases import rm_pairs
-from .stage import finish, finished, stage_run
-from .storage import RunDir, StageResult
+from .stage import StageContext, stage
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -53,48 +52,46 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
             "score_margin": (cs - rs) / n}
 
 
-def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := finished("reward", run_dir)) is not None:
-        return done
-    t = cfg.reward
-    with stage_run("reward", cfg, run_dir) as ctx:
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
-        train_ds, eval_ds = loop.train_eval_data(ctx, rm_pairs, tok, "pairs", "RM")
+@stage("rm")
+def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
+    cfg = ctx.cfg
+    t = cfg.rm
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
+    train_ds, eval_ds = loop.train_eval_data(ctx, rm_pairs, tok, "pairs", "RM")
 
-        model = RewardModel.from_pretrained(cfg.model.reward, dtype=torch_dtype("fp32"), dropout=t.dropout,
-                                            trust_remote_code=cfg.model.trust_remote_code,
-                                            attn_implementation=cfg.model.attn_implementation)
-        if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # Each pair is two sequences: FLOPs per pair-token count both.
-        flops = loop.flops_per_token(model.backbone, int(sum(train_ds["length"]) / len(train_ds)))
-        if t.lora_dim:
-            model.backbone = apply_lora(model.backbone, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
-                                        only_optimize_lora=t.only_optimize_lora)
-        collate = PairCollator(tok.pad_token_id)
+    model = RewardModel.from_pretrained(cfg.model.rm, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                                        trust_remote_code=cfg.model.trust_remote_code,
+                                        attn_implementation=cfg.model.attn_implementation)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Each pair is two sequences: FLOPs per pair-token count both.
+    flops = loop.flops_per_token(model.backbone, int(sum(train_ds["length"]) / len(train_ds)))
+    if t.lora_dim:
+        model.backbone = apply_lora(model.backbone, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
+                                    only_optimize_lora=t.only_optimize_lora)
+    collate = PairCollator(tok.pad_token_id)
 
-        def loss_fn(engine, batch):
-            values = engine(batch["input_ids"], batch["attention_mask"])  # (2B, T)
-            scores = read_score(values, batch["attention_mask"])
-            chosen, rejected = scores.chunk(2)
-            return pairwise_loss(chosen, rejected), batch["attention_mask"].sum()
+    def loss_fn(engine, batch):
+        values = engine(batch["input_ids"], batch["attention_mask"])  # (2B, T)
+        scores = read_score(values, batch["attention_mask"])
+        chosen, rejected = scores.chunk(2)
+        return pairwise_loss(chosen, rejected), batch["attention_mask"].sum()
 
-        def eval_fn(engine):
-            return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
-                            ctx.rank, ctx.world_size)
+    def eval_fn(engine):
+        return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
+                        ctx.rank, ctx.world_size)
 
-        out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
-        metrics = {**out.metrics, "accuracy_before": out.history["accuracy"][0][1], "train_pairs": len(train_ds),
-                   "eval_pairs": len(eval_ds), "global_step": out.global_step, **out.throughput}
-        log.info("reward: accuracy %.3f -> %.3f (chosen %.3f, rejected %.3f)", metrics["accuracy_before"],
-                 metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
-        model = unwrap_for_saving(out.engine.module)
-        final = loop.save_final(ctx, out.engine, lambda p, sd: model.save_pretrained(p, state_dict=sd), tok, metrics,
-                                t.zero_stage)
-        if ctx.is_main and ctx.tracker.run_id:
-            from .tracking import plot_score_histogram
+    out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
+    metrics = {**out.metrics, "accuracy_before": out.history["accuracy"][0][1], "train_pairs": len(train_ds),
+               "eval_pairs": len(eval_ds), "global_step": out.global_step, **out.throughput}
+    log.info("%s: accuracy %.3f -> %.3f (chosen %.3f, rejected %.3f)", ctx.name, metrics["accuracy_before"],
+             metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
+    model = unwrap_for_saving(out.engine.module)
+    final = loop.save_final(ctx, out.engine, model, tok, metrics)
+    if ctx.is_main and ctx.tracker.run_id:
+        from .tracking import plot_score_histogram
 
-            c, r = score_pairs(model, eval_ds, collate, t.per_device_eval_batch_size, ctx.device)
-            ctx.tracker.log_figure(plot_score_histogram(c.tolist(), r.tolist()), "plots/rm_score_histogram.png")
-        ctx.log_history(out.history)
-        return finish(ctx, final, metrics)
+        c, r = score_pairs(model, eval_ds, collate, t.per_device_eval_batch_size, ctx.device)
+        ctx.tracker.log_figure(plot_score_histogram(c.tolist(), r.tolist()), "plots/rm_score_histogram.png")
+    ctx.log_history(out.history)
+    return final, metrics

@@ -7,18 +7,17 @@ answer tokens), before training, after each epoch and at the end.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import loop
-from .config import PipelineConfig
 from .data import SFTCollator
 from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import sft_rows
-from .stage import finish, finished, stage_run
-from .storage import RunDir, StageResult
+from .stage import StageContext, stage
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -41,46 +40,39 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
     return {"eval_loss": mean, "perplexity": loop.perplexity(mean)}
 
 
-def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    """Train the actor; returns the StageResult (or the saved one if already finished)."""
-    if (done := finished("sft", run_dir)) is not None:
-        return done
+@stage("sft")
+def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
+    """Train the actor: its ``final/`` directory and metrics."""
+    cfg = ctx.cfg
     t = cfg.sft
-    with stage_run("sft", cfg, run_dir) as ctx:
-        tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
-        train_ds, eval_ds = loop.train_eval_data(ctx, sft_rows, tok, "rows", "SFT")
+    tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
+    train_ds, eval_ds = loop.train_eval_data(ctx, sft_rows, tok, "rows", "SFT")
 
-        model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
-                               trust_remote_code=cfg.model.trust_remote_code,
-                               attn_implementation=cfg.model.attn_implementation,
-                               gradient_checkpointing=t.gradient_checkpointing)
-        flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
-        if t.lora_dim:
-            model = apply_lora(model, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
-                               only_optimize_lora=t.only_optimize_lora)
-        collate = SFTCollator(tok.pad_token_id)
+    model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                           trust_remote_code=cfg.model.trust_remote_code,
+                           attn_implementation=cfg.model.attn_implementation,
+                           gradient_checkpointing=t.gradient_checkpointing)
+    flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
+    if t.lora_dim:
+        model = apply_lora(model, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
+                           only_optimize_lora=t.only_optimize_lora)
+    collate = SFTCollator(tok.pad_token_id)
 
-        def loss_fn(engine, batch):
-            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         use_cache=False)
-            return out.loss, (batch["labels"][:, 1:] != -100).sum()
+    def loss_fn(engine, batch):
+        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     use_cache=False)
+        return out.loss, (batch["labels"][:, 1:] != -100).sum()
 
-        def eval_fn(engine):
-            return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
-                            ctx.rank, ctx.world_size)
+    def eval_fn(engine):
+        return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,
+                        ctx.rank, ctx.world_size)
 
-        out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
-        first = out.history["perplexity"][0][1]
-        metrics = {"perplexity": out.metrics["perplexity"], "eval_loss": out.metrics["eval_loss"],
-                   "perplexity_before": first, "train_rows": len(train_ds), "eval_rows": len(eval_ds),
-                   "global_step": out.global_step, **out.throughput}
-        log.info("sft: perplexity %.3f -> %.3f", first, metrics["perplexity"])
-        model = unwrap_for_saving(out.engine.module)
-
-        def save_model(path, state_dict):
-            model.generation_config.pad_token_id = tok.pad_token_id
-            model.save_pretrained(path, state_dict=state_dict)
-
-        final = loop.save_final(ctx, out.engine, save_model, tok, metrics, t.zero_stage)
-        ctx.log_history(out.history)
-        return finish(ctx, final, metrics)
+    out = loop.train(ctx, t, model, train_ds, collate, loss_fn, eval_fn, flops)
+    first = out.history["perplexity"][0][1]
+    metrics = {"perplexity": out.metrics["perplexity"], "eval_loss": out.metrics["eval_loss"],
+               "perplexity_before": first, "train_rows": len(train_ds), "eval_rows": len(eval_ds),
+               "global_step": out.global_step, **out.throughput}
+    log.info("sft: perplexity %.3f -> %.3f", first, metrics["perplexity"])
+    final = loop.save_final(ctx, out.engine, unwrap_for_saving(out.engine.module), tok, metrics)
+    ctx.log_history(out.history)
+    return final, metrics

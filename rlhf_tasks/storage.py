@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "COMPLETE"
-STAGES = ("sft", "reward", "ppo", "evaluate")
+# The stages of a run, in order: each has a directory of its own in the run, a CLI command, a
+# DAG task. Named once here (a rename is this one line; the modules keep their file names).
+STAGES = (SFT, RM, PPO, EVALUATE) = ("sft", "rm", "ppo", "evaluate")
 
 
 def storage_root() -> Path:

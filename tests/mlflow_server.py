@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,10 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from rlhf_tasks.launch import free_port
+
 # Cold start of `mlflow server` (imports, SQLite migrations) is ~5-15 s on 2 CPU cores.
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mlflow_bin() -> str:

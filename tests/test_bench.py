@@ -73,7 +73,7 @@ def test_tiny_mode_runs_every_part_on_cpu(tmp_path):
     assert "| prompts/s | generation s/iter | scoring s/iter | training s/iter |" in md
     assert "not performance numbers" in md
     assert "| target (H100, bf16)" not in md
-    for stage in ("sft", "reward", "ppo"):
+    for stage in ("sft", "rm", "ppo"):
         assert "RLHF_RESULT" in (out / "logs" / f"{stage}.log").read_text()
     # Models and checkpoints stay in --work: what comes back from a device run is small.
     assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 2_000_000

@@ -10,12 +10,12 @@ def test_presets_resolve_and_validate():
     tiny = PipelineConfig.load("tiny-cpu")
     assert tiny.device == "cpu" and tiny.sft.dtype == "fp32"
     seed = PipelineConfig.load("opt-1.3b")
-    assert seed.model.actor == "facebook/opt-1.3b" and seed.model.reward == "facebook/opt-350m"
+    assert seed.model.actor == "facebook/opt-1.3b" and seed.model.rm == "facebook/opt-350m"
     assert seed.data.data_split == "2,4,4" and len(seed.data.datasets) == 4
     assert (seed.sft.per_device_train_batch_size, seed.sft.gradient_accumulation_steps) == (8, 8)
     assert (seed.sft.lora_dim, seed.sft.zero_stage, seed.sft.epochs) == (128, 0, 5)
-    assert (seed.reward.per_device_train_batch_size, seed.reward.gradient_accumulation_steps) == (8, 4)
-    assert seed.reward.weight_decay == 0.1 and seed.reward.dropout == 0.0
+    assert (seed.rm.per_device_train_batch_size, seed.rm.gradient_accumulation_steps) == (8, 4)
+    assert seed.rm.weight_decay == 0.1 and seed.rm.dropout == 0.0
 
 
 def test_overrides_are_typed():
@@ -26,7 +26,7 @@ def test_overrides_are_typed():
     assert c.data.datasets == ["a.jsonl", "b.jsonl"]
     assert c.sft.adam_betas == (0.9, 0.99)
     # dict overrides (the DAG's form) go through the same path
-    assert PipelineConfig.load("tiny-cpu", {"reward.epochs": 3}).reward.epochs == 3
+    assert PipelineConfig.load("tiny-cpu", {"rm.epochs": 3}).rm.epochs == 3
 
 
 @pytest.mark.parametrize("override, message", [
@@ -42,7 +42,16 @@ def test_overrides_are_typed():
     ("ppo.dtype=fp16", "fp16 needs a GPU"),
     ("data.max_prompt_seq_len=4096", "data.max_prompt_seq_len"),
     ("sft.only_optimize_lora=true", "needs lora_dim > 0"),
-    ("cost.num_nodes=2", "required when num_nodes > 1"),
+    ("resources.num_nodes=2", "resources.hostfile=None is invalid: required when num_nodes > 1"),
+    ("ppo.actor.zero_stage=7", "ppo.actor.zero_stage=7 is invalid: 0, 1, 2 or 3"),
+    ("ppo.critic.offload=true", "ppo.critic.offload=True is invalid: offload needs zero_stage >= 1"),
+    ("sft.epochs=true", "sft.epochs=True is invalid: an integer"),
+    ("sft.adam_betas=[0.9]", "sft.adam_betas=[0.9] is invalid: two numbers in [0, 1)"),
+    # renamed keys name their new place
+    ("cost.num_gpus=2", "unknown config key 'cost' (renamed: use 'resources')"),
+    ("reward.epochs=2", "unknown config key 'reward' (renamed: use 'rm')"),
+    ("ppo.actor_learning_rate=1e-5", "renamed: use 'ppo.actor.learning_rate'"),
+    ("ppo.per_device_training_batch_size=4", "renamed: use 'ppo.per_device_train_batch_size'"),
     ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
 ])
 def test_bad_values_name_the_field(override, message):
@@ -66,3 +75,32 @@ def test_roundtrip_through_yaml(tmp_path):
     c.save(tmp_path / "config.yaml")
     again = PipelineConfig.load(tmp_path / "config.yaml")
     assert again.to_dict() == c.to_dict()
+
+
+def test_typed_values_by_path_and_ppo_engine_defaults():
+    """The form's dict goes in typed (no YAML re-parse); a partly given ppo.actor keeps
+    PPO's defaults for the rest, the same engine section type as sft and rm."""
+    from rlhf_tasks.config import EngineConfig
+
+    c = PipelineConfig.load("tiny-cpu", {"ppo.actor.learning_rate": 1e-5, "data.datasets": ["x.jsonl"]},
+                            ["ppo.critic.zero_stage=2"])
+    assert c.ppo.actor.learning_rate == 1e-5 and c.ppo.actor.lr_scheduler_type == "constant"
+    assert c.ppo.critic.zero_stage == 2 and c.data.datasets == ["x.jsonl"]
+    d = PipelineConfig.load("opt-1.3b", {"ppo.critic.lora_dim": 8})
+    assert (d.ppo.critic.learning_rate, d.ppo.critic.num_warmup_steps, d.ppo.critic.dropout) == (5e-6, 100, 0.0)
+    assert all(isinstance(e, EngineConfig) for e in (c.sft, c.rm, c.ppo.actor, c.ppo.critic))
+    with pytest.raises(ConfigError, match="ppo.actor.learning_rate=2.0 is invalid"):
+        PipelineConfig.load("tiny-cpu", {"ppo.actor.learning_rate": 2})
+
+
+def test_run_config_is_written_once_and_guarded(tmp_path):
+    from rlhf_tasks.config import resolve_run_config
+
+    a = PipelineConfig.load("tiny-cpu")
+    assert resolve_run_config(tmp_path, a) == a and (tmp_path / "config.yaml").is_file()
+    assert resolve_run_config(tmp_path, None).to_dict() == a.to_dict()
+    b = PipelineConfig.load("tiny-cpu", ["sft.epochs=7"])
+    assert resolve_run_config(tmp_path, b).sft.epochs == 7  # no stage started yet: replaced
+    (tmp_path / "sft").mkdir()
+    with pytest.raises(ConfigError, match=r"keys \['sft.epochs'\].*stages \['sft'\]"):
+        resolve_run_config(tmp_path, a)

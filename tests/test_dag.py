@@ -42,12 +42,12 @@ def test_task_graph(dag):
     assert upstream == {
         "install": [],
         "sft": ["install"],
-        "reward_model": ["install"],
-        "ppo": ["install", "reward_model", "sft"],
+        "rm": ["install"],
+        "ppo": ["install", "rm", "sft"],
         "evaluate": ["install", "ppo"],
         "register": ["evaluate", "install"],
     }
-    for t in ("sft", "reward_model", "ppo", "evaluate"):
+    for t in ("sft", "rm", "ppo", "evaluate"):
         task = dag.task_dict[t]
         assert task.queue == "gpu" and task.pool == "gpu"
         assert task.retries >= 1 and task.execution_timeout is not None
@@ -76,16 +76,17 @@ print(type(m.dag.timetable).__name__)
 
 @pytest.mark.parametrize("name, bad", [
     ("preset", "gpt-5"),
-    ("sft_epochs", 0),
-    ("sft_epochs", "three"),
-    ("sft_learning_rate", 0),
-    ("sft_learning_rate", 5),
-    ("sft_zero_stage", 4),
-    ("data_split", "2,4"),
-    ("dtype", "fp8"),
-    ("num_gpus", 0),
-    ("kl_coef", -1),
-    ("datasets", []),
+    ("sft.epochs", 0),
+    ("sft.epochs", "three"),
+    ("sft.learning_rate", 0),
+    ("sft.learning_rate", 5),
+    ("sft.zero_stage", 4),
+    ("data.data_split", "2,4"),
+    ("sft.dtype", "fp8"),
+    ("resources.num_gpus", 0),
+    ("ppo.kl_coef", -1),
+    ("ppo.actor.learning_rate", 1),
+    ("data.datasets", []),
     ("overrides", ["no equals sign"]),
 ])
 def test_form_rejects_bad_values(dag, name, bad):
@@ -95,21 +96,31 @@ def test_form_rejects_bad_values(dag, name, bad):
         dag.params.get_param(name).resolve(bad)
 
 
-def test_form_accepts_good_values_and_maps_to_config(dag, tmp_path):
-    from rlhf_tasks.config import PipelineConfig
+def test_form_fields_are_config_paths_with_the_configs_own_schema(dag, tmp_path):
+    """Form field = config path; filled-in fields go to the config as one typed dict."""
+    from rlhf_tasks.config import ConfigError, PipelineConfig, flatten
 
-    good = {"sft_epochs": 2, "sft_learning_rate": 1e-4, "data_split": "2,4,4", "dtype": "bf16",
-            "datasets": ["sample:Dahoas/rm-static"], "overrides": ["ppo.cliprange=0.1"], "kl_coef": 0.05}
+    good = {"sft.epochs": 2, "sft.learning_rate": 1e-4, "data.data_split": "2,4,4", "rm.dtype": "bf16",
+            "data.datasets": ["sample:Dahoas/rm-static"], "overrides": ["ppo.cliprange=0.1"], "ppo.kl_coef": 0.05,
+            "ppo.actor.learning_rate": 2e-6, "resources.num_gpus": 2}
     for k, v in good.items():
-        dag.params.get_param(k).resolve(v)
+        assert dag.params.get_param(k).resolve(v) == v
     module = load_dag_module("rlhf_pipeline_dag2")
-    params = {k: None for k in module.FORM_TO_CONFIG} | good
-    overrides = module._overrides(params)
-    cfg = PipelineConfig.load("opt-1.3b", overrides)
+    params = {k: None for k in dag.params} | good
+    values = module.form_values(params)
+    assert "overrides" not in values and values["resources.num_gpus"] == 2
+    cfg = PipelineConfig.load("opt-1.3b", values, params["overrides"])
     assert cfg.sft.epochs == 2 and cfg.sft.learning_rate == 1e-4 and cfg.ppo.cliprange == 0.1
-    assert cfg.sft.dtype == cfg.reward.dtype == cfg.ppo.dtype == "bf16" and cfg.ppo.kl_coef == 0.05
-    assert cfg.data.datasets == ["sample:Dahoas/rm-static"]
-    # Every form field maps onto a real config key.
-    for key in module.FORM_TO_CONFIG.values():
-        section, field = key.split(".")
-        assert field in getattr(cfg, section).__dataclass_fields__
+    assert cfg.rm.dtype == "bf16" and cfg.sft.dtype == "fp16" and cfg.ppo.kl_coef == 0.05
+    assert cfg.ppo.actor.learning_rate == 2e-6 and cfg.ppo.critic.learning_rate == 5e-6
+    assert cfg.data.datasets == ["sample:Dahoas/rm-static"] and cfg.resources.num_gpus == 2
+    # Every form field is a config path, and the form's bounds are the config's: a value the
+    # form refuses, the config refuses too (and the other way round).
+    paths = set(flatten(cfg.to_dict()))
+    fields = [k for k in dag.params if k not in ("preset", "overrides")]
+    assert set(fields) <= paths, set(fields) - paths
+    assert dag.params.get_param("sft.learning_rate").schema["exclusiveMaximum"] == 1
+    assert dag.params.get_param("sft.zero_stage").schema["enum"] == [None, 0, 1, 2, 3]
+    # A REST trigger's conf key that is no field (an old name) is refused, not silently dropped.
+    with pytest.raises(ConfigError, match=r"unknown trigger conf key\(s\) \['num_gpus'\]"):
+        module.form_values(params | {"num_gpus": 2})

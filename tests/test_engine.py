@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from rlhf_tasks.engine import OptimSettings, deepspeed_config, normalise_cuda_arch_list, param_groups
+from rlhf_tasks.config import EngineConfig
+from rlhf_tasks.engine import Batching, deepspeed_config, normalise_cuda_arch_list, param_groups
 from rlhf_tasks.launch import launch_argv
 
 
@@ -26,21 +27,17 @@ def test_cuda_arch_list_is_normalised_for_deepspeed(value, expected):
     assert normalise_cuda_arch_list({}) is None
 
 
-def _settings(**kw) -> OptimSettings:
-    base = dict(learning_rate=1e-4, weight_decay=0.1, betas=(0.9, 0.95), lr_scheduler_type="cosine",
-                num_warmup_steps=0, total_steps=10, micro_batch_size=8, gradient_accumulation_steps=4,
-                max_grad_norm=1.0, zero_stage=0, offload=False, dtype="bf16")
-    return OptimSettings(**{**base, **kw})
-
-
 def test_deepspeed_config():
-    c = deepspeed_config(_settings(), world_size=2)
-    assert c["train_batch_size"] == 8 * 4 * 2
+    """The engine reads the user's config section as it is (sft, rm, ppo.actor, ppo.critic)."""
+    b = Batching(micro_batch_size=8, gradient_accumulation_steps=4, dtype="bf16", total_steps=10)
+    c = deepspeed_config(EngineConfig(max_grad_norm=0.5), b, world_size=2)
+    assert c["train_batch_size"] == 8 * 4 * 2 and c["gradient_clipping"] == 0.5
     assert c["bf16"]["enabled"] and not c["fp16"]["enabled"]
     assert c["zero_optimization"]["stage"] == 0 and "offload_optimizer" not in c["zero_optimization"]
-    z3 = deepspeed_config(_settings(zero_stage=3, offload=True, dtype="fp16"), world_size=1)["zero_optimization"]
+    fp16 = Batching(8, 4, "fp16", 10)
+    z3 = deepspeed_config(EngineConfig(zero_stage=3, offload=True), fp16, world_size=1)["zero_optimization"]
     assert z3["offload_optimizer"]["device"] == "cpu" and z3["offload_param"]["device"] == "cpu"
-    z2 = deepspeed_config(_settings(zero_stage=2, offload=True), world_size=1)["zero_optimization"]
+    z2 = deepspeed_config(EngineConfig(zero_stage=2, offload=True), b, world_size=1)["zero_optimization"]
     assert "offload_param" not in z2
 
 

@@ -58,14 +58,14 @@ def test_several_gpus_use_the_deepspeed_launcher():
     assert argv[-3:] == ["--module", "rlhf_tasks", "sft"]
 
 
-def test_run_stage_passes_output_preset_and_each_override(monkeypatch, tmp_path):
-    """``run_stage`` builds ``--output DIR --preset P --set k=v --set k2=v2`` for the
-    stage; with no config.yaml in the run directory yet it is one process."""
+def test_run_stage_passes_only_the_run_directory(monkeypatch, tmp_path):
+    """``run_stage`` gives the stage ``--output DIR``: the settings travel in the run's
+    config.yaml, not on the command line; with no config.yaml yet it is one process."""
     calls = use_child(monkeypatch, 'print("RLHF_RESULT {}")')
-    run_stage("reward", tmp_path, preset="tiny-cpu", overrides=["a.b=1", "c=[x, y]"], echo=lambda _line: None)
+    run_stage("rm", tmp_path, echo=lambda _line: None)
     (stage, args, rest, _kw), = calls
-    assert stage == "reward"
-    assert args == ["--output", str(tmp_path), "--preset", "tiny-cpu", "--set", "a.b=1", "--set", "c=[x, y]"]
+    assert stage == "rm"
+    assert args == ["--output", str(tmp_path)]
     assert rest[:3] == (1, 1, None)  # num_gpus, num_nodes, hostfile
 
 
@@ -107,37 +107,40 @@ def test_one_gpu_run_is_plain_python(monkeypatch, tmp_path):
 
 
 def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
-    """``overrides: ["cost.num_gpus=4"]`` (and the form's num_gpus, which is the same
-    override) starts 4 processes, not just a higher price."""
-    run = resolved_run(tmp_path, "cost.num_gpus=4")
+    """``overrides: ["resources.num_gpus=4"]`` (or the form's field of that name) starts 4
+    processes, not just a higher price."""
+    run = resolved_run(tmp_path, "resources.num_gpus=4")
     assert planned_argv(monkeypatch, "ppo", run) == ["deepspeed", "--num_gpus", "4", "--module", "rlhf_tasks", "ppo",
                                                      "--output", str(run)]
 
 
-def test_form_num_gpus_is_the_config_override(monkeypatch, tmp_path):
+def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
+    from rlhf_tasks.config import PipelineConfig
+
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
     module = load_dag_module("dag_for_launch")
-    overrides = module._overrides({"num_gpus": 2, "overrides": []})
-    run = resolved_run(tmp_path, *overrides)
+    values = module.form_values({"resources.num_gpus": 2, "overrides": []})
+    run = tmp_path / "run"
+    PipelineConfig.load("opt-1.3b", values).save(run / "config.yaml")
     assert planned_argv(monkeypatch, "sft", run)[:3] == ["deepspeed", "--num_gpus", "2"]
 
 
 def test_worker_visible_devices_are_kept(monkeypatch, tmp_path):
     """A GPU worker that claimed GPUs 2,3 (CUDA_VISIBLE_DEVICES) starts its ranks on
     those, not on GPUs 0,1; asking for more than it sees is refused."""
-    run = resolved_run(tmp_path, "cost.num_gpus=2")
-    argv = planned_argv(monkeypatch, "reward", run, visible="2,3")
+    run = resolved_run(tmp_path, "resources.num_gpus=2")
+    argv = planned_argv(monkeypatch, "rm", run, visible="2,3")
     assert argv[:3] == ["deepspeed", "--include", "localhost:2,3"]
-    run4 = resolved_run(tmp_path / "b", "cost.num_gpus=4")
-    with pytest.raises(launch.ResourceError, match="cost.num_gpus=4 but this worker sees 2 GPU"):
-        planned_argv(monkeypatch, "reward", run4, visible="2,3")
+    run4 = resolved_run(tmp_path / "b", "resources.num_gpus=4")
+    with pytest.raises(launch.ResourceError, match="resources.num_gpus=4 but this worker sees 2 GPU"):
+        planned_argv(monkeypatch, "rm", run4, visible="2,3")
 
 
 def test_hostfile_and_nodes_reach_the_launcher(monkeypatch, tmp_path):
     """docs/production.md's multi-node recipe: 2 nodes x 8 GPUs from the hostfile."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# the cluster\ngpu-node-1 slots=8\ngpu-node-2 slots=8\n\n")
-    run = resolved_run(tmp_path, "cost.num_gpus=8", "cost.num_nodes=2", f"cost.hostfile={hostfile}")
+    run = resolved_run(tmp_path, "resources.num_gpus=8", "resources.num_nodes=2", f"resources.hostfile={hostfile}")
     argv = planned_argv(monkeypatch, "sft", run, visible="0")  # the hostfile wins over local devices
     assert argv == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
                     "--module", "rlhf_tasks", "sft", "--output", str(run)]
@@ -145,18 +148,18 @@ def test_hostfile_and_nodes_reach_the_launcher(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("stage", ["prepare", "evaluate", "register"])
 def test_single_process_stages_ignore_the_gpu_count(monkeypatch, tmp_path, stage):
-    run = resolved_run(tmp_path, "cost.num_gpus=4")
+    run = resolved_run(tmp_path, "resources.num_gpus=4")
     assert planned_argv(monkeypatch, stage, run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
 
 
 def test_cpu_run_is_one_process_whatever_it_prices(monkeypatch, tmp_path):
-    run = resolved_run(tmp_path, "cost.num_gpus=4", preset="tiny-cpu")
+    run = resolved_run(tmp_path, "resources.num_gpus=4", preset="tiny-cpu")
     assert planned_argv(monkeypatch, "sft", run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
 
 
 @pytest.mark.parametrize("hostfile_text, nodes, gpus, message", [
     (None, 2, 8, "no such file"),
-    ("gpu-node-1 slots=8\n", 2, 8, "cost.num_nodes=2 but"),
+    ("gpu-node-1 slots=8\n", 2, 8, "resources.num_nodes=2 but"),
     ("gpu-node-1 slots=8\ngpu-node-2 slots=4\n", 2, 8, "fewer slots: {'gpu-node-2': 4}"),
     ("gpu-node-1 8\n", 1, 8, "is not 'hostname slots=N'"),
     ("a slots=8\na slots=8\n", 2, 8, "listed twice"),
@@ -166,7 +169,7 @@ def test_bad_hostfile_is_refused_with_the_file_named(monkeypatch, tmp_path, host
     hostfile = tmp_path / "hostfile"
     if hostfile_text is not None:
         hostfile.write_text(hostfile_text)
-    run = resolved_run(tmp_path, f"cost.num_gpus={gpus}", f"cost.num_nodes={nodes}", f"cost.hostfile={hostfile}")
+    run = resolved_run(tmp_path, f"resources.num_gpus={gpus}", f"resources.num_nodes={nodes}", f"resources.hostfile={hostfile}")
     with pytest.raises(launch.ResourceError) as e:
         planned_argv(monkeypatch, "ppo", run)
     assert message in str(e.value) and str(hostfile) in str(e.value)

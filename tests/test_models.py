@@ -100,9 +100,9 @@ def test_seed_recipe_models_load_from_local_directories(tmp_path, tiny_model_dir
         OPTConfig(vocab_size=50272, **d).save_pretrained(tmp_path / name)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "opt-1.3b")
     cfg = PipelineConfig.load("opt-1.3b", [f"model.actor={tmp_path / 'opt-1.3b'}",
-                                           f"model.reward={tmp_path / 'opt-350m'}"])
+                                           f"model.rm={tmp_path / 'opt-350m'}"])
     info, tok = check_models(cfg)
-    assert info["actor"]["model_type"] == info["reward"]["model_type"] == "opt"
+    assert info["actor"]["model_type"] == info["rm"]["model_type"] == "opt"
     assert tok.eos_token_id is not None
 
 
@@ -142,7 +142,7 @@ def test_lora_default_targets_every_block_projection(arch, head):
     from rlhf_tasks.models import lora_targets
 
     cfg = PipelineConfig.load("tiny-cpu")
-    assert cfg.sft.lora_module_name == cfg.ppo.actor_lora_module_name == cfg.ppo.critic_lora_module_name == "auto"
+    assert cfg.sft.lora_module_name == cfg.ppo.actor.lora_module_name == cfg.ppo.critic.lora_module_name == "auto"
     torch.manual_seed(0)
     model = (AutoModelForCausalLM if head == "causal_lm" else AutoModel).from_config(_tiny_config(arch)).eval()
     targets = lora_targets(model, "auto")

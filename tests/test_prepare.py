@@ -21,7 +21,7 @@ from rlhf_tasks.__main__ import RESULT_PREFIX, main
 from rlhf_tasks.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
-PHASE_SPLITS = {f"{phase}/{split}" for phase in ("sft", "reward", "ppo") for split in ("train", "eval")}
+PHASE_SPLITS = {f"{phase}/{split}" for phase in ("sft", "rm", "ppo") for split in ("train", "eval")}
 
 
 def prepare(capsys, *args: str) -> tuple[int, str, str]:
@@ -80,7 +80,7 @@ def test_tiny_cpu_prepare_succeeds(storage, tmp_path):
     assert set(result["data"]) == PHASE_SPLITS
     assert all(isinstance(n, int) and n > 0 for n in result["data"].values()), result["data"]
     # The 2,4,4 split: the RM and PPO phases get about twice SFT's rows.
-    assert result["data"]["reward/train"] > 1.5 * result["data"]["sft/train"]
+    assert result["data"]["rm/train"] > 1.5 * result["data"]["sft/train"]
     assert result["mlflow_parent_run_id"] is None  # tracking is off in tests
 
     env_json = json.loads(Path(result["environment"]).read_text())
@@ -90,7 +90,7 @@ def test_tiny_cpu_prepare_succeeds(storage, tmp_path):
     assert env_json["torch"]["cuda_available"] is False and env_json["torch"]["torch"]
     assert env_json["disk"]["storage"] == str(storage.resolve()) and env_json["disk"]["free_gb"] > 0
     assert env_json["models"]["actor"]["model_type"] == "opt"
-    assert env_json["models"]["reward"]["name"] == "builtin:tiny-opt"
+    assert env_json["models"]["rm"]["name"] == "builtin:tiny-opt"
     assert env_json["models"]["tokenizer"]["vocab_size"] > 0
     assert env_json["data"] == result["data"]
 
@@ -99,9 +99,9 @@ def test_tiny_cpu_prepare_succeeds(storage, tmp_path):
 
 
 def test_num_gpus_on_a_cpu_run_only_prices_it(storage, tmp_path, capsys):
-    """``cost.num_gpus=2`` with device=cpu is a pricing input, not a hardware demand:
+    """``resources.num_gpus=2`` with device=cpu is a pricing input, not a hardware demand:
     prepare must pass on a worker without (enough) GPUs."""
-    code, out, err = prepare(capsys, "--preset", "tiny-cpu", "--set", "cost.num_gpus=2",
+    code, out, err = prepare(capsys, "--preset", "tiny-cpu", "--set", "resources.num_gpus=2",
                              "--output", str(tmp_path / "run"))
     assert code == 0, err
     assert set(result_payload(out)["data"]) == PHASE_SPLITS
@@ -109,7 +109,7 @@ def test_num_gpus_on_a_cpu_run_only_prices_it(storage, tmp_path, capsys):
 
 def test_cpu_run_on_a_gpu_worker_ignores_the_gpu_count(monkeypatch):
     """The same on a worker that *has* a GPU (faked here): a device=cpu run with
-    cost.num_gpus=2 on a 1-GPU machine must not fail the GPU count check, while a
+    resources.num_gpus=2 on a 1-GPU machine must not fail the GPU count check, while a
     device=cuda run asking for 2 GPUs there must."""
     import torch
 
@@ -121,10 +121,10 @@ def test_cpu_run_on_a_gpu_worker_ignores_the_gpu_count(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=24 * 2**30))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
 
-    info = prepare_mod.check_torch(PipelineConfig.load("tiny-cpu", ["cost.num_gpus=2"]))
+    info = prepare_mod.check_torch(PipelineConfig.load("tiny-cpu", ["resources.num_gpus=2"]))
     assert info["gpus"] == ["Fake GPU"]
-    with pytest.raises(prepare_mod.EnvironmentError_, match="cost.num_gpus=2"):
-        prepare_mod.check_torch(PipelineConfig.load("tiny-cpu", ["device=cuda", "cost.num_gpus=2"]))
+    with pytest.raises(prepare_mod.EnvironmentError_, match="resources.num_gpus=2"):
+        prepare_mod.check_torch(PipelineConfig.load("tiny-cpu", ["device=cuda", "resources.num_gpus=2"]))
 
 
 # --- failures: exit 2 with a message that names the culprit ---------------------------------
@@ -153,7 +153,7 @@ def test_mostly_malformed_dataset_names_the_file(storage, tmp_path, capsys):
     assert RESULT_PREFIX not in out
 
 
-@pytest.mark.parametrize(("split", "phase"), [("10,0,0", "reward"), ("0,0,10", "sft")])
+@pytest.mark.parametrize(("split", "phase"), [("10,0,0", "rm"), ("0,0,10", "sft")])
 def test_data_split_leaving_a_phase_empty_names_it(storage, tmp_path, capsys, split, phase):
     """A data_split that gives a phase nothing to train on is a config error that
     names the phase (here the first empty one), not a crash minutes into that stage."""

@@ -22,7 +22,7 @@ from rlhf_tasks.storage import RunDir, StageResult
 PRICE, GPUS = 2.5, 2
 # Wall-clock seconds per stage, and the expected cells worked out by hand:
 # cost = hours x $2.50 x 2 GPUs = seconds / 3600 * 5.
-WALL = {"sft": 5400.0, "reward": 1028.0, "ppo": 20880.0, "evaluate": 180.0}
+WALL = {"sft": 5400.0, "rm": 1028.0, "ppo": 20880.0, "evaluate": 180.0}
 EXPECTED_TIME_ROWS = [
     ("Step 1: SFT", "1h 30m 00s", "7.50"),  # 1.5 h x 5
     ("Step 2: reward model", "17m 08s", "1.43"),  # 0.28556 h x 5 = 1.4278
@@ -32,7 +32,7 @@ EXPECTED_TIME_ROWS = [
 ]
 METRICS = {
     "sft": {"perplexity_before": 12.5, "perplexity": 3.25, "loss": 1.18},
-    "reward": {"accuracy_before": 0.5, "accuracy": 0.8137, "chosen_score": 1.5, "rejected_score": -0.75},
+    "rm": {"accuracy_before": 0.5, "accuracy": 0.8137, "chosen_score": 1.5, "rejected_score": -0.75},
     "ppo": {"reward_first": 0.125, "reward_last": 0.875, "kl": 0.03},
     "evaluate": {"sft_reward": 0.25, "ppo_reward": 1.125, "kl_ppo_sft": 0.0637},
 }
@@ -64,7 +64,7 @@ def make_run(path: Path, stages=tuple(WALL), with_final=True) -> RunDir:
 
 
 def priced_config() -> PipelineConfig:
-    return PipelineConfig.load("tiny-cpu", [f"cost.gpu_hourly_usd={PRICE}", f"cost.num_gpus={GPUS}"])
+    return PipelineConfig.load("tiny-cpu", [f"resources.gpu_hourly_usd={PRICE}", f"resources.num_gpus={GPUS}"])
 
 
 def md_table(md: str, heading: str) -> list[tuple[str, ...]]:
@@ -180,7 +180,7 @@ def test_unfinished_stages_are_left_out(tmp_path, no_mlflow):
     after SFT alone has one step row, a Total equal to it, and dashes for the rest;
     a result.json without final/ (a crash between the two) is ignored."""
     run = make_run(tmp_path / "run", stages=("sft",))
-    make_run(tmp_path / "run", stages=("reward",), with_final=False)  # result.json only
+    make_run(tmp_path / "run", stages=("rm",), with_final=False)  # result.json only
     out = register.run(priced_config(), run)
     md = (run.path / "report.md").read_text()
     assert md_table(md, "Time and cost") == [EXPECTED_TIME_ROWS[0], ("Total", "1h 30m 00s", "7.50")]

@@ -35,8 +35,8 @@ def trained_run(storage, tiny_model_dir, tmp_path_factory) -> RunDir:
     """SFT then RM on tiny-cpu in one run directory, shared by the tests below and PPO's."""
     run = RunDir(tmp_path_factory.mktemp("run"))
     sft = result_of(run_cli("sft", "--preset", "tiny-cpu", "--output", str(run.path)))
-    rm = result_of(run_cli("reward", "--output", str(run.path)))  # reuses the run's saved config
-    run.results = {"sft": sft, "reward": rm}  # type: ignore[attr-defined]
+    rm = result_of(run_cli("rm", "--output", str(run.path)))  # reuses the run's saved config
+    run.results = {"sft": sft, "rm": rm}  # type: ignore[attr-defined]
     return run
 
 
@@ -59,11 +59,11 @@ def test_sft_perplexity_falls_clearly(trained_run, tiny_model_dir):
 
 
 def test_reward_model_ranks_held_out_pairs(trained_run):
-    m = trained_run.results["reward"]["metrics"]
+    m = trained_run.results["rm"]["metrics"]
     assert m["accuracy"] >= 0.85, m
     assert m["chosen_score"] > m["rejected_score"], m
     assert m["accuracy_before"] < 0.75  # it learned this; the untrained head scores every answer 0
-    final = trained_run.final("reward")
+    final = trained_run.final("rm")
     assert (final / "value_head.safetensors").is_file() and (final / "reward_model.json").is_file()
     head = load_file(str(final / "value_head.safetensors"))["weight"]
     assert head.abs().sum().item() > 0

@@ -12,14 +12,16 @@ backends chosen by ``ppo.generation_backend``:
 from __future__ import annotations
 
 import logging
+import typing
 from dataclasses import dataclass
 
 import torch
 
+from ..config import GenerationBackend
 from . import static_decode
 
 log = logging.getLogger("rlhf_tasks")
-BACKENDS = ("static", "hf")
+BACKENDS = typing.get_args(GenerationBackend)  # the config's one list
 
 
 @dataclass
@@ -30,7 +32,7 @@ class GenerationSettings:
     top_k: int = 0
     do_sample: bool = True
     no_repeat_ngram_size: int = 0
-    backend: str = "static"  # "static" | "hf"
+    backend: GenerationBackend = "static"
     cache_len: int | None = None  # static backend: fixed KV-cache length (prompt budget + max_new_tokens)
     cuda_graphs: bool = True  # static backend on CUDA: replay the decode step as a CUDA graph
 

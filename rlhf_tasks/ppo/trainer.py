@@ -18,15 +18,17 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
 from .. import loop
+from ..checkpoint import Checkpointer
 from ..config import PipelineConfig, PPOConfig
 from ..data import PromptCollator, SFTCollator
 from ..data.collate import LengthGroupedBatchSampler
-from ..engine import OptimSettings, inference_engine, initialize, torch_dtype
+from ..engine import Batching, inference_engine, initialize, torch_dtype
 from ..models import (
     RewardModel,
     apply_lora,
@@ -36,16 +38,7 @@ from ..models import (
     unwrap_for_saving,
 )
 from ..phases import ppo_prompts, sft_rows
-from ..stage import StageContext, finish, finished, get_rng_state, set_rng_state, stage_run
-from ..storage import (
-    RunDir,
-    StageResult,
-    checkpoint_dir,
-    latest_checkpoint,
-    prune_checkpoints,
-    remove_partial_checkpoints,
-    write_json,
-)
+from ..stage import StageContext, stage
 from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
 from .experience import Experience
 from .generation import GenerationSettings, generate
@@ -136,7 +129,7 @@ def ppo_update(m: Models, exp: Experience, p: PPOConfig, unsup_batches: Iterator
     sums: dict[str, torch.Tensor] = {}
     n = 0
     for _ in range(p.ppo_epochs):
-        for mb in exp.split(p.per_device_training_batch_size):
+        for mb in exp.split(p.per_device_train_batch_size):
             logp = actor_log_probs(m.actor, mb.sequences, mb.attention_mask).float()
             a_loss, a_clip, approx_kl = policy_loss(logp, mb.action_log_probs, mb.advantages, mb.action_mask,
                                                     p.cliprange)
@@ -184,164 +177,126 @@ def _kl_controller(p: PPOConfig):
     return AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl else FixedKLController(p.kl_coef)
 
 
-def _optim(p: PPOConfig, lr: float, wd: float, zero: int, total: int, micro: int) -> OptimSettings:
-    return OptimSettings(learning_rate=lr, weight_decay=wd, betas=(0.9, 0.95), lr_scheduler_type=p.lr_scheduler_type,
-                         num_warmup_steps=p.num_warmup_steps, total_steps=total, micro_batch_size=micro,
-                         gradient_accumulation_steps=p.gradient_accumulation_steps, max_grad_norm=p.max_grad_norm,
-                         zero_stage=zero, offload=p.offload, dtype=p.dtype)
-
-
 def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> Models:
     p = cfg.ppo
     sft = ctx.run.final("sft")
-    rm = ctx.run.final("reward")
-    for stage, path in (("sft", sft), ("reward", rm)):
+    rm = ctx.run.final("rm")
+    for name, path in (("sft", sft), ("rm", rm)):
         if not path.is_dir():
-            raise FileNotFoundError(f"ppo needs the {stage} stage's output {path}: run `{stage}` first")
+            raise FileNotFoundError(f"ppo needs the {name} stage's output {path}: run `{name}` first")
     trust, attn = cfg.model.trust_remote_code, cfg.model.attn_implementation
-    actor = load_causal_lm(str(sft), dropout=p.actor_dropout, trust_remote_code=trust, attn_implementation=attn,
-                           gradient_checkpointing=p.actor_gradient_checkpointing)
-    if p.actor_lora_dim:
-        actor = apply_lora(actor, p.actor_lora_dim, p.actor_lora_module_name, only_optimize_lora=p.only_optimize_lora)
-    critic = RewardModel.from_pretrained(str(rm), dropout=p.critic_dropout, trust_remote_code=trust,
+    a, c = p.actor, p.critic
+    actor = load_causal_lm(str(sft), dropout=a.dropout, trust_remote_code=trust, attn_implementation=attn,
+                           gradient_checkpointing=a.gradient_checkpointing)
+    if a.lora_dim:
+        actor = apply_lora(actor, a.lora_dim, a.lora_module_name, alpha=a.lora_alpha,
+                           only_optimize_lora=a.only_optimize_lora)
+    critic = RewardModel.from_pretrained(str(rm), dropout=c.dropout, trust_remote_code=trust,
                                          attn_implementation=attn)
-    if p.critic_gradient_checkpointing:
+    if c.gradient_checkpointing:
         critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if p.critic_lora_dim:
-        critic.backbone = apply_lora(critic.backbone, p.critic_lora_dim, p.critic_lora_module_name,
-                                     only_optimize_lora=p.only_optimize_lora)
-    micro = p.per_device_training_batch_size
-    actor_e = initialize(actor, _optim(p, p.actor_learning_rate, p.actor_weight_decay, p.actor_zero_stage, total_updates,
-                                       micro), ctx.device, ctx.world_size)
-    critic_e = initialize(critic, _optim(p, p.critic_learning_rate, p.critic_weight_decay, p.critic_zero_stage,
-                                         total_updates, micro), ctx.device, ctx.world_size)
+    if c.lora_dim:
+        critic.backbone = apply_lora(critic.backbone, c.lora_dim, c.lora_module_name, alpha=c.lora_alpha,
+                                     only_optimize_lora=c.only_optimize_lora)
+    batching = Batching(p.per_device_train_batch_size, p.gradient_accumulation_steps, p.dtype, total_updates)
+    actor_e = initialize(actor, a, batching, ctx.device, ctx.world_size)
+    critic_e = initialize(critic, c, batching, ctx.device, ctx.world_size)
     dtype = torch_dtype(p.dtype)
     ref = load_causal_lm(str(sft), dtype=dtype, trust_remote_code=trust, attn_implementation=attn).requires_grad_(False)
     reward = RewardModel.from_pretrained(str(rm), dtype=dtype, trust_remote_code=trust,
                                          attn_implementation=attn).requires_grad_(False)
-    if p.offload_reference_model or p.actor_zero_stage == 3:
+    if p.offload_reference_model or a.zero_stage == 3:
         ref = inference_engine(ref, 3, p.dtype, p.offload_reference_model, ctx.world_size)
     else:
         ref = ref.to(ctx.device).eval()
-    if p.critic_zero_stage == 3:
+    if c.zero_stage == 3:
         reward = inference_engine(reward, 3, p.dtype, False, ctx.world_size)
     else:
         reward = reward.to(ctx.device).eval()
     return Models(actor=actor_e, critic=critic_e, ref=ref, reward=reward)
 
 
-def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
-    if (done := finished("ppo", run_dir)) is not None:
-        return done
+@stage("ppo")
+def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
+    cfg, run_dir = ctx.cfg, ctx.run
     p = cfg.ppo
-    with stage_run("ppo", cfg, run_dir) as ctx:
-        tok = load_tokenizer(str(run_dir.final("sft")) if run_dir.final("sft").is_dir() else cfg.model.actor,
-                             cfg.model.trust_remote_code)
-        prompts, reports = ppo_prompts(cfg, tok, "train")
-        loop.log_data_reports(ctx, reports)
-        if len(prompts) == 0:
-            raise ValueError(f"ppo: no prompts after the data split {cfg.data.data_split!r}")
-        B = p.per_device_generation_batch_size
-        sampler = LengthGroupedBatchSampler(prompts["length"], B, seed=cfg.seed, drop_last=True, rank=ctx.rank,
-                                            world_size=ctx.world_size)
-        per_epoch = len(sampler)
-        total_iters = p.epochs * per_epoch
-        if p.max_steps:
-            total_iters = min(total_iters, p.max_steps)
-        if total_iters == 0:
-            raise ValueError(f"ppo: {len(prompts)} prompts are fewer than one generation batch ({B})")
-        updates_per_iter = p.ppo_epochs * -(-B // p.per_device_training_batch_size) // p.gradient_accumulation_steps
-        m = build_models(ctx, cfg, total_iters * max(updates_per_iter, 1))
-        gen = GenerationSettings.from_config(cfg)
-        kl_ctl = _kl_controller(p)
-        ema = EMA(m.actor.module, p.ema_decay) if p.enable_ema else None
-        unsup = _unsupervised_batches(cfg, tok, ctx) if p.unsupervised_coef > 0 else None
+    tok = load_tokenizer(str(run_dir.final("sft")) if run_dir.final("sft").is_dir() else cfg.model.actor,
+                         cfg.model.trust_remote_code)
+    prompts, reports = ppo_prompts(cfg, tok, "train")
+    loop.log_data_reports(ctx, reports)
+    if len(prompts) == 0:
+        raise ValueError(f"ppo: no prompts after the data split {cfg.data.data_split!r}")
+    B = p.per_device_generation_batch_size
+    sampler = LengthGroupedBatchSampler(prompts["length"], B, seed=cfg.seed, drop_last=True, rank=ctx.rank,
+                                        world_size=ctx.world_size)
+    per_epoch = len(sampler)
+    total_iters = p.epochs * per_epoch
+    if p.max_steps:
+        total_iters = min(total_iters, p.max_steps)
+    if total_iters == 0:
+        raise ValueError(f"ppo: {len(prompts)} prompts are fewer than one generation batch ({B})")
+    updates_per_iter = p.ppo_epochs * -(-B // p.per_device_train_batch_size) // p.gradient_accumulation_steps
+    m = build_models(ctx, cfg, total_iters * max(updates_per_iter, 1))
+    gen = GenerationSettings.from_config(cfg)
+    kl_ctl = _kl_controller(p)
+    ema = EMA(m.actor.module, p.ema_decay) if p.enable_ema else None
+    unsup = _unsupervised_batches(cfg, tok, ctx) if p.unsupervised_coef > 0 else None
 
-        ckpt_root = ctx.run.checkpoints("ppo")
-        it, history = 0, {}
-        rng_state = None  # restored once the prompt iterator exists (making one draws a seed)
-        if ctx.is_main and (gone := remove_partial_checkpoints(ckpt_root)):
-            log.info("ppo: removed %s left by an interrupted attempt", gone)
-        if (found := latest_checkpoint(ckpt_root)) is not None:
-            _, path = found
-            _, client = m.actor.load_checkpoint(str(ckpt_root / path.name), tag="actor")
-            m.critic.load_checkpoint(str(ckpt_root / path.name), tag="critic")
-            it, history = client["iteration"], {k: [tuple(x) for x in v] for k, v in client["history"].items()}
-            kl_ctl.value = client["kl_coef"]
-            ctx.previous_elapsed_s = client["elapsed_s"]
-            if ema is not None and client.get("ema"):
-                ema.shadow = client["ema"]
-            rng_state = client.get("rng")
-            if ctx.is_main:
-                write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": it, "checkpoint": str(path)})
-                ctx.tracker.set_tags({"rlhf.resumed_from_step": str(it)})
-            log.info("ppo: resumed from %s (iteration %d)", path, it)
+    ckpt = Checkpointer(ctx, {"actor": m.actor, "critic": m.critic}, p.checkpoint_every_steps,
+                        p.keep_checkpoints, step_key="iteration", unit="iteration")
+    it, history = 0, {}
+    if (state := ckpt.resume()) is not None:
+        it, history, kl_ctl.value = state["iteration"], state["history"], state["kl_coef"]
+        if ema is not None and state.get("ema"):
+            ema.shadow = state["ema"]
 
-        def save_checkpoint() -> None:
-            client = {"iteration": it, "history": history, "kl_coef": kl_ctl.value, "elapsed_s": ctx.elapsed_s,
-                      "rng": get_rng_state(), "ema": ema.shadow if ema is not None else None}
-            with checkpoint_dir(ckpt_root, it, {"iteration": it}, is_main=ctx.is_main) as d:
-                m.actor.save_checkpoint(str(d), tag="actor", client_state=client, save_latest=False)
-                m.critic.save_checkpoint(str(d), tag="critic", save_latest=False)
-                if ctx.is_main:
-                    cfg.save(d / "config.yaml")
-            if ctx.is_main:
-                prune_checkpoints(ckpt_root, p.keep_checkpoints)
-
-        collate = PromptCollator(tok.pad_token_id)
-        bar = loop._progress(total_iters, "ppo", it, ctx.is_main)
-        timings: list[dict[str, float]] = []
-        if ctx.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-        while it < total_iters:
-            epoch, offset = divmod(it, per_epoch)
-            sampler.set_epoch(epoch)
-            batches = list(sampler)[offset:]
-            prompt_batches = iter(DataLoader(prompts, batch_sampler=batches, collate_fn=collate))
-            if rng_state is not None:  # now the generators are where the uninterrupted run had them
-                set_rng_state(rng_state)
-                rng_state = None
-            for batch in prompt_batches:
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, tok.eos_token_id, tok.pad_token_id)
-                t0 = time.perf_counter()
-                stats.update(ppo_update(m, exp, p, unsup))
-                stats["training_s"] = time.perf_counter() - t0
-                timings.append({k: stats[k] for k in ("generation_s", "scoring_s", "training_s", "generation_tokens")})
-                if ema is not None:
-                    ema.update(m.actor.module)
-                kl_ctl.update(stats["kl"], B)
-                stats["kl_coef"] = kl_ctl.value
-                it += 1
-                bar.update(1)
-                for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_length"):
-                    history.setdefault(k, []).append((it, stats[k]))
-                if it % p.log_every_steps == 0:
-                    ctx.log_metrics(stats, it)
-                    if ctx.is_main:
-                        log.info("ppo: step %d/%d reward %.4f kl %.4f actor_loss %.4f critic_loss %.4f", it,
-                                 total_iters, stats["reward"], stats["kl"], stats["actor_loss"], stats["critic_loss"])
-                    bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
-                if p.checkpoint_every_steps and it % p.checkpoint_every_steps == 0 and it < total_iters:
-                    save_checkpoint()
-                if it >= total_iters:
-                    break
-        bar.close()
-        first, last = _window_mean(history["reward"], first=True), _window_mean(history["reward"], first=False)
-        metrics = {"reward_first": first, "reward_last": last, "kl_last": _window_mean(history["kl"], first=False),
-                   "iterations": it, **speed_summary(timings, B * ctx.world_size, ctx.device)}
-        log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
-        actor = unwrap_for_saving(m.actor.module)
-
-        def save_model(path, state_dict):
-            actor.generation_config.pad_token_id = tok.pad_token_id
-            actor.save_pretrained(path, state_dict=state_dict)
+    collate = PromptCollator(tok.pad_token_id)
+    bar = loop._progress(total_iters, "ppo", it, ctx.is_main)
+    timings: list[dict[str, float]] = []
+    if ctx.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+    while it < total_iters:
+        epoch, offset = divmod(it, per_epoch)
+        sampler.set_epoch(epoch)
+        batches = list(sampler)[offset:]
+        prompt_batches = iter(DataLoader(prompts, batch_sampler=batches, collate_fn=collate))
+        ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
+        for batch in prompt_batches:
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, tok.eos_token_id, tok.pad_token_id)
+            t0 = time.perf_counter()
+            stats.update(ppo_update(m, exp, p, unsup))
+            stats["training_s"] = time.perf_counter() - t0
+            timings.append({k: stats[k] for k in ("generation_s", "scoring_s", "training_s", "generation_tokens")})
             if ema is not None:
-                actor.save_pretrained(path / "ema", state_dict=ema.shadow)
-
-        final = loop.save_final(ctx, m.actor, save_model, tok, metrics, p.actor_zero_stage)
-        ctx.log_history(history)
-        return finish(ctx, final, metrics)
+                ema.update(m.actor.module)
+            kl_ctl.update(stats["kl"], B)
+            stats["kl_coef"] = kl_ctl.value
+            it += 1
+            bar.update(1)
+            for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_length"):
+                history.setdefault(k, []).append((it, stats[k]))
+            if it % p.log_every_steps == 0:
+                ctx.log_metrics(stats, it)
+                if ctx.is_main:
+                    log.info("ppo: step %d/%d reward %.4f kl %.4f actor_loss %.4f critic_loss %.4f", it,
+                             total_iters, stats["reward"], stats["kl"], stats["actor_loss"], stats["critic_loss"])
+                bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
+            if ckpt.due(it) and it < total_iters:
+                ckpt.save(it, {"history": history, "kl_coef": kl_ctl.value,
+                               "ema": ema.shadow if ema is not None else None})
+            if it >= total_iters:
+                break
+    bar.close()
+    first, last = _window_mean(history["reward"], first=True), _window_mean(history["reward"], first=False)
+    metrics = {"reward_first": first, "reward_last": last, "kl_last": _window_mean(history["kl"], first=False),
+               "iterations": it, **speed_summary(timings, B * ctx.world_size, ctx.device)}
+    log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
+    actor = unwrap_for_saving(m.actor.module)
+    final = loop.save_final(ctx, m.actor, actor, tok, metrics, also=None if ema is None else (
+        lambda path: actor.save_pretrained(path / "ema", state_dict=ema.shadow)))
+    ctx.log_history(history)
+    return final, metrics
 
 
 def _window_mean(series: list[tuple[int, float]], first: bool, frac: float = 0.2) -> float:
@@ -357,7 +312,7 @@ def _unsupervised_batches(cfg: PipelineConfig, tok, ctx: StageContext) -> Iterat
     collate = SFTCollator(tok.pad_token_id)
     epoch = 0
     while True:
-        s = LengthGroupedBatchSampler(ds["length"], cfg.ppo.per_device_training_batch_size, seed=cfg.seed + 1,
+        s = LengthGroupedBatchSampler(ds["length"], cfg.ppo.per_device_train_batch_size, seed=cfg.seed + 1,
                                       rank=ctx.rank, world_size=ctx.world_size)
         s.set_epoch(epoch)
         for b in DataLoader(ds, batch_sampler=list(s), collate_fn=collate):

@@ -26,13 +26,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Trigger-form fields changed in the browser, by form section: fewer epochs and PPO
 # iterations than tiny-cpu's 3, 2 and 40, so that this second run of the session is quick.
+# Each field is labelled with its config path (dags/rlhf_pipeline.py: FORM).
 FORM_VALUES = {
-    "Step 1: SFT": {"sft_epochs": 1},
-    "Step 2: reward model": {"rm_epochs": 1},
-    "Step 3: PPO": {"ppo_max_steps": 12},
+    "Step 1: SFT": {"sft.epochs": 1},
+    "Step 2: reward model": {"rm.epochs": 1},
+    "Step 3: PPO": {"ppo.max_steps": 12},
 }
-# The config keys behind those fields (dags/rlhf_pipeline.py: FORM_TO_CONFIG).
-CONFIG_KEYS = {"sft_epochs": "sft.epochs", "rm_epochs": "reward.epochs", "ppo_max_steps": "ppo.max_steps"}
+CONFIG_KEYS = {k: k for values in FORM_VALUES.values() for k in values}
 UI_TIMEOUT_MS = 60_000
 
 
@@ -135,7 +135,7 @@ def test_run_triggered_from_the_ui_succeeds_with_the_changed_parameter(topology,
 
 def test_ui_run_used_the_gpu_queue_and_the_cpu_worker(topology, ui_run):
     tis = topology.task_instances(ui_run["run_id"])
-    for task in ("sft", "reward_model", "ppo", "evaluate"):
+    for task in ("sft", "rm", "ppo", "evaluate"):
         assert (tis[task]["queue"], tis[task]["hostname"]) == ("gpu", "gpu-worker"), task
     assert (tis["register"]["queue"], tis["register"]["hostname"]) == ("default", "cpu-worker")
 

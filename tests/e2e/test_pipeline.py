@@ -22,7 +22,7 @@ from rlhf_tasks import local
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STAGE_TAGS = {"sft", "reward", "ppo", "evaluate"}
+STAGE_TAGS = {"sft", "rm", "ppo", "evaluate"}
 
 
 def _kill_sft_after_first_checkpoint(storage: Path, stop: threading.Event, killed: dict) -> None:
@@ -75,7 +75,7 @@ def test_all_stages_succeed(pipeline_run):
     run_dir = pipeline_run["run_dir"]
     tail = pipeline_run["proc"].stdout[-3000:] + pipeline_run["proc"].stderr[-3000:]
     assert run_dir is not None, tail
-    for stage in ("sft", "reward", "ppo", "evaluate"):
+    for stage in ("sft", "rm", "ppo", "evaluate"):
         assert (run_dir / stage / "result.json").is_file(), f"{stage} did not finish; see {pipeline_run['log']}"
     assert (run_dir / "report.md").is_file() and (run_dir / "register.json").is_file()
     report = (run_dir / "report.md").read_text()
@@ -85,9 +85,9 @@ def test_all_stages_succeed(pipeline_run):
 
 def test_metrics_move_the_right_way(pipeline_run):
     run_dir = pipeline_run["run_dir"]
-    r = {s: json.loads((run_dir / s / "result.json").read_text())["metrics"] for s in ("sft", "reward", "evaluate")}
+    r = {s: json.loads((run_dir / s / "result.json").read_text())["metrics"] for s in ("sft", "rm", "evaluate")}
     assert r["sft"]["perplexity"] < 0.5 * r["sft"]["perplexity_before"]
-    assert r["reward"]["accuracy"] >= 0.85
+    assert r["rm"]["accuracy"] >= 0.85
     assert r["evaluate"]["ppo_reward"] > r["evaluate"]["sft_reward"]
 
 
@@ -119,7 +119,7 @@ def test_mlflow_holds_runs_metrics_artifacts_and_model(pipeline_run):
     assert STAGE_TAGS <= set(children)
     expect = {
         "sft": ["sft/loss", "sft/perplexity", "sft/tokens_per_s"],
-        "reward": ["rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score"],
+        "rm": ["rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score"],
         "ppo": ["ppo/reward", "ppo/kl", "ppo/actor_loss", "ppo/critic_loss"],
         "evaluate": ["eval/sft_reward", "eval/ppo_reward", "eval/kl_ppo_sft"],
     }
@@ -135,7 +135,7 @@ def test_mlflow_holds_runs_metrics_artifacts_and_model(pipeline_run):
         return [a.path for a in client.list_artifacts(run.info.run_id, path)]
 
     assert "plots/sft_curves.png" in artifacts(children["sft"], "plots")
-    assert "plots/rm_score_histogram.png" in artifacts(children["reward"], "plots")
+    assert "plots/rm_score_histogram.png" in artifacts(children["rm"], "plots")
     assert any("samples" in a for a in artifacts(children["evaluate"]))
     parent_art = artifacts(parent, "report") + artifacts(parent, "environment")
     assert "report/report.md" in parent_art and "environment/environment.json" in parent_art

@@ -14,11 +14,11 @@ from tests.e2e.topology import Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-GPU_TASKS = ("install", "sft", "reward_model", "ppo", "evaluate")
+GPU_TASKS = ("install", "sft", "rm", "ppo", "evaluate")
 CPU_TASKS = ("register",)
 STAGE_METRICS = {
     "sft": ["sft/perplexity"],
-    "reward": ["rm/accuracy"],
+    "rm": ["rm/accuracy"],
     "ppo": ["ppo/reward", "ppo/kl"],
 }
 EVERY_STAGE = ["time/wall_clock_s", "cost/usd"]
@@ -45,7 +45,7 @@ def test_gpu_stages_ran_on_the_gpu_worker_and_register_on_the_cpu_worker(topolog
         ti = tis[task]
         assert ti["state"] == "success", (task, ti["state"])
         assert ti["queue"] == "gpu" and ti["hostname"] == "gpu-worker", (task, ti["queue"], ti["hostname"])
-    for task in ("sft", "reward_model", "ppo", "evaluate"):
+    for task in ("sft", "rm", "ppo", "evaluate"):
         assert tis[task]["pool"] == "gpu", (task, tis[task]["pool"])
     for task in CPU_TASKS:
         ti = tis[task]

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_tasks.launch import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "rlhf_pipeline"
 PG_ADMIN_DSN = os.environ.get("RLHF_E2E_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")
@@ -44,12 +46,6 @@ def worker_hostname() -> str:
     """Airflow ``[core] hostname_callable`` of the test workers: both run on this machine,
     so each gets a name of its own and task instances show which one ran them."""
     return os.environ.get("RLHF_E2E_HOSTNAME") or socket.getfqdn()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:

@@ -18,12 +18,12 @@ class Reference:
         self.run = run
         self.results: dict[str, dict] = {}
         self.errors: dict[str, BaseException] = {}
-        self._done = {s: threading.Event() for s in ("sft", "reward", "ppo")}
+        self._done = {s: threading.Event() for s in ("sft", "rm", "ppo")}
         threading.Thread(target=self._make, daemon=True).start()
 
     def _make(self) -> None:
         args = ["--preset", "tiny-cpu", "--set", *FAST]
-        procs = {s: StageProc(s, self.run.path, *args) for s in ("sft", "reward")}
+        procs = {s: StageProc(s, self.run.path, *args) for s in ("sft", "rm")}
         for s, p in procs.items():
             self._collect(s, p)
         if self.errors:

@@ -20,17 +20,17 @@ from pathlib import Path
 from rlhf_tasks.storage import MARKER, RunDir
 
 # Small tiny-cpu runs: a checkpoint every few steps, a log line every step.
-INTERVAL = {"sft": 8, "reward": 8, "ppo": 3}
-TOTAL = {"sft": 24, "reward": 24, "ppo": 9}
+INTERVAL = {"sft": 8, "rm": 8, "ppo": 3}
+TOTAL = {"sft": 24, "rm": 24, "ppo": 9}
 FAST = ["data.max_eval_samples=32", "tracking.system_metrics=false",
-        *(f"{s}.{k}" for s in ("sft", "reward") for k in (
+        *(f"{s}.{k}" for s in ("sft", "rm") for k in (
             "epochs=1", f"max_steps={TOTAL[s]}", f"checkpoint_every_steps={INTERVAL[s]}", "log_every_steps=1")),
         "ppo.epochs=1", f"ppo.max_steps={TOTAL['ppo']}", f"ppo.checkpoint_every_steps={INTERVAL['ppo']}",
         "ppo.log_every_steps=1"]
 # The metrics of each stage that a resumed run must reproduce.
-KEY_METRICS = {"sft": ("perplexity", "eval_loss"), "reward": ("accuracy", "chosen_score", "rejected_score"),
+KEY_METRICS = {"sft": ("perplexity", "eval_loss"), "rm": ("accuracy", "chosen_score", "rejected_score"),
                "ppo": ("reward_first", "reward_last", "kl_last")}
-STEP_LINE = re.compile(r"\b(sft|reward|ppo): step (\d+)/(\d+)")
+STEP_LINE = re.compile(r"\b(sft|rm|ppo): step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"resumed from (\S+) \((?:step|iteration) (\d+)")
 STAGE_TIMEOUT_S = float(os.environ.get("RLHF_FAULT_STAGE_TIMEOUT_S", "600"))
 
@@ -153,7 +153,7 @@ def seed_ppo_run(src: RunDir, dst: RunDir) -> None:
     """A run directory where SFT and RM have finished (copied from ``src``): PPO's input."""
     dst.path.mkdir(parents=True, exist_ok=True)
     shutil.copy2(src.config_path, dst.config_path)
-    for stage in ("sft", "reward"):
+    for stage in ("sft", "rm"):
         shutil.copytree(src.final(stage), dst.final(stage))
         result = json.loads(src.result_path(stage).read_text())
         result["final_dir"] = str(dst.final(stage))

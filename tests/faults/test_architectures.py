@@ -37,10 +37,10 @@ OVERRIDES = [
     "data.datasets=[sample:Dahoas/rm-static]", "data.max_eval_samples=128",
     "data.max_seq_len=96", "data.max_prompt_seq_len=80",
     "sft.epochs=1", "sft.max_steps=40", "sft.checkpoint_every_steps=0", "sft.num_warmup_steps=4",
-    "reward.epochs=1", "reward.max_steps=60", "reward.checkpoint_every_steps=0", "reward.num_warmup_steps=4",
-    "ppo.max_steps=3", "ppo.per_device_generation_batch_size=8", "ppo.per_device_training_batch_size=8",
+    "rm.epochs=1", "rm.max_steps=60", "rm.checkpoint_every_steps=0", "rm.num_warmup_steps=4",
+    "ppo.max_steps=3", "ppo.per_device_generation_batch_size=8", "ppo.per_device_train_batch_size=8",
     "ppo.checkpoint_every_steps=0", "ppo.eval_prompts=16",
-    "ppo.actor_lora_dim=4", "ppo.critic_lora_dim=4",
+    "ppo.actor.lora_dim=4", "ppo.critic.lora_dim=4",
 ]
 
 
@@ -112,14 +112,13 @@ def finite(*values: float) -> bool:
 def test_every_stage_on_a_tiny_random_init_model(arch, model_dirs, storage, tmp_path, caplog):
     from rlhf_tasks import evaluate, reward, sft
     from rlhf_tasks.__main__ import main as cli
-    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.config import PipelineConfig, resolve_run_config
     from rlhf_tasks.ppo import trainer
-    from rlhf_tasks.stage import load_run_config
     from rlhf_tasks.storage import RunDir
 
     model = str(model_dirs[arch])
     run = RunDir(tmp_path / "run")
-    cfg = load_run_config(run, PipelineConfig.load("tiny-cpu", [f"model.actor={model}", f"model.reward={model}",
+    cfg = resolve_run_config(run.path, PipelineConfig.load("tiny-cpu", [f"model.actor={model}", f"model.rm={model}",
                                                                 *OVERRIDES]))
     with caplog.at_level("WARNING", logger="rlhf_tasks.models"):
         s = sft.run(cfg, run).metrics

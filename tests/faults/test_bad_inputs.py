@@ -67,7 +67,7 @@ CASES = [
     ("unknown-key", "sft", lambda t: ["sft.lerning_rate=1e-4"],
      ["unknown config key 'sft.lerning_rate'", "did you mean 'sft.learning_rate'"]),
     ("dtype", "sft", lambda t: ["sft.dtype=fp8"], ["sft.dtype='fp8' is invalid", "'bf16'"]),
-    ("zero-stage-4", "reward", lambda t: ["reward.zero_stage=4"], ["reward.zero_stage=4 is invalid", "0, 1, 2 or 3"]),
+    ("zero-stage-4", "rm", lambda t: ["rm.zero_stage=4"], ["rm.zero_stage=4 is invalid", "0, 1, 2 or 3"]),
     ("split-two-parts", "sft", lambda t: ["data.data_split=2,4"], ["data.data_split='2,4' is invalid", "three"]),
     ("split-all-zero", "sft", lambda t: ["data.data_split=0,0,0"], ["data.data_split='0,0,0' is invalid"]),
     ("split-negative", "sft", lambda t: ["data.data_split=2,-4,4"], ["data.data_split='2,-4,4' is invalid"]),
@@ -75,13 +75,13 @@ CASES = [
     ("prompt-not-shorter", "sft", lambda t: ["data.max_prompt_seq_len=128"],
      ["data.max_prompt_seq_len=128 is invalid", "max_seq_len=128"]),
     ("not-a-number", "sft", lambda t: ["ppo.cliprange=wide"], ["ppo.cliprange='wide' is invalid: a number"]),
-    ("float-for-int", "reward", lambda t: ["reward.epochs=1.5"], ["reward.epochs=1.5 is invalid: an integer"]),
+    ("float-for-int", "rm", lambda t: ["rm.epochs=1.5"], ["rm.epochs=1.5 is invalid: an integer"]),
     ("kl-negative", "sft", lambda t: ["ppo.kl_coef=-0.1"], ["ppo.kl_coef=-0.1 is invalid"]),
     ("top-p", "sft", lambda t: ["ppo.top_p=1.5"], ["ppo.top_p=1.5 is invalid", "(0, 1]"]),
     ("device", "sft", lambda t: ["device=tpu"], ["device='tpu' is invalid"]),
     ("offload-without-zero", "sft", lambda t: ["sft.offload=true"], ["sft.offload=True is invalid", "zero_stage"]),
     ("fp16-on-cpu", "sft", lambda t: ["sft.dtype=fp16"], ["sft.dtype='fp16' is invalid", "needs a GPU"]),
-    ("nodes-without-hostfile", "sft", lambda t: ["cost.num_nodes=2"], ["cost.hostfile=None is invalid"]),
+    ("nodes-without-hostfile", "sft", lambda t: ["resources.num_nodes=2"], ["resources.hostfile=None is invalid"]),
     ("scheduler", "sft", lambda t: ["sft.lr_scheduler_type=exponential"], ["sft.lr_scheduler_type='exponential'"]),
     ("override-without-value", "sft", lambda t: ["sft.learning_rate"], ["'sft.learning_rate' must look like key=value"]),
     ("seed-negative", "sft", lambda t: ["seed=-1"], ["seed=-1 is invalid"]),
@@ -123,21 +123,21 @@ CASES = [
      ["model.actor='{tmp}/no-such-model' is invalid", "does not exist"]),
     ("model-no-config", "sft", lambda t: [f"model.actor={_model_dir(t, 'm', None)}"],
      ["model.actor='{tmp}/m' is invalid", "{tmp}/m/config.json is missing"]),
-    ("model-no-model-type", "reward", lambda t: [f"model.reward={_model_dir(t, 'm', {'hidden_size': 8})}"],
-     ["model.reward='{tmp}/m' is invalid", "{tmp}/m/config.json has no model_type"]),
+    ("model-no-model-type", "rm", lambda t: [f"model.rm={_model_dir(t, 'm', {'hidden_size': 8})}"],
+     ["model.rm='{tmp}/m' is invalid", "{tmp}/m/config.json has no model_type"]),
     ("model-config-not-json", "sft", lambda t: [f"model.actor={_model_dir(t, 'm', '{oops')}"],
      ["model.actor='{tmp}/m' is invalid", "{tmp}/m/config.json is not valid JSON"]),
     ("model-is-a-file", "sft",
      lambda t: [f"model.actor={(t / 'model.bin').write_bytes(b'x') and t / 'model.bin'}"],
      ["model.actor='{tmp}/model.bin' is invalid", "is a file, not a model directory"]),
-    ("model-no-weights", "reward", lambda t: [f"model.reward={_model_dir(t, 'm', {'model_type': 'opt'}, False)}"],
-     ["model.reward='{tmp}/m' is invalid", "no weights"]),
+    ("model-no-weights", "rm", lambda t: [f"model.rm={_model_dir(t, 'm', {'model_type': 'opt'}, False)}"],
+     ["model.rm='{tmp}/m' is invalid", "no weights"]),
     ("tokenizer-no-files", "sft", lambda t: [f"model.tokenizer={_model_dir(t, 'tok', {'model_type': 'opt'})}"],
      ["model.tokenizer='{tmp}/tok' is invalid", "no tokenizer files"]),
     ("model-unknown-builtin", "sft", lambda t: ["model.actor=builtin:huge-opt"],
      ["model.actor='builtin:huge-opt' is invalid", "builtin:tiny-opt"]),
-    ("model-shell-metachars", "reward", lambda t: [f"model.reward=opt; touch {t}/{CANARY}"],
-     ["model.reward='opt; touch {tmp}/" + CANARY + "' is invalid", "neither an existing directory nor a hub id"]),
+    ("model-shell-metachars", "rm", lambda t: [f"model.rm=opt; touch {t}/{CANARY}"],
+     ["model.rm='opt; touch {tmp}/" + CANARY + "' is invalid", "neither an existing directory nor a hub id"]),
     ("model-path-traversal", "sft", lambda t: ["model.actor=../../../../../../etc"],
      ["model.actor='../../../../../../etc' is invalid", "config.json is missing"]),
     ("model-remote-code", "sft", lambda t: [f"model.actor={_evil_model(t)}"],
@@ -153,9 +153,7 @@ def no_training(monkeypatch):
     def trap(*a, **k):
         raise AssertionError("the stage started: the bad input was not refused up front")
 
-    monkeypatch.setattr(stage_module, "stage_run", trap)
-    for mod in ("rlhf_tasks.sft", "rlhf_tasks.reward"):
-        monkeypatch.setattr(f"{mod}.stage_run", trap)
+    monkeypatch.setattr(stage_module, "stage_run", trap)  # every stage opens through stage.stage -> stage_run
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
@@ -188,10 +186,11 @@ def test_unknown_preset_and_bad_preset_file(tmp_path, capsys):
 # --- the trigger form (Airflow Params, JSON schema) --------------------------------------------------
 
 FORM_CASES = [
-    ("preset", "gpt-5"), ("preset", "../../etc/passwd"), ("actor_model", ""), ("datasets", []),
-    ("datasets", [""]), ("data_split", "2,4,4; rm -rf /"), ("max_seq_len", 8), ("sft_epochs", 0),
-    ("sft_learning_rate", 5), ("rm_zero_stage", 4), ("ppo_batch_size", -1), ("dtype", "fp8"),
-    ("num_gpus", 0), ("kl_coef", "0.1"), ("overrides", ["no equals sign"]), ("overrides", ["../../x=1"]),
+    ("preset", "gpt-5"), ("preset", "../../etc/passwd"), ("model.actor", ""), ("data.datasets", []),
+    ("data.datasets", [""]), ("data.data_split", "2,4,4; rm -rf /"), ("data.max_seq_len", 4), ("sft.epochs", 0),
+    ("sft.learning_rate", 5), ("rm.zero_stage", 4), ("ppo.per_device_generation_batch_size", -1),
+    ("sft.dtype", "fp8"), ("resources.num_gpus", 0), ("ppo.kl_coef", "0.1"), ("ppo.actor.learning_rate", 0),
+    ("overrides", ["no equals sign"]), ("overrides", ["../../x=1"]),
     ("overrides", ["$(touch x)=1"]),
 ]
 
@@ -219,21 +218,25 @@ def test_trigger_form_refuses(dag, field, bad):
 # --- hostile values through the launcher the DAG uses: real processes, no shell ----------------------
 
 def test_hostile_overrides_never_reach_a_shell(dag, storage, tmp_path):
-    """Values the form lets through (free strings) go to the stage as argv items, verbatim,
-    and are refused by the stage's own checks; nothing they spell out is executed."""
+    """Values the form lets through (free strings) go into the run's config.yaml verbatim, as
+    the install task writes it, and are refused by the stage's own checks; nothing they spell
+    out is executed."""
+    from rlhf_tasks.config import PipelineConfig, resolve_run_config
     from rlhf_tasks.launch import StageFailed, run_stage
 
     canary = tmp_path / CANARY
-    hostile = {"actor_model": f"x; touch {canary}", "datasets": [f"$(touch {canary}).jsonl"],
+    hostile = {"model.actor": f"x; touch {canary}", "data.datasets": [f"$(touch {canary}).jsonl"],
                "overrides": [f"tracking.experiment=$(touch {canary})", "model.tokenizer=/etc/passwd"]}
-    overrides = dag._overrides({k: None for k in dag.FORM_TO_CONFIG} | hostile)
-    assert f'model.actor="x; touch {canary}"' in overrides  # JSON-quoted, one argv item each
+    params = {k: None for k in dag.dag.params} | hostile
+    cfg = resolve_run_config(tmp_path / "run", PipelineConfig.load("tiny-cpu", dag.form_values(params),
+                                                                   params["overrides"]))
+    assert cfg.model.actor == f"x; touch {canary}"  # kept verbatim, a string like any other
     lines: list[str] = []
     with pytest.raises(StageFailed) as e:
-        run_stage("prepare", tmp_path / "run", preset="tiny-cpu", overrides=overrides, echo=lines.append)
+        run_stage("prepare", tmp_path / "run", echo=lines.append)
     assert "model.actor='x; touch" in str(e.value) and "neither an existing directory nor a hub id" in str(e.value)
     assert not canary.exists()
-    assert lines[0].startswith("$ ") and "--set" in lines[0]  # the argv, logged; no shell in between
+    assert lines[0].startswith("$ ")  # the argv, logged; no shell in between
 
 
 def test_run_ids_cannot_escape_storage(storage):

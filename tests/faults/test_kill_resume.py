@@ -41,7 +41,7 @@ from tests.faults.helpers import (
 
 pytestmark = pytest.mark.slow
 
-CASES = [("sft", s) for s in fault_seeds([1])] + [("reward", s) for s in fault_seeds([2])] + \
+CASES = [("sft", s) for s in fault_seeds([1])] + [("rm", s) for s in fault_seeds([2])] + \
         [("ppo", s) for s in fault_seeds([9])]
 METRIC_RTOL = 1e-3
 WEIGHT_ATOL = 1e-4
@@ -74,7 +74,7 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     interval, total = INTERVAL[stage], TOTAL[stage]
     run = RunDir(tmp_path / "run")
     if stage == "ppo":
-        fault_reference.result("sft"), fault_reference.result("reward")  # PPO's inputs
+        fault_reference.result("sft"), fault_reference.result("rm")  # PPO's inputs
         seed_ppo_run(fault_reference.run, run)
         args: list[str] = []
     else:

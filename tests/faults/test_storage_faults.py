@@ -67,7 +67,7 @@ def test_stage_lock_refuses_a_second_holder_and_dies_with_its_holder(tmp_path):
             pass
         msg = str(e.value)
         assert str(run) in msg and f"pid {os.getpid()}" in msg and "already running" in msg
-        with stage_lock(run, "reward"):  # another stage of the same run: allowed (SFT and RM side by side)
+        with stage_lock(run, "rm"):  # another stage of the same run: allowed (SFT and RM side by side)
             pass
     # A holder killed with SIGKILL never blocks the next attempt: the kernel drops its lock.
     holder = subprocess.Popen([sys.executable, "-c", (

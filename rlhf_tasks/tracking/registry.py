@@ -1,0 +1,100 @@
+"""The model registry: a model version per run, and the ``champion`` alias that moves
+only when a new version beats the current holder."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .client import configure_http, error_code, retry_for
+
+log = logging.getLogger("rlhf_tasks.tracking")
+
+CHAMPION_ALIAS = "champion"
+
+
+def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_name: str, metric_value: float,
+                   run_id: str, higher_is_better: bool = True, *, artifact_path: str = "model",
+                   alias: str = CHAMPION_ALIAS, budget_s: float = 120.0) -> dict[str, Any]:
+    """Register ``model_dir`` (a plain save_pretrained directory) as a new version of
+    ``name``, and move ``alias`` to it only if it beats the current holder.
+
+    The directory is logged as artifacts of ``run_id`` under ``artifact_path``, and the
+    version's source is that artifact location (no MLmodel file needed). The version is
+    tagged ``<metric_name>=<metric_value>``; the alias moves when there is no champion
+    yet, or when the value is strictly better than the champion's tag. A champion
+    without that tag is kept (warning): it cannot be compared. Idempotent: a retried
+    call for the same run and source reuses the version it made.
+
+    Unlike the Tracker, this raises on failure: registering is the task's whole job,
+    and the orchestrator should retry it.
+
+    Returns {version, champion_version, promoted, previous_champion_metric}.
+    """
+    configure_http()
+    from mlflow import MlflowClient
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    client = MlflowClient(tracking_uri)
+
+    def call(fn: Callable[[], Any], what: str) -> Any:
+        return retry_for(fn, what, budget_s, raise_on_failure=True)[1]
+
+    call(lambda: client.log_artifacts(run_id, str(model_dir), artifact_path),
+         f"uploading {model_dir} to run {run_id}")
+    source = f"{call(lambda: client.get_run(run_id), 'reading the run').info.artifact_uri}/{artifact_path}"
+    try:
+        call(lambda: client.get_registered_model(name), f"reading registered model {name}")
+    except Exception as exc:
+        if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="RLHF actor (PPO); alias 'champion' = best so far")
+        except Exception as exc2:  # a concurrent register created it
+            if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
+                raise
+    existing = call(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"),
+                    "searching model versions")
+    mine = [mv for mv in existing if mv.source == source]
+    tags = {metric_name: repr(float(metric_value)), "rlhf.metric_name": metric_name,
+            "rlhf.higher_is_better": str(higher_is_better).lower()}
+    if mine:
+        mv = max(mine, key=lambda m: int(m.version))
+        log.info("mlflow: run %s already registered as %s version %s", run_id, name, mv.version)
+    else:
+        mv = call(lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=60),
+                  f"creating a version of {name}")
+
+    aliases = call(lambda: client.get_registered_model(name), f"reading registered model {name}").aliases
+    champion = aliases.get(alias)
+    previous: float | None = None
+    if champion is None:
+        promoted = True
+    elif str(champion) == str(mv.version):
+        promoted, previous = False, float(metric_value)
+    else:
+        champ = call(lambda: client.get_model_version(name, str(champion)), f"reading {name} version {champion}")
+        try:
+            previous = float(champ.tags[metric_name])
+        except (KeyError, ValueError):
+            log.warning("mlflow: champion %s version %s has no %r tag; it cannot be compared and stays champion",
+                        name, champion, metric_name)
+        promoted = previous is not None and _better(float(metric_value), previous, higher_is_better)
+    if promoted:
+        call(lambda: client.set_registered_model_alias(name, alias, str(mv.version)), f"moving alias {alias}")
+        champion = mv.version
+    log.info("mlflow: %s version %s %s=%.4g (champion %s: %s)", name, mv.version, metric_name, metric_value,
+             champion, "promoted" if promoted else f"kept, {metric_name}={previous}")
+    return {"version": str(mv.version), "champion_version": str(champion), "promoted": promoted,
+            "previous_champion_metric": previous, "source": source}
+
+
+def _better(new: float, old: float, higher_is_better: bool) -> bool:
+    if math.isnan(new):
+        return False
+    return new > old if higher_is_better else new < old
