@@ -129,14 +129,20 @@ with DAG(
     @task(queue=GPU_QUEUE, retries=1, execution_timeout=timedelta(hours=2))
     def install() -> dict:
         """Resolve the config, check the worker, cache data and models, open the MLflow run."""
-        from rlhf_tasks.config import PipelineConfig, resolve_run_config
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from rlhf_tasks.config import ConfigError, PipelineConfig, resolve_run_config
         from rlhf_tasks.storage import run_dir_for
 
         ctx = get_current_context()
         p = ctx["params"]
         run_dir = run_dir_for(ctx["dag_run"].run_id)  # a run id with "/" or ".." stays inside storage
         # The form's values go into the run's config.yaml as they are; every stage reads that file.
-        resolve_run_config(run_dir, PipelineConfig.load(p["preset"], form_values(p), list(p.get("overrides") or [])))
+        try:
+            cfg = PipelineConfig.load(p["preset"], form_values(p), list(p.get("overrides") or []))
+            resolve_run_config(run_dir, cfg)
+        except ConfigError as e:  # bad input: a retry cannot fix it
+            raise AirflowFailException(f"invalid configuration: {e}") from None
         return _run("prepare", str(run_dir))
 
     @task(**gpu_task)

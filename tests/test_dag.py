@@ -124,3 +124,34 @@ def test_form_fields_are_config_paths_with_the_configs_own_schema(dag, tmp_path)
     # A REST trigger's conf key that is no field (an old name) is refused, not silently dropped.
     with pytest.raises(ConfigError, match=r"unknown trigger conf key\(s\) \['num_gpus'\]"):
         module.form_values(params | {"num_gpus": 2})
+
+
+def test_install_writes_the_form_into_the_run_config_and_fails_bad_input_without_retry(dag, monkeypatch, tmp_path):
+    """The install task resolves the form's typed values into the run's config.yaml before
+    it launches anything; a value the config refuses fails the task for good (no retry),
+    with the field named."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from rlhf_tasks.config import PipelineConfig
+
+    module = load_dag_module("rlhf_pipeline_dag_install")
+    monkeypatch.setenv("RLHF_STORAGE", str(tmp_path))
+    launched: list[tuple] = []
+    monkeypatch.setattr(module, "_run", lambda stage, run_dir, **kw: launched.append((stage, run_dir)) or {})
+    params = {k: None for k in module.dag.params} | {"preset": "tiny-cpu", "overrides": ["ppo.cliprange=0.3"],
+                                                     "ppo.actor.learning_rate": 3e-5}
+    context = {"params": params, "dag_run": SimpleNamespace(run_id="manual__one")}
+    monkeypatch.setattr(module, "get_current_context", lambda: context)
+    install = module.dag.task_dict["install"].python_callable
+    install()
+    (stage, run_dir), = launched
+    cfg = PipelineConfig.load(f"{run_dir}/config.yaml")
+    assert stage == "prepare" and cfg.ppo.actor.learning_rate == 3e-5 and cfg.ppo.cliprange == 0.3
+
+    context["params"] = params | {"overrides": ["rm.zero_stage=4"]}
+    context["dag_run"] = SimpleNamespace(run_id="manual__two")
+    with pytest.raises(AirflowFailException, match=r"rm.zero_stage=4 is invalid: 0, 1, 2 or 3"):
+        install()
+    assert len(launched) == 1 and not (tmp_path / "runs" / "manual__two" / "config.yaml").exists()

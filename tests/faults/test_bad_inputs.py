@@ -3,7 +3,7 @@ config field or the file at fault.
 
 Each row of ``CASES`` runs the real CLI entry point (``rlhf_tasks.__main__.main``) in
 this process: config values and model directories through a training stage (``sft`` or
-``reward``), whose checks all run before the stage opens (``stage_run`` is booby-trapped
+``rm``), whose checks all run before the stage opens (``stage_run`` is booby-trapped
 here: reaching it fails the test), and data files through ``prepare`` (the DAG's install
 task, which reads and validates every dataset). Trigger-form values go through the DAG's
 own Params validation. A few rows run as real processes, through the launcher the DAG
