@@ -40,7 +40,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import annotated_types
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -475,15 +474,13 @@ def _bounds(model: type[BaseModel] | None, name: str) -> str | None:
         return None
     f = model.model_fields[name]
     lo = hi = None
-    for m in [*f.metadata, *_unwrap(f.annotation)[1]]:
-        if isinstance(m, annotated_types.Gt):
-            lo = ("(", m.gt)
-        elif isinstance(m, annotated_types.Ge):
-            lo = ("[", m.ge)
-        elif isinstance(m, annotated_types.Lt):
-            hi = (")", m.lt)
-        elif isinstance(m, annotated_types.Le):
-            hi = ("]", m.le)
+    for m in [*f.metadata, *_unwrap(f.annotation)[1]]:  # Field(gt=...) -> annotated_types.Gt(gt=...)
+        for attr, bracket in (("gt", "("), ("ge", "["), ("lt", ")"), ("le", "]")):
+            if isinstance(getattr(m, attr, None), (int, float)):
+                if attr[0] == "g":
+                    lo = (bracket, getattr(m, attr))
+                else:
+                    hi = (bracket, getattr(m, attr))
     kind = "an integer" if _base_type(f.annotation) is int else "a number"
     if lo and hi:
         if kind == "an integer" and lo[0] == "[" and hi[0] == "]":
