@@ -8,9 +8,11 @@ stand-in.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,8 +103,7 @@ class Batching:
     total_steps: int  # optimizer steps, for the LR schedule
 
 
-def deepspeed_config(o: EngineConfig, b: Batching, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one engine."""
+def _zero_section(o: EngineConfig) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": o.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
     if o.offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -112,18 +113,80 @@ def deepspeed_config(o: EngineConfig, b: Batching, world_size: int) -> dict[str,
         # Small parameters stay resident: gathering each LayerNorm separately costs more
         # in launch latency than the memory it saves.
         zero.update(stage3_param_persistence_threshold=10_000, stage3_prefetch_bucket_size=30_000_000)
+    return zero
+
+
+def _precision(dtype: str) -> dict[str, Any]:
+    return {"fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                     "hysteresis": 2, "min_loss_scale": 1},
+            "bf16": {"enabled": dtype == "bf16"}}
+
+
+def deepspeed_config(o: EngineConfig, b: Batching, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one engine."""
     return {
         "train_micro_batch_size_per_gpu": b.micro_batch_size,
         "gradient_accumulation_steps": b.gradient_accumulation_steps,
         "train_batch_size": b.micro_batch_size * b.gradient_accumulation_steps * world_size,
         "gradient_clipping": o.max_grad_norm,
-        "zero_optimization": zero,
-        "fp16": {"enabled": b.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
-                 "hysteresis": 2, "min_loss_scale": 1},
-        "bf16": {"enabled": b.dtype == "bf16"},
+        "zero_optimization": _zero_section(o),
+        **_precision(b.dtype),
         "steps_per_print": 10**9,  # our own logging; DeepSpeed's would sync every step
         "wall_clock_breakdown": False,
     }
+
+
+def loading_config(o: EngineConfig, dtype: str, world_size: int) -> dict[str, Any]:
+    """The config a trained model is loaded under (:func:`partitioned_loading`): what
+    ``deepspeed.zero.Init`` reads of it – ZeRO stage, parameter offload, dtype – is what
+    :func:`initialize` will use; the batch sizes do not matter before training."""
+    return deepspeed_config(o, Batching(1, 1, dtype, 1), world_size)
+
+
+def inference_config(dtype: str, offload: bool, world_size: int) -> dict[str, Any]:
+    """The config of a frozen model under ZeRO-3 (PPO's reference and reward models), its
+    parameters offloaded to CPU when ``offload``."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}} if offload else {"stage": 3},
+        "fp16": {"enabled": dtype == "fp16"},
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 10**9,
+    }
+
+
+@contextlib.contextmanager
+def partitioned_loading(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under a ZeRO-3 ``ds_config``, models loaded inside are partitioned as they load:
+    transformers' ``from_pretrained`` sees the :class:`HfDeepSpeedConfig` and builds the
+    weights under ``deepspeed.zero.Init``, so no rank ever holds the whole model (a 66B
+    model would otherwise be read whole into every rank's memory). Otherwise a no-op."""
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    prepare_environment()
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(ds_config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
+
+
+def _unpartitioned_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed casts nothing of a model built under ``zero.Init``: the parameters added
+    after loading (LoRA adapters, the reward model's value head) must already be in the
+    engine's dtype when it partitions them."""
+    params = list(model.parameters())
+    if not any(hasattr(p, "ds_id") for p in params):
+        return
+    for p in params:
+        if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -156,6 +219,7 @@ def initialize(model: torch.nn.Module, o: EngineConfig, b: Batching, device: tor
     import deepspeed
     from transformers import get_scheduler
 
+    _unpartitioned_to(model, torch_dtype(b.dtype))
     optimizer = build_optimizer(model, o, device)
     scheduler = get_scheduler(o.lr_scheduler_type, optimizer, num_warmup_steps=o.num_warmup_steps,
                               num_training_steps=max(b.total_steps, 1))
@@ -164,24 +228,13 @@ def initialize(model: torch.nn.Module, o: EngineConfig, b: Batching, device: tor
     return engine
 
 
-def inference_engine(model: torch.nn.Module, zero_stage: int, dtype: str, offload: bool, world_size: int):
-    """A frozen model (reference, reward) under DeepSpeed: ZeRO-3 partitions it across
-    GPUs, otherwise it simply sits on the device in the run's dtype."""
+def inference_engine(model: torch.nn.Module, dtype: str, offload: bool, world_size: int):
+    """A frozen model (reference, reward) partitioned across GPUs by ZeRO-3, or offloaded
+    to CPU; load it under ``partitioned_loading(inference_config(...))`` with the same
+    arguments."""
     import deepspeed
 
-    zero: dict[str, Any] = {"stage": zero_stage if zero_stage == 3 else 0}
-    if offload:
-        zero["offload_param"] = {"device": "cpu"}
-        zero["stage"] = 3
-    cfg = {
-        "train_micro_batch_size_per_gpu": 1,
-        "train_batch_size": world_size,
-        "zero_optimization": zero,
-        "fp16": {"enabled": dtype == "fp16"},
-        "bf16": {"enabled": dtype == "bf16"},
-        "steps_per_print": 10**9,
-    }
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    _unpartitioned_to(model, torch_dtype(dtype))
+    engine, *_ = deepspeed.initialize(model=model, config=inference_config(dtype, offload, world_size))
     engine.eval()
     return engine
-

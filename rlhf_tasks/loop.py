@@ -25,7 +25,7 @@ from .checkpoint import Checkpointer
 from .config import SupervisedConfig
 from .data.collate import LengthGroupedBatchSampler
 from .engine import Batching, initialize
-from .models import count_parameters
+from .models import count_parameters, gathered_state_dict, is_partitioned
 from .stage import StageContext
 from .storage import atomic_dir, write_json
 
@@ -219,16 +219,17 @@ def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
-def save_final(ctx: StageContext, engine, model: torch.nn.Module, tokenizer, metrics: dict[str, float],
+def save_final(ctx: StageContext, model: torch.nn.Module, tokenizer, metrics: dict[str, float],
                also: Callable[[Path], None] | None = None) -> Path:
     """Write ``final/`` atomically: ``model`` (the engine's model, LoRA merged) with
     ``save_pretrained`` (safetensors; a causal LM's generation config gets the pad token),
     whatever ``also(dir)`` adds, the tokenizer, config.yaml and metrics.json.
 
-    Under ZeRO-3 each rank holds a shard: every rank takes part in gathering the 16-bit
-    weights (DeepSpeed's ``save_16bit_model`` would write a plain ``pytorch_model.bin``,
-    and only with ``stage3_gather_16bit_weights_on_model_save``), rank 0 writes them."""
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if engine.zero_optimization_stage() == 3 else None
+    Under ZeRO-3 each rank holds a shard: every rank takes part in gathering the weights,
+    one parameter at a time, and rank 0 writes them. (DeepSpeed's ``save_16bit_model``
+    gathers the engine's module – the LoRA-wrapped model, not the merged one – and writes
+    a ``pytorch_model.bin`` that ``save_pretrained`` would not.)"""
+    state_dict = gathered_state_dict(model, ctx.is_main) if is_partitioned(model) else None
     target = ctx.run.final(ctx.name)
     if ctx.is_main:
         with atomic_dir(target) as tmp:
@@ -245,7 +246,7 @@ def save_final(ctx: StageContext, engine, model: torch.nn.Module, tokenizer, met
 
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the matmuls plus attention (12 * L * H * T)."""
-    n = model.num_parameters()  # a Hugging Face model (the reward model's backbone)
+    n, _ = count_parameters(model)  # also under ZeRO-3, where num_parameters() counts 0
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0

@@ -202,7 +202,8 @@ class RewardModel(nn.Module):
             AutoModel, path, attn_implementation, config=_load_config(path, dropout, trust_remote_code), dtype=dtype,
             trust_remote_code=trust_remote_code,
         )
-        model = cls(backbone).to(dtype)
+        model = cls(backbone)
+        model.v_head.to(dtype)  # the backbone is in it already (under ZeRO-3, in the engine's: see engine.py)
         head = Path(path) / VALUE_HEAD_FILE
         if head.is_file():
             model.v_head.weight.data.copy_(load_file(str(head))["weight"].to(dtype))
@@ -256,7 +257,7 @@ def block_list_name(model: nn.Module) -> str:
     most parameters (``decoder.layers`` in OPT, ``h`` in GPT-2 and Bloom, ``layers`` in
     Llama, Qwen2 and GPT-NeoX, with ``model.``/``transformer.``/``gpt_neox.`` in front for
     the causal-LM classes)."""
-    lists = [(sum(p.numel() for p in m.parameters()), n) for n, m in model.named_modules()
+    lists = [(sum(map(numel, m.parameters())), n) for n, m in model.named_modules()
              if isinstance(m, nn.ModuleList) and len(m) > 0]
     if not lists:
         raise ValueError(f"{type(model).__name__} has no ModuleList of transformer blocks: set lora_module_name")
@@ -299,10 +300,23 @@ def apply_lora(model: nn.Module, lora_dim: int, module_name: str = LORA_AUTO, *,
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold LoRA weights into the base layers so that ``final/`` is a plain HF model."""
+    """Fold LoRA weights into the base layers so that ``final/`` is a plain HF model. Under
+    ZeRO-3 each adapted layer is gathered whole on every rank while it merges (peft adds
+    to the weight in place, which a partitioned weight cannot take) and re-partitioned."""
     from peft import PeftModel
 
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+    if not isinstance(model, PeftModel):
+        return model
+    if not is_partitioned(model):
+        return model.merge_and_unload()
+    import deepspeed
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for layer in model.modules():
+        if isinstance(layer, BaseTunerLayer):
+            with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
+                layer.merge()  # every rank merges the same whole weights; rank 0's are kept
+    return model.unload()  # the base layers, now holding the merged weights
 
 
 def unwrap_for_saving(model: nn.Module) -> nn.Module:
@@ -311,6 +325,37 @@ def unwrap_for_saving(model: nn.Module) -> nn.Module:
         model.backbone = merge_lora(model.backbone)
         return model
     return merge_lora(model)
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """ZeRO-3 gives each parameter a ``ds_id`` and keeps only a shard of it on each rank."""
+    p = next(model.parameters(), None)
+    return p is not None and hasattr(p, "ds_id")
+
+
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 holds only a shard of it (``ds_numel``;
+    transformers' ``num_parameters`` would count 0)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def gathered_state_dict(model: nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of a ZeRO-3 model, on CPU on the main rank (``None`` on the
+    others): every rank takes part in gathering one parameter at a time, so apart from the
+    main rank's copy no rank ever holds more than one whole parameter. Tied weights stay
+    one tensor, as in ``state_dict()``."""
+    import deepspeed
+
+    out, seen = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            if hasattr(t, "ds_id"):
+                with deepspeed.zero.GatheredParameters([t]):
+                    seen[id(t)] = t.data.to("cpu", copy=True) if is_main else None
+            else:
+                seen[id(t)] = t.detach().to("cpu", copy=True) if is_main else None
+        out[name] = seen[id(t)]
+    return out if is_main else None
 
 
 @contextlib.contextmanager
@@ -325,6 +370,6 @@ def eval_mode(model: nn.Module):
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(map(numel, model.parameters()))
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return total, trainable

@@ -14,11 +14,12 @@ import torch
 
 from . import loop
 from .data import PairCollator
-from .engine import torch_dtype
+from .engine import loading_config, partitioned_loading, torch_dtype
 from .models import (
     RewardModel,
     apply_lora,
     eval_mode,
+    is_partitioned,
     load_tokenizer,
     pairwise_loss,
     read_score,
@@ -59,9 +60,10 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, rm_pairs, tok, "pairs", "RM")
 
-    model = RewardModel.from_pretrained(cfg.model.rm, dtype=torch_dtype("fp32"), dropout=t.dropout,
-                                        trust_remote_code=cfg.model.trust_remote_code,
-                                        attn_implementation=cfg.model.attn_implementation)
+    with partitioned_loading(loading_config(t, t.dtype, ctx.world_size)):
+        model = RewardModel.from_pretrained(cfg.model.rm, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                                            trust_remote_code=cfg.model.trust_remote_code,
+                                            attn_implementation=cfg.model.attn_implementation)
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Each pair is two sequences: FLOPs per pair-token count both.
@@ -87,11 +89,15 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     log.info("%s: accuracy %.3f -> %.3f (chosen %.3f, rejected %.3f)", ctx.name, metrics["accuracy_before"],
              metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
     model = unwrap_for_saving(out.engine.module)
-    final = loop.save_final(ctx, out.engine, model, tok, metrics)
-    if ctx.is_main and ctx.tracker.run_id:
+    final = loop.save_final(ctx, model, tok, metrics)
+    plot = bool(ctx.is_main and ctx.tracker.run_id)
+    if is_partitioned(model):  # under ZeRO-3 every rank takes part in every forward pass
+        plot = loop.all_reduce_sum([float(plot)], ctx.device)[0] > 0
+    if plot and (ctx.is_main or is_partitioned(model)):
         from .tracking import plot_score_histogram
 
         c, r = score_pairs(model, eval_ds, collate, t.per_device_eval_batch_size, ctx.device)
-        ctx.tracker.log_figure(plot_score_histogram(c.tolist(), r.tolist()), "plots/rm_score_histogram.png")
+        if ctx.is_main:
+            ctx.tracker.log_figure(plot_score_histogram(c.tolist(), r.tolist()), "plots/rm_score_histogram.png")
     ctx.log_history(out.history)
     return final, metrics

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import loop
 from .data import SFTCollator
-from .engine import torch_dtype
+from .engine import loading_config, partitioned_loading, torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import sft_rows
 from .stage import StageContext, stage
@@ -48,10 +48,11 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, sft_rows, tok, "rows", "SFT")
 
-    model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
-                           trust_remote_code=cfg.model.trust_remote_code,
-                           attn_implementation=cfg.model.attn_implementation,
-                           gradient_checkpointing=t.gradient_checkpointing)
+    with partitioned_loading(loading_config(t, t.dtype, ctx.world_size)):
+        model = load_causal_lm(cfg.model.actor, dtype=torch_dtype("fp32"), dropout=t.dropout,
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               attn_implementation=cfg.model.attn_implementation,
+                               gradient_checkpointing=t.gradient_checkpointing)
     flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
     if t.lora_dim:
         model = apply_lora(model, t.lora_dim, t.lora_module_name, alpha=t.lora_alpha,
@@ -73,6 +74,6 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
                "perplexity_before": first, "train_rows": len(train_ds), "eval_rows": len(eval_ds),
                "global_step": out.global_step, **out.throughput}
     log.info("sft: perplexity %.3f -> %.3f", first, metrics["perplexity"])
-    final = loop.save_final(ctx, out.engine, unwrap_for_saving(out.engine.module), tok, metrics)
+    final = loop.save_final(ctx, unwrap_for_saving(out.engine.module), tok, metrics)
     ctx.log_history(out.history)
     return final, metrics

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import GenerationBackend
+from ..models import is_partitioned
 from . import static_decode
 
 log = logging.getLogger("rlhf_tasks")
@@ -134,7 +135,7 @@ def _use_static(model, settings: GenerationSettings) -> bool:
     if settings.backend != "static":
         raise ValueError(f"generation backend={settings.backend!r} is invalid: one of {', '.join(BACKENDS)}")
     why = None
-    if _partitioned(model):
+    if is_partitioned(model):
         why = "the weights are ZeRO-3 partitioned"
     elif not static_decode.supports_static(model):
         why = f"model_type {static_decode.model_type(model)!r} is not one it has been checked on"
@@ -146,14 +147,8 @@ def _use_static(model, settings: GenerationSettings) -> bool:
     return True
 
 
-def _partitioned(model) -> bool:
-    """ZeRO-3 gives each parameter a ``ds_id`` and keeps only a shard on each rank."""
-    p = next(model.parameters(), None)
-    return p is not None and hasattr(p, "ds_id")
-
-
 def _zero3(model) -> bool:
     """Under ZeRO-3 every rank must keep stepping until all ranks finish generating."""
     import torch.distributed as dist
 
-    return _partitioned(model) and dist.is_initialized() and dist.get_world_size() > 1
+    return is_partitioned(model) and dist.is_initialized() and dist.get_world_size() > 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,15 @@ from ..checkpoint import Checkpointer
 from ..config import PipelineConfig, PPOConfig
 from ..data import PromptCollator, SFTCollator
 from ..data.collate import LengthGroupedBatchSampler
-from ..engine import Batching, inference_engine, initialize, torch_dtype
+from ..engine import (
+    Batching,
+    inference_config,
+    inference_engine,
+    initialize,
+    loading_config,
+    partitioned_loading,
+    torch_dtype,
+)
 from ..models import (
     RewardModel,
     apply_lora,
@@ -186,13 +195,15 @@ def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> 
             raise FileNotFoundError(f"ppo needs the {name} stage's output {path}: run `{name}` first")
     trust, attn = cfg.model.trust_remote_code, cfg.model.attn_implementation
     a, c = p.actor, p.critic
-    actor = load_causal_lm(str(sft), dropout=a.dropout, trust_remote_code=trust, attn_implementation=attn,
-                           gradient_checkpointing=a.gradient_checkpointing)
+    with partitioned_loading(loading_config(a, p.dtype, ctx.world_size)):
+        actor = load_causal_lm(str(sft), dropout=a.dropout, trust_remote_code=trust, attn_implementation=attn,
+                               gradient_checkpointing=a.gradient_checkpointing)
     if a.lora_dim:
         actor = apply_lora(actor, a.lora_dim, a.lora_module_name, alpha=a.lora_alpha,
                            only_optimize_lora=a.only_optimize_lora)
-    critic = RewardModel.from_pretrained(str(rm), dropout=c.dropout, trust_remote_code=trust,
-                                         attn_implementation=attn)
+    with partitioned_loading(loading_config(c, p.dtype, ctx.world_size)):
+        critic = RewardModel.from_pretrained(str(rm), dropout=c.dropout, trust_remote_code=trust,
+                                             attn_implementation=attn)
     if c.gradient_checkpointing:
         critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if c.lora_dim:
@@ -201,18 +212,18 @@ def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> 
     batching = Batching(p.per_device_train_batch_size, p.gradient_accumulation_steps, p.dtype, total_updates)
     actor_e = initialize(actor, a, batching, ctx.device, ctx.world_size)
     critic_e = initialize(critic, c, batching, ctx.device, ctx.world_size)
+    # The frozen models are partitioned like the model they sit beside (or offloaded).
     dtype = torch_dtype(p.dtype)
-    ref = load_causal_lm(str(sft), dtype=dtype, trust_remote_code=trust, attn_implementation=attn).requires_grad_(False)
-    reward = RewardModel.from_pretrained(str(rm), dtype=dtype, trust_remote_code=trust,
-                                         attn_implementation=attn).requires_grad_(False)
-    if p.offload_reference_model or a.zero_stage == 3:
-        ref = inference_engine(ref, 3, p.dtype, p.offload_reference_model, ctx.world_size)
-    else:
-        ref = ref.to(ctx.device).eval()
-    if c.zero_stage == 3:
-        reward = inference_engine(reward, 3, p.dtype, False, ctx.world_size)
-    else:
-        reward = reward.to(ctx.device).eval()
+    ref_zero3, offload = p.offload_reference_model or a.zero_stage == 3, p.offload_reference_model
+    with partitioned_loading(inference_config(p.dtype, offload, ctx.world_size)) if ref_zero3 else nullcontext():
+        ref = load_causal_lm(str(sft), dtype=dtype, trust_remote_code=trust, attn_implementation=attn)
+    ref.requires_grad_(False)
+    ref = inference_engine(ref, p.dtype, offload, ctx.world_size) if ref_zero3 else ref.to(ctx.device).eval()
+    with partitioned_loading(inference_config(p.dtype, False, ctx.world_size)) if c.zero_stage == 3 else nullcontext():
+        reward = RewardModel.from_pretrained(str(rm), dtype=dtype, trust_remote_code=trust, attn_implementation=attn)
+    reward.requires_grad_(False)
+    reward = (inference_engine(reward, p.dtype, False, ctx.world_size) if c.zero_stage == 3
+              else reward.to(ctx.device).eval())
     return Models(actor=actor_e, critic=critic_e, ref=ref, reward=reward)
 
 
@@ -293,7 +304,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
                "iterations": it, **speed_summary(timings, B * ctx.world_size, ctx.device)}
     log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
     actor = unwrap_for_saving(m.actor.module)
-    final = loop.save_final(ctx, m.actor, actor, tok, metrics, also=None if ema is None else (
+    final = loop.save_final(ctx, actor, tok, metrics, also=None if ema is None else (
         lambda path: actor.save_pretrained(path / "ema", state_dict=ema.shadow)))
     ctx.log_history(history)
     return final, metrics
