@@ -298,6 +298,13 @@ class PPOConfig(Section):
     log_every_steps: Annotated[Int, Field(ge=1)] = 1
     eval_prompts: Annotated[Int, Field(ge=1)] = 64
 
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if self.enable_ema and self.actor.zero_stage == 3:
+            raise _rule("enable_ema", True, "the EMA is a whole fp32 copy of the actor on every rank, which "
+                                            "ZeRO-3 (actor.zero_stage=3) is there to avoid; use actor.zero_stage <= 2")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _engine_defaults(cls, data: Any) -> Any:

@@ -319,6 +319,30 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model.unload()  # the base layers, now holding the merged weights
 
 
+@torch.no_grad()
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights named as in the plain model that :func:`merge_lora` makes of it:
+    each LoRA layer's effective weight (base + scaled B·A, what merging writes) under the
+    base layer's name, no adapter tensors. Without LoRA: ``state_dict()``."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(model, PeftModel):
+        return model.state_dict()
+    base = model.get_base_model()
+    layers = {name: m for name, m in base.named_modules() if isinstance(m, BaseTunerLayer)}
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        for key, t in layer.get_base_layer().state_dict().items():
+            out[f"{name}.{key}"] = t
+        if not layer.merged:
+            w = out[f"{name}.weight"]
+            out[f"{name}.weight"] = w + sum(layer.get_delta_weight(a) for a in layer.active_adapters).to(w.dtype)
+    owned = tuple(f"{name}." for name in layers)
+    out.update((k, t) for k, t in base.state_dict().items() if not k.startswith(owned))
+    return out
+
+
 def unwrap_for_saving(model: nn.Module) -> nn.Module:
     """Merge LoRA wherever it sits (the actor itself, or a reward model's backbone)."""
     if isinstance(model, RewardModel):

@@ -60,6 +60,14 @@ def test_bad_values_name_the_field(override, message):
     assert message in str(e.value)
 
 
+def test_ema_is_refused_under_zero3_before_any_training():
+    """PPO's EMA is a whole copy of the actor on each rank: with a ZeRO-3 actor it is
+    refused when the config is read, not at the first update."""
+    assert PipelineConfig.load("tiny-cpu", ["ppo.enable_ema=true", "ppo.actor.zero_stage=2"]).ppo.enable_ema
+    with pytest.raises(ConfigError, match=r"ppo.enable_ema=True is invalid: .*actor.zero_stage <= 2"):
+        PipelineConfig.load("tiny-cpu", ["ppo.enable_ema=true", "ppo.actor.zero_stage=3"])
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ConfigError, match="tiny-cpu"):
         PipelineConfig.load("no-such-preset")

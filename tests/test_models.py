@@ -12,6 +12,7 @@ from rlhf_tasks.models import (
     last_token_index,
     merge_lora,
     pairwise_loss,
+    plain_state_dict,
     positions_from_mask,
     read_score,
 )
@@ -135,7 +136,8 @@ ARCHS = ["opt", "gpt2", "llama", "qwen2", "gpt_neox", "bloom"]
 def test_lora_default_targets_every_block_projection(arch, head):
     """lora_module_name's default ('auto') adapts the attention and MLP projections of
     every transformer block, whatever the architecture names them, and nothing outside
-    them (embeddings, lm_head); the merged model computes what the adapted one did."""
+    them (embeddings, lm_head); the merged model computes what the adapted one did, and
+    its weights are what plain_state_dict (the PPO EMA's view) reads off the adapted one."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     from rlhf_tasks.config import PipelineConfig
@@ -158,10 +160,15 @@ def test_lora_default_targets_every_block_projection(arch, head):
             torch.nn.init.normal_(p, std=0.1)
     with torch.no_grad():
         out = lora(input_ids=ids).last_hidden_state if head == "backbone" else lora(input_ids=ids).logits
+        plain = {k: v.clone() for k, v in plain_state_dict(lora).items()}
         merged = merge_lora(lora)
         again = merged(input_ids=ids).last_hidden_state if head == "backbone" else merged(input_ids=ids).logits
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     torch.testing.assert_close(again, out, atol=1e-4, rtol=1e-4)
+    merged_sd = merged.state_dict()
+    assert sorted(plain) == sorted(merged_sd)
+    for k, v in merged_sd.items():
+        torch.testing.assert_close(plain[k], v, msg=k)
 
 
 @pytest.mark.parametrize("arch", ["bloom", "llama"])

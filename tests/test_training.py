@@ -7,6 +7,7 @@ held-out pairs, and the saved weights differ from the starting ones.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,6 +158,26 @@ def test_ppo_raises_the_reward_on_held_out_prompts(ppo_run):
     assert ppo["reward_last"] > ppo["reward_first"], ppo
     samples = json.loads((ppo_run.stage("evaluate") / "samples.json").read_text())
     assert len(samples) == ev["prompts"] and {"prompt", "sft_answer", "ppo_answer"} <= set(samples[0])
+
+
+def test_ppo_ema_with_lora_saves_the_plain_model_it_averages(trained_run, tmp_path):
+    """ppo.enable_ema with a LoRA actor: final/ema/ holds the same tensors as final/ (the
+    plain, merged model), averaged: close to the SFT start after a few updates, where the
+    PPO actor has moved on."""
+    run = RunDir(tmp_path / "ema")
+    for name in ("sft", "rm"):
+        shutil.copytree(trained_run.final(name), run.final(name))
+    res = result_of(run_cli("ppo", "--preset", "tiny-cpu", "--output", str(run.path), "--set", "ppo.max_steps=3",
+                            "ppo.actor.lora_dim=8", "ppo.enable_ema=true"))
+    final = Path(res["final_dir"])
+    ema, ppo = load_file(str(final / "ema" / "model.safetensors")), load_file(str(final / "model.safetensors"))
+    sft = load_file(str(run.final("sft") / "model.safetensors"))
+    assert sorted(ema) == sorted(ppo)
+
+    def dist(a, b):
+        return sum(((a[k].float() - b[k].float()) ** 2).sum().item() for k in ppo) ** 0.5
+
+    assert 0 < dist(ema, sft) < 0.2 * dist(ppo, sft)
 
 
 def test_chat_answers_without_repeating(ppo_run):

@@ -43,6 +43,7 @@ from ..models import (
     apply_lora,
     load_causal_lm,
     load_tokenizer,
+    plain_state_dict,
     positions_from_mask,
     unwrap_for_saving,
 )
@@ -169,17 +170,24 @@ def _acc(sums: dict[str, torch.Tensor], k: str, v: torch.Tensor) -> None:
 
 
 class EMA:
-    """Exponential moving average of the actor's weights (DeepSpeed-Chat's --enable_ema)."""
+    """Exponential moving average of the actor's weights (DeepSpeed-Chat's --enable_ema),
+    kept as the plain model's weights (:func:`plain_state_dict`: with LoRA, each adapted
+    layer's effective weight), so that ``final/ema/`` loads as the model it is. One fp32
+    copy of the actor per rank: the config refuses it under ZeRO-3."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        copies: dict[int, torch.Tensor] = {}  # tied weights (lm_head, embeddings) stay one tensor
+        self.shadow = {k: copies.setdefault(v.data_ptr(), v.detach().float().clone())
+                       for k, v in plain_state_dict(model).items() if v.is_floating_point()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            if k in self.shadow:
-                self.shadow[k].lerp_(v.float(), 1 - self.decay)
+        done: set[int] = set()
+        for k, v in plain_state_dict(model).items():
+            if (t := self.shadow.get(k)) is not None and id(t) not in done:
+                done.add(id(t))
+                t.lerp_(v.float(), 1 - self.decay)
 
 
 def _kl_controller(p: PPOConfig):
