@@ -5,7 +5,7 @@ Rows are the tokenised datasets' rows (dicts of python lists); every collator re
 tensors, so a training loop can move the whole batch with one ``.to(device)`` each. The
 batches are exactly transformers' (``DataCollatorForSeq2Seq``, ``DataCollatorWithPadding``,
 ``tokenizer.pad(padding_side="left")``: tests/test_data_collate.py); these build them about
-3x faster (a 16-row SFT batch: 0.97 ms against 3.3 ms, 2 CPU cores), which matters because
+3x faster (a 16-row SFT batch: 0.97 ms against 3.3 ms, 2-core AMD EPYC), which matters because
 the DataLoader collates on the training loop's own thread.
 """
 
