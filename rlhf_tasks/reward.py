@@ -90,10 +90,10 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
              metrics["accuracy"], metrics["chosen_score"], metrics["rejected_score"])
     model = unwrap_for_saving(out.engine.module)
     final = loop.save_final(ctx, model, tok, metrics)
-    plot = bool(ctx.is_main and ctx.tracker.run_id)
-    if is_partitioned(model):  # under ZeRO-3 every rank takes part in every forward pass
+    plot, partitioned = bool(ctx.is_main and ctx.tracker.run_id), is_partitioned(model)
+    if partitioned:  # under ZeRO-3 every rank takes part in every forward pass
         plot = loop.all_reduce_sum([float(plot)], ctx.device)[0] > 0
-    if plot and (ctx.is_main or is_partitioned(model)):
+    if plot and (ctx.is_main or partitioned):
         from .tracking import plot_score_histogram
 
         c, r = score_pairs(model, eval_ds, collate, t.per_device_eval_batch_size, ctx.device)
