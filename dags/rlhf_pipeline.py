@@ -1,15 +1,19 @@
 """
-# RLHF pipeline: SFT → reward model → PPO → evaluate → register
+# RLHF pipeline: SFT → reward model → PPO | GRPO | RLOO | DPO → evaluate → register
 
-Three-step RLHF in the spirit of DeepSpeed-Chat, on DeepSpeed and Hugging Face.
+Three-step RLHF in the spirit of DeepSpeed-Chat, on DeepSpeed and Hugging Face, with the
+alignment step chosen by the form's `algorithm` field.
 
 | task | what it does | where |
 |---|---|---|
 | `install` | checks the worker (packages, torch/CUDA, DeepSpeed ops, disk), resolves the config, validates and caches models and data, opens the MLflow parent run | `gpu` queue |
 | `sft` | step 1: supervised fine-tuning of the actor (perplexity) | `gpu` queue, `gpu` pool |
 | `rm` | step 2: reward model on preference pairs (accuracy, chosen/rejected scores) | `gpu` queue, `gpu` pool |
-| `ppo` | step 3: PPO of the actor against the reward model (average reward, KL) | `gpu` queue, `gpu` pool |
-| `evaluate` | SFT vs PPO actor on held-out prompts, sample answers side by side | `gpu` queue, `gpu` pool |
+| `algorithm` | picks step 3 from the config's `algorithm`; the other three are skipped | default queue |
+| `ppo` | step 3: PPO of the actor against the reward model, with a critic (average reward, KL) | `gpu` queue, `gpu` pool |
+| `grpo` / `rloo` | step 3 without a critic: several answers per prompt, the group as baseline | `gpu` queue, `gpu` pool |
+| `dpo` | step 3 without rollouts: DPO on the third phase's preference pairs | `gpu` queue, `gpu` pool |
+| `evaluate` | SFT vs the aligned actor on held-out prompts (the RM scores), samples side by side | `gpu` queue, `gpu` pool |
 | `register` | run report (time, cost, metrics per step), MLflow model version, `champion` alias if better | default queue |
 
 `sft` and `rm` do not depend on each other: with 2 slots in the `gpu` pool they
@@ -64,6 +68,7 @@ schedule = (AssetOrTimeSchedule(timetable=CronTriggerTimetable(_cron, timezone="
 # The form's fields: config paths by form section. Types, bounds, enums and descriptions come
 # from the config models (rlhf_tasks/config.py), so the form cannot drift from the config.
 FORM = {
+    "Recipe": ["algorithm"],
     "Models": ["model.actor", "model.rm"],
     "Data": ["data.datasets", "data.data_split", "data.max_seq_len"],
     "Step 1: SFT": ["sft.epochs", "sft.per_device_train_batch_size", "sft.learning_rate", "sft.lora_dim",
@@ -73,6 +78,11 @@ FORM = {
     "Step 3: PPO": ["ppo.epochs", "ppo.max_steps", "ppo.per_device_generation_batch_size", "ppo.kl_coef",
                     "ppo.actor.learning_rate", "ppo.critic.learning_rate", "ppo.actor.lora_dim",
                     "ppo.actor.zero_stage", "ppo.critic.zero_stage", "ppo.dtype"],
+    "Step 3: GRPO / RLOO": ["grpo.max_steps", "grpo.group_size", "grpo.per_device_generation_batch_size",
+                            "grpo.kl_coef", "grpo.kl_penalty", "grpo.scale_rewards", "grpo.loss_aggregation",
+                            "grpo.actor.learning_rate", "rloo.max_steps", "rloo.group_size", "rloo.kl_coef",
+                            "rloo.actor.learning_rate"],
+    "Reward terms": ["reward_terms.length_coef", "reward_terms.repetition_coef"],
     "Hardware": ["resources.num_gpus", "resources.gpu_hourly_usd"],
 }
 
@@ -143,7 +153,7 @@ with DAG(
             resolve_run_config(run_dir, cfg)
         except ConfigError as e:  # bad input: a retry cannot fix it
             raise AirflowFailException(f"invalid configuration: {e}") from None
-        return _run("prepare", str(run_dir))
+        return {**_run("prepare", str(run_dir)), "algorithm": cfg.algorithm}
 
     @task(**gpu_task)
     def sft(prep: dict) -> dict:
@@ -155,14 +165,34 @@ with DAG(
         """Step 2: reward model."""
         return _run("rm", prep["run_dir"])
 
+    @task.branch
+    def algorithm(prep: dict) -> str:
+        """Step 3 is the config's algorithm (resolved by install: the form, or the preset's)."""
+        return prep["algorithm"]
+
     @task(**gpu_task)
-    def ppo(prep: dict, sft_result: dict, rm_result: dict) -> dict:
-        """Step 3: PPO."""
+    def ppo(prep: dict) -> dict:
+        """Step 3: PPO (actor, critic, reference, reward model)."""
         return _run("ppo", prep["run_dir"])
 
     @task(**gpu_task)
-    def evaluate(prep: dict, ppo_result: dict) -> dict:
-        """SFT vs PPO actor on held-out prompts."""
+    def grpo(prep: dict) -> dict:
+        """Step 3: GRPO, no critic."""
+        return _run("grpo", prep["run_dir"])
+
+    @task(**gpu_task)
+    def rloo(prep: dict) -> dict:
+        """Step 3: RLOO, no critic."""
+        return _run("rloo", prep["run_dir"])
+
+    @task(**gpu_task)
+    def dpo(prep: dict) -> dict:
+        """Step 3: DPO on preference pairs, no rollouts."""
+        return _run("dpo", prep["run_dir"])
+
+    @task(**gpu_task, trigger_rule="none_failed_min_one_success")
+    def evaluate(prep: dict) -> dict:
+        """SFT vs the aligned actor on held-out prompts, scored by the reward model."""
         return _run("evaluate", prep["run_dir"])
 
     @task(retries=RETRIES, retry_delay=RETRY_DELAY, execution_timeout=timedelta(hours=1))
@@ -171,4 +201,15 @@ with DAG(
         return _run("register", prep["run_dir"])
 
     prep = install()
-    register(prep, evaluate(prep, ppo(prep, sft(prep), rm(prep))))
+    trained = [sft(prep), rm(prep)]
+    choice = algorithm(prep)
+    steps = [ppo(prep), grpo(prep), rloo(prep), dpo(prep)]
+    for step in steps:
+        choice >> step
+        trained[0] >> step
+    for step in steps[:3]:  # the RL steps score rollouts with the reward model; DPO needs only SFT
+        trained[1] >> step
+    done = evaluate(prep)
+    steps >> done
+    trained[1] >> done
+    register(prep, done)

@@ -1,7 +1,7 @@
 """Command line: ``python -m rlhf_tasks <stage> --preset P --set key=value ... --output DIR``.
 
 Stages: ``prepare`` (check the worker, resolve the config, validate data and models),
-``sft``, ``rm``, ``ppo``, ``evaluate``, ``register`` (which writes the run report); ``chat``
+``sft``, ``rm``, the alignment step ``ppo``, ``grpo``, ``rloo`` or ``dpo``, ``evaluate``, ``register`` (which writes the run report); ``chat``
 talks to a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
 
 The last stdout line of a stage is ``RLHF_RESULT <json>`` (paths, metrics, MLflow run
@@ -26,7 +26,9 @@ from .storage import STAGES, RunDir, RunDirBusy, StorageFullError, new_run_id, s
 
 RESULT_PREFIX = "RLHF_RESULT "
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
-STAGE_MODULES = {"prepare": "prepare", **dict(zip(STAGES, ("sft", "reward", "ppo.trainer", "evaluate"), strict=True)),
+# Stage -> "module:entry point" (``run(cfg, run_dir)`` unless named).
+STAGE_MODULES = {"prepare": "prepare", **dict(zip(STAGES, ("sft", "reward", "ppo.trainer", "ppo.group:run_grpo",
+                                                          "ppo.group:run_rloo", "dpo", "evaluate"), strict=True)),
                  "register": "register"}
 
 
@@ -93,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             from . import preflight
             cfg = resolve_run_config(run.path, cfg)
             preflight.check(args.command, cfg, run)
-            module = importlib.import_module(f"rlhf_tasks.{STAGE_MODULES[args.command]}")
-            result = module.run(cfg, run)
+            module, _, entry = STAGE_MODULES[args.command].partition(":")
+            result = getattr(importlib.import_module(f"rlhf_tasks.{module}"), entry or "run")(cfg, run)
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -318,6 +318,90 @@ class PPOConfig(Section):
         return data
 
 
+class RewardTermsConfig(Section):
+    """The reward an RL step (ppo, grpo, rloo) optimises: the reward model's score plus these
+    weighted rule-based terms, each logged on its own (``<stage>/reward_<term>``). A length
+    term counters the best-known reward hack, answers that grow because the RM likes length."""
+
+    length_coef: Float = 0.0
+    """Weight of the answer length (tokens / answer budget, in [0, 1]); < 0 penalises long answers"""
+    repetition_coef: Float = 0.0
+    """Weight of the repetition (share of repeated n-grams in the answer, in [0, 1]); < 0 penalises it"""
+    repetition_ngram: Annotated[Int, Field(ge=1, le=16)] = 3
+    """n of the n-grams the repetition term counts"""
+    function: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None
+    """module:function installed on the worker, f(prompts, answers) -> rewards; needs RLHF_ALLOW_REWARD_FUNCTION=1"""
+    function_coef: Float = 1.0
+    """Weight of the function's reward"""
+
+
+CRITIC_KEYS = ("critic", "cliprange_value", "gamma", "lam", "whiten_advantages", "unsupervised_coef")
+
+
+class GroupConfig(Section):
+    """GRPO and RLOO: ``group_size`` answers per prompt sampled in one batch, each answer's
+    advantage taken against the other answers to its prompt; no critic is loaded, trained or
+    checkpointed. The update is PPO's clipped surrogate on the actor alone."""
+
+    epochs: Annotated[Int, Field(ge=1)] = 1
+    """Passes over the prompts of the third data phase"""
+    max_steps: Annotated[Int, Field(ge=0)] = 0
+    """Iterations (rollout + update); 0 = all prompts"""
+    per_device_generation_batch_size: Annotated[Int, Field(ge=1)] = 4
+    """Prompts per rollout per GPU (each answered group_size times)"""
+    group_size: Annotated[Int, Field(ge=2)] = 4
+    """Answers per prompt (G)"""
+    per_device_train_batch_size: Annotated[Int, Field(ge=1)] = 8
+    """Answers per micro-batch of the update"""
+    ppo_epochs: Annotated[Int, Field(ge=1)] = 1
+    gradient_accumulation_steps: Annotated[Int, Field(ge=1)] = 1
+    dtype: Dtype = "bf16"
+    """Precision of the actor, reference and reward models"""
+    actor: EngineConfig = Field(default_factory=lambda: EngineConfig(**PPO_ENGINE_DEFAULTS["actor"]))
+    """The actor's engine (starts from the SFT model)"""
+    offload_reference_model: Bool = False
+    kl_coef: Annotated[Float, Field(ge=0)] = 0.05
+    """KL coefficient (to the SFT reference)"""
+    clip_reward_value: Annotated[Float, Field(gt=0)] = 5.0
+    cliprange: Annotated[Float, Field(ge=0)] = 0.2
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    """token: mean over every answer token of the batch; sequence: mean per answer, then over answers"""
+    temperature: Annotated[Float, Field(gt=0)] = 1.0
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[Int, Field(ge=0)] = 0
+    generation_backend: GenerationBackend = "static"
+    generation_cuda_graphs: Bool = True
+    checkpoint_every_steps: Annotated[Int, Field(ge=0)] = 50
+    keep_checkpoints: Annotated[Int, Field(ge=1)] = 2
+    log_every_steps: Annotated[Int, Field(ge=1)] = 1
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_critic(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if given := [k for k in CRITIC_KEYS if k in data]:
+                raise _rule(given[0], data[given[0]], "GRPO and RLOO train no critic (the other answers to a "
+                                                      "prompt are the baseline): remove the critic settings")
+            if isinstance(data.get("actor"), dict):
+                data = {**data, "actor": {**PPO_ENGINE_DEFAULTS["actor"], **data["actor"]}}
+        return data
+
+
+class GRPOConfig(GroupConfig):
+    """GRPO (Shao et al. 2024): advantage = (reward - group mean) / group std."""
+
+    scale_rewards: Bool = True
+    """Divide by the group's standard deviation; false = Dr. GRPO (Liu et al. 2025), mean-centred only"""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """loss: k3 estimate of KL(pi || ref) added to the loss x kl_coef (GRPO); reward: subtracted from the reward"""
+    loss_aggregation: Literal["token", "sequence"] = "sequence"
+
+
+class RLOOConfig(GroupConfig):
+    """RLOO (Ahmadian et al. 2024): baseline = mean reward of the other answers to the prompt;
+    the KL to the reference is part of the reward."""
+
+
 # -- where it runs, where it is tracked -----------------------------------------------------------
 
 class ResourcesConfig(Section):
@@ -371,18 +455,25 @@ class PipelineConfig(Section):
     name: Str = "custom"
     seed: Annotated[Int, Field(ge=0)] = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = "ppo"
+    """The alignment step after SFT and the reward model"""
+    alignment_seed: Annotated[Int, Field(ge=0)] | None = None
+    """Seed of the alignment step's sampling (None: seed); varies it without changing the data split"""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rm: RMConfig = Field(default_factory=RMConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    rloo: RLOOConfig = Field(default_factory=RLOOConfig)
+    reward_terms: RewardTermsConfig = Field(default_factory=RewardTermsConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
         if self.device == "cpu":
-            for name in ("sft", "rm", "ppo"):
+            for name in ("sft", "rm", "ppo", "grpo", "rloo"):
                 if getattr(self, name).dtype == "fp16":
                     raise _rule(f"{name}.dtype", "fp16", "fp16 needs a GPU; use fp32 or bf16 on device=cpu")
         return self

@@ -1,8 +1,12 @@
-"""Evaluate: the SFT actor and the PPO actor answer the same held-out prompts.
+"""Evaluate: the SFT actor and the aligned actor answer the same held-out prompts.
 
-Reported: average reward of each (frozen RM, the same clipping as PPO training), the
-gain, KL of the PPO actor to the SFT actor on the PPO actor's own answers (summed over
-answer tokens, averaged over answers), answer lengths, and a side-by-side sample table.
+The aligned actor is the output of the run's ``algorithm`` (ppo, grpo, rloo or dpo); its
+metrics carry one name whichever algorithm made it (``eval/aligned_reward``,
+``eval/aligned_win_rate``, ``eval/kl_aligned_sft``, ``eval/aligned_answer_length``).
+Reported: average reward of each (the frozen RM's score, clipped as in RL training), the
+gain and its standard error, the win rate, KL of the aligned actor to the SFT actor on the
+aligned actor's own answers (summed over answer tokens, averaged over answers), answer
+lengths, and a side-by-side sample table.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from .engine import torch_dtype
 from .models import RewardModel, load_causal_lm, load_tokenizer
 from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, generate
-from .ppo.trainer import actor_log_probs
+from .ppo.policy import actor_log_probs
 from .stage import StageContext, stage
 from .storage import write_json
 
@@ -45,8 +49,9 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, run_dir = ctx.cfg, ctx.run
     p = cfg.ppo
-    sft_dir, ppo_dir, rm_dir = run_dir.final("sft"), run_dir.final("ppo"), run_dir.final("rm")
-    for name, d in (("sft", sft_dir), ("ppo", ppo_dir), ("rm", rm_dir)):
+    algo = cfg.algorithm
+    sft_dir, ppo_dir, rm_dir = run_dir.final("sft"), run_dir.final(algo), run_dir.final("rm")
+    for name, d in (("sft", sft_dir), (algo, ppo_dir), ("rm", rm_dir)):
         if not d.is_dir():
             raise FileNotFoundError(f"evaluate needs the {name} stage's output {d}")
     tok = load_tokenizer(str(sft_dir), cfg.model.trust_remote_code)
@@ -73,26 +78,26 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
             kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
     kl = torch.cat(kls)
     metrics = {
-        "sft_reward": r_sft.mean().item(), "ppo_reward": r_ppo.mean().item(),
+        "sft_reward": r_sft.mean().item(), "aligned_reward": r_ppo.mean().item(),
         "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
         # Standard error of the difference of the two means: the gain is luck unless it is
         # several times this.
         "reward_gain_se": ((r_ppo.var() + r_sft.var()) / len(r_ppo)).sqrt().item(),
-        "ppo_win_rate": ((r_ppo > r_sft).float() + 0.5 * (r_ppo == r_sft).float()).mean().item(),
-        "kl_ppo_sft": kl.mean().item(),
-        "sft_answer_length": len_sft.mean().item(), "ppo_answer_length": len_ppo.mean().item(),
+        "aligned_win_rate": ((r_ppo > r_sft).float() + 0.5 * (r_ppo == r_sft).float()).mean().item(),
+        "kl_aligned_sft": kl.mean().item(),
+        "sft_answer_length": len_sft.mean().item(), "aligned_answer_length": len_ppo.mean().item(),
         "prompts": len(prompts),
     }
-    log.info("evaluate: average reward SFT %.3f -> PPO %.3f (KL %.3f) on %d held-out prompts",
-             metrics["sft_reward"], metrics["ppo_reward"], metrics["kl_ppo_sft"], len(prompts))
+    log.info("evaluate: average reward SFT %.3f -> %s %.3f (KL %.3f) on %d held-out prompts", metrics["sft_reward"],
+             algo, metrics["aligned_reward"], metrics["kl_aligned_sft"], len(prompts))
     prompt_texts = tok.batch_decode([r["prompt_input_ids"] for r in prompts], skip_special_tokens=True)
-    rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), "ppo_answer": b,
-             "ppo_reward": round(float(rb), 3)}
+    rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), f"{algo}_answer": b,
+             f"{algo}_reward": round(float(rb), 3)}
             for pr, a, ra, b, rb in zip(prompt_texts, txt_sft, r_sft, txt_ppo, r_ppo, strict=True)]
     ctx.log_metrics(metrics, 0)
     out = ctx.stage_dir
     write_json(out / "samples.json", rows)
     write_json(out / "metrics.json", metrics)
     if ctx.is_main and ctx.tracker.run_id:
-        ctx.tracker.log_table(rows, "samples/sft_vs_ppo.json")
+        ctx.tracker.log_table(rows, f"samples/sft_vs_{algo}.json")
     return ppo_dir, metrics

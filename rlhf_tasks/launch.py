@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .storage import PPO, RM, SFT
+from .storage import ALIGNMENT_STAGES, RM, SFT
 
 RESULT_PREFIX = "RLHF_RESULT "
 log = logging.getLogger("rlhf_tasks.launch")
@@ -35,7 +35,7 @@ class StageFailed(RuntimeError):
 
 # Stages whose code runs one rank per GPU (DeepSpeed engines, sharded data). The others
 # (prepare, evaluate, register) are single-process whatever the run's resources.
-DISTRIBUTED_STAGES = (SFT, RM, PPO)
+DISTRIBUTED_STAGES = (SFT, RM, *ALIGNMENT_STAGES)
 
 
 class ResourceError(ValueError):

@@ -8,11 +8,8 @@ resumable checkpoints (DeepSpeed state + where in the data we were), and the fin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from .checkpoint import Checkpointer
 from .config import SupervisedConfig
 from .data.collate import LengthGroupedBatchSampler
 from .engine import Batching, initialize
+from .iteration import Iterations, Speed
 from .models import count_parameters, gathered_state_dict, is_partitioned
 from .stage import StageContext
 from .storage import atomic_dir, write_json
@@ -41,70 +39,7 @@ class LoopOutput:
     metrics: dict[str, float]
     history: dict[str, list[tuple[int, float]]]
     global_step: int
-    throughput: dict[str, float] = field(default_factory=dict)  # see Throughput.summary
-
-
-class Throughput:
-    """Steady-state training speed of one run: real (non-padding) tokens per second from
-    the end of the first optimizer step (warm-up: allocator, kernels) to the last, without
-    the time spent evaluating or checkpointing. Two extra host syncs per run, none per step."""
-
-    def __init__(self, device: torch.device, flops_per_token: float, world_size: int):
-        self.device, self.flops_per_token, self.world_size = device, flops_per_token, world_size
-        self.tokens = torch.zeros((), device=device, dtype=torch.long)  # counted on device
-        self.t0: float | None = None
-        self.paused_s, self.steps = 0.0, 0
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def micro_batch(self, attention_mask: torch.Tensor) -> None:
-        if self.t0 is not None:
-            self.tokens += attention_mask.sum()
-
-    def step_done(self) -> None:
-        """After an optimizer step: the first one starts the clock."""
-        if self.t0 is None:
-            self._sync()
-            self.t0 = time.perf_counter()
-        else:
-            self.steps += 1
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Evaluation and checkpoints are not training time."""
-        if self.t0 is None:
-            yield
-            return
-        self._sync()
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.paused_s += time.perf_counter() - t
-
-    def summary(self) -> dict[str, float]:
-        if self.t0 is None or self.steps == 0:
-            return {}
-        self._sync()
-        seconds = time.perf_counter() - self.t0 - self.paused_s
-        tok_s = self.tokens.item() * self.world_size / seconds
-        out = {"train_tokens_per_s": tok_s, "train_tflops": tok_s * self.flops_per_token / 1e12,
-               "train_timed_steps": self.steps, "train_timed_s": seconds}
-        if self.device.type == "cuda":
-            out["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-        return out
-
-
-def _progress(total: int, desc: str, initial: int, enabled: bool):
-    from tqdm import tqdm
-
-    # In a task log (not a terminal) print a line every 30 s rather than redrawing.
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+    throughput: dict[str, float] = field(default_factory=dict)  # see iteration.Speed.summary
 
 
 def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_ds, collate, loss_fn: LossFn,
@@ -125,94 +60,62 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
     engine = initialize(model, t, batching, ctx.device, ctx.world_size)
 
     ckpt = Checkpointer(ctx, {"": engine}, t.checkpoint_every_steps, t.keep_checkpoints)
-    history: dict[str, list[tuple[int, float]]] = {}
-    global_step, epoch, micro_done = 0, 0, 0
-    if (state := ckpt.resume()) is not None:
-        global_step, epoch, micro_done, history = (state[k] for k in ("global_step", "epoch", "micro_done", "history"))
-        log.info("%s: at epoch %d, %d micro-batches into it", ctx.name, epoch, micro_done)
-    else:
+    speed = Speed(ctx.device, flops_per_token, ctx.world_size)
+    it = Iterations(ctx, train_ds, collate, sampler, total_steps, ckpt,
+                    batches_per_step=t.gradient_accumulation_steps, speed=speed)
+    if not it.resume():
         before = eval_fn(engine)
-        _record(ctx, history, before, 0)
+        it.record(before, 0)
         log.info("%s: before training: %s", ctx.name, _fmt(before))
 
-    bar = _progress(total_steps, ctx.name, global_step, ctx.is_main)
     loss_sum = torch.zeros((), device=ctx.device)  # summed on device: no host sync per step
-    tokens = torch.zeros((), device=ctx.device, dtype=torch.long)
-    n_micro, t_window = 0, time.perf_counter()
-    speed = Throughput(ctx.device, flops_per_token, ctx.world_size)
-    done = global_step >= total_steps
+    epoch_loss = torch.zeros((), device=ctx.device)
+    n_micro, epoch_n = 0, 0
     last_eval: tuple[int, dict[str, float]] | None = None
-    while not done and epoch < t.epochs:
-        sampler.set_epoch(epoch)
-        batches = list(sampler)[micro_done:]
-        loader = iter(DataLoader(train_ds, batch_sampler=batches, collate_fn=collate, num_workers=0,
-                                 pin_memory=ctx.device.type == "cuda"))
-        ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
-        epoch_loss, epoch_n = torch.zeros((), device=ctx.device), 0
-        for batch in loader:
-            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-            loss, n_tok = loss_fn(engine, batch)
-            engine.backward(loss)
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            micro_done += 1
-            loss_sum += loss.detach().float()
-            epoch_loss += loss.detach().float()
-            epoch_n += 1
-            tokens += n_tok
-            n_micro += 1
-            speed.micro_batch(batch["attention_mask"])
-            if not boundary:
-                continue
-            global_step += 1
-            speed.step_done()
-            bar.update(1)
-            if global_step % t.log_every_steps == 0 or global_step == total_steps:
-                dt = time.perf_counter() - t_window
-                tok_s = tokens.item() * ctx.world_size / dt
-                m = {"loss": loss_sum.item() / n_micro, "lr": engine.get_lr()[0], "tokens_per_s": tok_s,
-                     "tflops": tok_s * flops_per_token / 1e12, "epoch": epoch + micro_done / micro_per_epoch}
-                history.setdefault("loss", []).append((global_step, m["loss"]))  # logged once, with m
-                ctx.log_metrics(m, global_step)
-                if ctx.is_main:
-                    log.info("%s: step %d/%d loss %.4f lr %.3g tokens/s %.0f", ctx.name, global_step, total_steps,
-                             m["loss"], m["lr"], tok_s)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}")
-                loss_sum.zero_(), tokens.zero_()
-                n_micro, t_window = 0, time.perf_counter()
-            if t.eval_every_steps and global_step % t.eval_every_steps == 0:
-                with speed.paused():
-                    _record(ctx, history, eval_fn(engine), global_step)
-            if ckpt.due(global_step):
-                with speed.paused():
-                    ckpt.save(global_step, {"epoch": epoch, "micro_done": micro_done, "history": history,
-                                            "config": ctx.cfg.to_dict()})
-            if global_step >= total_steps:
-                done = True
-                break
-        if not done or micro_done >= micro_per_epoch:
+
+    def epoch_end(epoch: int) -> None:
+        nonlocal last_eval, epoch_n
+        with speed.paused():
+            metrics = eval_fn(engine)
+        it.record(metrics)
+        last_eval = (it.step, metrics)
+        log.info("%s: epoch %d/%d step %d train_loss %.4f %s", ctx.name, epoch + 1, t.epochs, it.step,
+                 epoch_loss.item() / max(epoch_n, 1), _fmt(metrics))
+        epoch_loss.zero_()
+        epoch_n = 0
+
+    for batch in it.batches(t.epochs, on_epoch_end=epoch_end):
+        loss, n_tok = loss_fn(engine, batch)
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()
+        loss_sum += loss.detach().float()
+        epoch_loss += loss.detach().float()
+        n_micro, epoch_n = n_micro + 1, epoch_n + 1
+        speed.count(n_tok)
+        if not boundary:
+            continue
+        it.advance()
+        if it.logging_due(t.log_every_steps):
+            m = {"loss": loss_sum.item() / n_micro, "lr": engine.get_lr()[0], **speed.window(),
+                 "epoch": it.epoch + it.offset / micro_per_epoch}
+            it.record(m, keys=("loss",))
+            if ctx.is_main:
+                log.info("%s: step %d/%d loss %.4f lr %.3g tokens/s %.0f", ctx.name, it.step, total_steps,
+                         m["loss"], m["lr"], m["tokens_per_s"])
+            loss_sum.zero_()
+            n_micro = 0
+        if t.eval_every_steps and it.step % t.eval_every_steps == 0:
             with speed.paused():
-                metrics = eval_fn(engine)
-            _record(ctx, history, metrics, global_step)
-            last_eval = (global_step, metrics)
-            mean = epoch_loss.item() / max(epoch_n, 1)
-            log.info("%s: epoch %d/%d step %d train_loss %.4f %s", ctx.name, epoch + 1, t.epochs, global_step,
-                     mean, _fmt(metrics))
-            epoch, micro_done = epoch + 1, 0
-    bar.close()
+                it.record(eval_fn(engine))
+        it.checkpoint_if_due()
     throughput = speed.summary()
-    if last_eval is not None and last_eval[0] == global_step:
+    if last_eval is not None and last_eval[0] == it.step:
         final = last_eval[1]
     else:
         final = eval_fn(engine)
-        _record(ctx, history, final, global_step)
-    return LoopOutput(engine=engine, metrics=final, history=history, global_step=global_step, throughput=throughput)
-
-
-def _record(ctx: StageContext, history: dict[str, list[tuple[int, float]]], metrics: dict[str, float], step: int) -> None:
-    for k, v in metrics.items():
-        history.setdefault(k, []).append((step, float(v)))
-    ctx.log_metrics(metrics, step)
+        it.record(final)
+    return LoopOutput(engine=engine, metrics=final, history=it.history, global_step=it.step, throughput=throughput)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

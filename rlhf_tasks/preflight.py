@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig
-from .storage import EVALUATE, PPO, RM, SFT, STAGES, RunDir
+from .storage import DPO, EVALUATE, GRPO, PPO, RLOO, RM, SFT, STAGES, RunDir
 
 ALLOW_REMOTE_CODE_ENV = "RLHF_ALLOW_REMOTE_CODE"
 BUILTIN_MODELS = ("builtin:tiny-opt",)
@@ -32,7 +32,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.ind
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 # Models each stage loads from the config (later stages load the earlier stages' outputs).
 STAGE_MODELS = {"prepare": ("actor", "rm"), SFT: ("actor",), RM: ("rm",)}
-STAGE_INPUTS = {PPO: (SFT, RM), EVALUATE: (SFT, RM, PPO)}
+STAGE_INPUTS = {PPO: (SFT, RM), GRPO: (SFT, RM), RLOO: (SFT, RM), DPO: (SFT,)}  # evaluate: sft, rm, the algorithm's
 STAGES_WITH_DATA = ("prepare", *STAGES)
 
 
@@ -130,10 +130,15 @@ def check(stage: str, cfg: PipelineConfig, run: RunDir) -> None:
     if stage in STAGE_MODELS:
         tok_field = "model.tokenizer" if m.tokenizer else "model.actor"
         check_tokenizer_source(m.tokenizer or m.actor, tok_field, m.trust_remote_code)
-    for earlier in STAGE_INPUTS.get(stage, ()):
+    inputs = (SFT, RM, cfg.algorithm) if stage == EVALUATE else STAGE_INPUTS.get(stage, ())
+    for earlier in inputs:
         final = run.final(earlier)
         if not final.is_dir() and run.result(stage) is None:
             raise ConfigError(f"{stage} needs the {earlier} stage's output {final}, which does not exist: run "
                               f"`{earlier}` first with --output {run.path}")
     if stage in STAGES_WITH_DATA:
         check_datasets(cfg)
+    if cfg.reward_terms.function and stage in ("prepare", PPO, GRPO, RLOO):
+        from .ppo.rewards import load_function
+
+        load_function(cfg.reward_terms.function)

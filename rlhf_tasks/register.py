@@ -2,7 +2,7 @@
 
 The report mirrors the seed guide's two tables – time and cost per step, and the
 quality metric of each step – as ``report.md`` and ``report.html`` in the run directory
-and as artifacts of the MLflow parent run. The PPO actor becomes a version of the
+and as artifacts of the MLflow parent run. The aligned actor becomes a version of the
 registered model; the alias ``champion`` moves to it only when its evaluated average
 reward beats the current champion's.
 """
@@ -16,12 +16,16 @@ from typing import Any
 from .config import PipelineConfig
 from .cost import cost_usd
 from .stage import setup_logging
-from .storage import EVALUATE, PPO, STAGES, RunDir, write_json
+from .storage import ALIGNMENT_STAGES, EVALUATE, RM, SFT, RunDir, write_json
 from .tracking import ensure_parent_run, tracking_uri
 
 log = logging.getLogger("rlhf_tasks")
 
-STEPS = tuple(zip(STAGES, ("Step 1: SFT", "Step 2: reward model", "Step 3: PPO", "Evaluation"), strict=True))
+ALGORITHM_NAMES = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
+STEPS = ((SFT, "Step 1: SFT"), (RM, "Step 2: reward model"),
+         *((s, f"Step 3: {ALGORITHM_NAMES[s]}") for s in ALIGNMENT_STAGES), (EVALUATE, "Evaluation"))
+# The metric the champion is chosen by: the held-out average reward of the aligned actor.
+CHAMPION_METRIC = "eval/aligned_reward"
 
 
 def collect(run_dir: RunDir) -> dict[str, Any]:
@@ -68,16 +72,23 @@ def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[li
         total_usd += cost
         time_rows.append([label, _duration(r.wall_clock_s), _fmt(float(cost), 2)])
     time_rows.append(["Total", _duration(total_s), _fmt(total_usd, 2)])
-    sft, rm, ppo, ev = (results[s].metrics if s in results else {} for s in STAGES)
+    algo = ALGORITHM_NAMES[cfg.algorithm]
+    sft, rm, ev = (results[s].metrics if s in results else {} for s in (SFT, RM, EVALUATE))
+    aligned = results[cfg.algorithm].metrics if cfg.algorithm in results else {}
+    step3 = (["Step 3: DPO", "held-out reward accuracy (implicit reward)", _fmt(aligned.get("reward_accuracy_before")),
+              _fmt(aligned.get("reward_accuracy"))] if cfg.algorithm == "dpo" else
+             [f"Step 3: {algo}", "average reward (training rollouts)", _fmt(aligned.get("reward_first")),
+              _fmt(aligned.get("reward_last"))])
     quality = [
         ["Step 1: SFT", "perplexity (held-out)", _fmt(sft.get("perplexity_before")), _fmt(sft.get("perplexity"))],
         ["Step 2: reward model", "accuracy (held-out pairs)", _fmt(rm.get("accuracy_before")), _fmt(rm.get("accuracy"))],
         ["Step 2: reward model", "mean score chosen / rejected", "",
          f"{_fmt(rm.get('chosen_score'))} / {_fmt(rm.get('rejected_score'))}"],
-        ["Step 3: PPO", "average reward (training rollouts)", _fmt(ppo.get("reward_first")), _fmt(ppo.get("reward_last"))],
-        ["Evaluation", "average reward SFT → PPO (held-out prompts)", _fmt(ev.get("sft_reward")),
-         _fmt(ev.get("ppo_reward"))],
-        ["Evaluation", "KL(PPO ‖ SFT) per answer", "", _fmt(ev.get("kl_ppo_sft"))],
+        step3,
+        ["Evaluation", f"average reward SFT → {algo} (held-out prompts)", _fmt(ev.get("sft_reward")),
+         _fmt(ev.get("aligned_reward"))],
+        ["Evaluation", f"win rate of {algo} over SFT (held-out prompts)", "", _fmt(ev.get("aligned_win_rate"))],
+        ["Evaluation", f"KL({algo} ‖ SFT) per answer", "", _fmt(ev.get("kl_aligned_sft"))],
     ]
     return time_rows, quality
 
@@ -86,7 +97,7 @@ def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any
     time_rows, quality = report_tables(cfg, results)
     price = f"${cfg.resources.gpu_hourly_usd:.2f}/GPU-hour x {_gpus(cfg)} GPU(s)"
     lines = [f"# RLHF run report: {run_dir.path.name}", "",
-             f"Preset `{cfg.name}`; actor `{cfg.model.actor}`, reward model `{cfg.model.rm}`; "
+             f"Preset `{cfg.name}`; alignment `{cfg.algorithm}`; actor `{cfg.model.actor}`, reward model `{cfg.model.rm}`; "
              f"datasets {', '.join(f'`{d}`' for d in cfg.data.datasets)}; split {cfg.data.data_split}.", "",
              f"## Time and cost per step ({price})", "", "| step | wall-clock | cost (USD) |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in time_rows]
@@ -147,9 +158,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t.log_artifact(str(run_dir.path / "report.md"), "report")
         t.log_artifact(str(run_dir.path / "report.html"), "report")
         ev = results[EVALUATE]
-        reg = register_model(uri, run_dir.final(PPO), cfg.tracking.registered_model, "eval/ppo_reward",
-                             float(ev.metrics["ppo_reward"]),
-                             run_id=(results[PPO].mlflow_run_id if PPO in results else None) or parent)
+        algo = cfg.algorithm
+        reg = register_model(uri, run_dir.final(algo), cfg.tracking.registered_model, CHAMPION_METRIC,
+                             float(ev.metrics["aligned_reward"]),
+                             run_id=(results[algo].mlflow_run_id if algo in results else None) or parent,
+                             tags={"rlhf.algorithm": algo})
         t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.promoted": str(reg.get("promoted"))})
         t.close("FINISHED")
         out.update(registered=reg, mlflow_parent_run_id=parent)

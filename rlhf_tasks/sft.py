@@ -62,7 +62,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     def loss_fn(engine, batch):
         out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                      use_cache=False)
-        return out.loss, (batch["labels"][:, 1:] != -100).sum()
+        return out.loss, batch["attention_mask"].sum()  # real tokens processed: what the FLOPs are spent on
 
     def eval_fn(engine):
         return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,

@@ -21,13 +21,13 @@ import torch
 from .config import PipelineConfig
 from .cost import cost_usd, gpu_hours
 from .engine import init_distributed, resolve_device
-from .storage import STAGES, RunDir, StageResult, write_json
+from .storage import ALIGNMENT_STAGES, STAGES, RunDir, StageResult, write_json
 from .tracking import TrackerLike, open_stage_tracker
 
 log = logging.getLogger("rlhf_tasks")
 
 # Metric prefixes as named in the design (the reward stage logs under rm/).
-METRIC_PREFIX = dict(zip(STAGES, ("sft", "rm", "ppo", "eval"), strict=True))
+METRIC_PREFIX = dict(zip(STAGES, ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "eval"), strict=True))
 # A finished stage waits up to RLHF_MLFLOW_FLUSH_TIMEOUT_S for its last metrics to be sent
 # (how long a stage waits for the server at start, and holds metrics through an outage:
 # tracking.runs.MLFLOW_START_TIMEOUT_S and MLFLOW_OUTAGE_BUDGET_S).
@@ -105,7 +105,7 @@ class StageContext:
 def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageContext]:
     """Set up a stage, time it, and close its MLflow run with the right status."""
     setup_logging()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.alignment_seed if name in ALIGNMENT_STAGES and cfg.alignment_seed is not None else cfg.seed)
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     tracker = open_stage_tracker(name, cfg, run, rank)

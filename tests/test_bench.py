@@ -143,17 +143,28 @@ def test_replace_section_rewrites_only_its_markers(tmp_path):
         gpu_suite.replace_section(tmp_path / "C.md", "gpu", "x")
 
 
-def test_ppo_speed_summary_leaves_out_the_first_iteration():
-    from rlhf_tasks.ppo.trainer import speed_summary
+def test_rl_speed_leaves_out_the_first_iteration(monkeypatch):
+    """One way to measure speed (iteration.Speed): phase times per iteration, the first
+    iteration (warm-up) left out, evaluation/checkpoint pauses not counted."""
+    from rlhf_tasks import iteration
+    from rlhf_tasks.ppo.trainer import rl_speed
 
-    its = [{"generation_s": 9.0, "scoring_s": 1.0, "training_s": 1.0, "generation_tokens": 100},
-           {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "generation_tokens": 400},
-           {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "generation_tokens": 200}]
-    s = speed_summary(its, 8, torch.device("cpu"))
+    clock = [0.0]
+    monkeypatch.setattr(iteration.time, "perf_counter", lambda: clock[0])
+    speed = iteration.Speed(torch.device("cpu"))
+    for gen, score, train, tokens in ((9.0, 1.0, 1.0, 100), (2.0, 0.5, 1.5, 400), (2.0, 0.5, 1.5, 200)):
+        for name, dt in (("generation", gen), ("scoring", score), ("training", train)):
+            with speed.phase(name):
+                clock[0] += dt
+        speed.count(tokens)
+        speed.step_done()
+        with speed.paused():  # a checkpoint: not training time
+            clock[0] += 100.0
+    s = rl_speed(speed, 8)
     assert s == {"generation_s": 2.0, "scoring_s": 0.5, "training_s": 1.5, "prompts_per_s": 2.0,
                  "generation_tokens_per_s": 150.0, "timed_iterations": 2}
-    assert speed_summary(its[:1], 8, torch.device("cpu"))["prompts_per_s"] == pytest.approx(8 / 11)
-    assert speed_summary([], 8, torch.device("cpu")) == {}
+    assert speed.summary()["train_timed_s"] == pytest.approx(8.0)  # two iterations of 4 s, pauses left out
+    assert rl_speed(iteration.Speed(torch.device("cpu")), 8) == {}
 
 
 def test_generation_bench_compares_both_backends_on_the_same_work(tmp_path):

@@ -43,11 +43,17 @@ def test_task_graph(dag):
         "install": [],
         "sft": ["install"],
         "rm": ["install"],
-        "ppo": ["install", "rm", "sft"],
-        "evaluate": ["install", "ppo"],
+        "algorithm": ["install"],
+        "ppo": ["algorithm", "install", "rm", "sft"],
+        "grpo": ["algorithm", "install", "rm", "sft"],
+        "rloo": ["algorithm", "install", "rm", "sft"],
+        "dpo": ["algorithm", "install", "sft"],  # DPO needs no reward model to train
+        "evaluate": ["dpo", "grpo", "install", "ppo", "rloo", "rm"],
         "register": ["evaluate", "install"],
     }
-    for t in ("sft", "rm", "ppo", "evaluate"):
+    # One alignment step runs; evaluate runs after it although the other three were skipped.
+    assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
+    for t in ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "evaluate"):
         task = dag.task_dict[t]
         assert task.queue == "gpu" and task.pool == "gpu"
         assert task.retries >= 1 and task.execution_timeout is not None

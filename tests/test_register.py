@@ -34,7 +34,7 @@ METRICS = {
     "sft": {"perplexity_before": 12.5, "perplexity": 3.25, "loss": 1.18},
     "rm": {"accuracy_before": 0.5, "accuracy": 0.8137, "chosen_score": 1.5, "rejected_score": -0.75},
     "ppo": {"reward_first": 0.125, "reward_last": 0.875, "kl": 0.03},
-    "evaluate": {"sft_reward": 0.25, "ppo_reward": 1.125, "kl_ppo_sft": 0.0637},
+    "evaluate": {"sft_reward": 0.25, "aligned_reward": 1.125, "aligned_win_rate": 0.6875, "kl_aligned_sft": 0.0637},
 }
 EXPECTED_QUALITY_ROWS = [
     ("Step 1: SFT", "perplexity (held-out)", "12.500", "3.250"),
@@ -42,6 +42,7 @@ EXPECTED_QUALITY_ROWS = [
     ("Step 2: reward model", "mean score chosen / rejected", "", "1.500 / -0.750"),
     ("Step 3: PPO", "average reward (training rollouts)", "0.125", "0.875"),
     ("Evaluation", "average reward SFT → PPO (held-out prompts)", "0.250", "1.125"),
+    ("Evaluation", "win rate of PPO over SFT (held-out prompts)", "", "0.688"),
     ("Evaluation", "KL(PPO ‖ SFT) per answer", "", "0.064"),
 ]
 

@@ -156,8 +156,8 @@ def test_ppo_raises_the_reward_on_held_out_prompts(ppo_run):
     # actor's, by a margin several standard errors wide (not sampling luck).
     assert ev["reward_gain"] > 0.3, ev
     assert ev["reward_gain"] > 3 * ev["reward_gain_se"], ev
-    assert ev["ppo_win_rate"] > 0.5, ev
-    assert 0 <= ev["kl_ppo_sft"] < 20, ev  # moved, but stayed near the SFT policy
+    assert ev["aligned_win_rate"] > 0.5, ev
+    assert 0 <= ev["kl_aligned_sft"] < 20, ev  # moved, but stayed near the SFT policy
     ppo = ppo_run.results["ppo"]["metrics"]
     assert ppo["reward_last"] > ppo["reward_first"], ppo
     samples = json.loads((ppo_run.stage("evaluate") / "samples.json").read_text())

@@ -108,3 +108,38 @@ class AdaptiveKLController:
         """``n_steps``: rollouts seen since the last update (the generation batch size)."""
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
+
+
+# -- critic-free baselines: the other answers to the same prompt -----------------------------------
+# Rewards arrive as (B,) with B = P * G: prompt p's G answers are rows p*G .. p*G+G-1.
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.dim() != 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"rewards {tuple(rewards.shape)} do not split into groups of {group_size}")
+    return rewards.view(-1, group_size)  # (P, G)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: (B,) rewards -> (B,) advantages ``(r - mean_group) / (std_group + eps)``.
+
+    The std is the sample std (n - 1) of the G rewards; ``scale=False`` is Dr. GRPO's
+    mean-centring only, which does not weigh prompts whose answers all score alike
+    (std near 0) up to the same magnitude as the informative ones."""
+    g = _groups(rewards, group_size)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: (B,) rewards -> (B,) ``r_i - mean_{j != i} r_j`` over the other G - 1 answers
+    to the same prompt; an unbiased baseline, as it never includes the answer's own reward."""
+    g = _groups(rewards, group_size)
+    others = (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)
+    return (g - others).reshape(-1)
+
+
+def sequence_kl(action_log_probs: torch.Tensor, ref_log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B,) the sampled KL(pi || ref) of each answer, summed over its tokens (k1)."""
+    return torch.where(action_mask.bool(), action_log_probs - ref_log_probs, 0.0).sum(-1)

@@ -48,11 +48,24 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token") -> torch.Tensor:
+    """(B, N) per-token values -> a scalar. ``token``: the mean over every answer token of
+    the batch (a long answer weighs more); ``sequence``: the mean over each answer's tokens,
+    then over answers (each answer weighs the same, GRPO's original form)."""
+    if how == "token":
+        return masked_mean(x, mask)
+    if how == "sequence":
+        return masked_mean(x, mask, dim=-1).mean()
+    raise ValueError(f"aggregation must be 'token' or 'sequence', got {how!r}")
+
+
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
-                action_mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                action_mask: torch.Tensor, clip_eps: float,
+                aggregation: str = "token") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, all (B, N) -> scalars.
 
-    loss = -mean(min(r * A, clip(r, 1 - eps, 1 + eps) * A)), r = pi / pi_old.
+    loss = -mean(min(r * A, clip(r, 1 - eps, 1 + eps) * A)), r = pi / pi_old, the mean
+    taken as ``aggregation`` says (:func:`aggregate`).
 
     clip_fraction: share of answer tokens where the clipped term is the smaller one,
     i.e. whose gradient is cut off (r > 1+eps with A > 0, or r < 1-eps with A < 0).
@@ -64,11 +77,19 @@ def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages
     ratio = log_ratio.exp()
     surr = ratio * advantages
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    loss = masked_mean(-torch.min(surr, surr_clipped), action_mask)
+    loss = aggregate(-torch.min(surr, surr_clipped), action_mask, aggregation)
     with torch.no_grad():
         clip_fraction = masked_mean((surr_clipped < surr).to(log_probs.dtype), action_mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, action_mask)
     return loss, clip_fraction, approx_kl
+
+
+def kl_k3(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) per-token k3 estimate of KL(pi || ref) (Schulman 2020): with d = ref - logp,
+    exp(d) - d - 1 >= 0 for every token, unbiased under pi, lower variance than -d; 0 where
+    masked. GRPO adds its mean to the loss."""
+    d = _masked(ref_log_probs - log_probs, action_mask)
+    return _masked(d.exp() - d - 1.0, action_mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, action_mask: torch.Tensor,

@@ -15,9 +15,7 @@ copy of the SFT actor), the critic (trained, from the reward model) and the rewa
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,108 +27,91 @@ from ..checkpoint import Checkpointer
 from ..config import PipelineConfig, PPOConfig
 from ..data import PromptCollator, SFTCollator
 from ..data.collate import LengthGroupedBatchSampler
-from ..engine import (
-    Batching,
-    inference_config,
-    inference_engine,
-    initialize,
-    loading_config,
-    partitioned_loading,
-    torch_dtype,
-)
-from ..models import (
-    RewardModel,
-    apply_lora,
-    load_causal_lm,
-    load_tokenizer,
-    plain_state_dict,
-    positions_from_mask,
-    unwrap_for_saving,
-)
+from ..engine import Batching, initialize, loading_config, partitioned_loading
+from ..iteration import Iterations, Speed
+from ..models import RewardModel, apply_lora, load_tokenizer, plain_state_dict, unwrap_for_saving
 from ..phases import ppo_prompts, sft_rows
 from ..stage import StageContext, stage
 from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
 from .experience import Experience
 from .generation import GenerationSettings, generate
-from .losses import log_probs_from_logits, masked_mean, policy_loss, value_loss
+from .losses import masked_mean, policy_loss, value_loss
+from .policy import (
+    Reference,
+    actor_log_probs,
+    load_actor,
+    load_reference,
+    load_reward_model,
+    memory_report,
+    require_outputs,
+    window_mean,
+)
+from .rewards import RewardTerms
 
 log = logging.getLogger("rlhf_tasks")
+
+
+HISTORY = ("reward", "kl", "actor_loss", "critic_loss", "answer_length")  # the curves in plots/ppo_curves.png
 
 
 @dataclass
 class Models:
     actor: object  # DeepSpeed engine
     critic: object  # DeepSpeed engine
-    ref: torch.nn.Module
+    ref: Reference
     reward: torch.nn.Module
 
-
-def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T-1) log-prob of each next token under ``model``."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask), use_cache=False).logits
-    return log_probs_from_logits(logits[:, :-1], sequences[:, 1:])
+    def memory(self) -> dict[str, float]:
+        return memory_report(actor=self.actor.module, critic=self.critic.module, reference=self.ref.model,
+                             reward=self.reward)
 
 
 @torch.no_grad()
 def make_experience(m: Models, prompts: dict[str, torch.Tensor], p: PPOConfig, gen: GenerationSettings,
-                    kl_coef: float, eos_id: int, pad_id: int) -> tuple[Experience, dict[str, float]]:
+                    kl_coef: float, terms: RewardTerms, tok, speed: Speed) -> tuple[Experience, dict[str, float]]:
     """Rollout + the scoring pass of all four models; returns the experience and stats."""
-    t0 = time.perf_counter()
-    ro = generate(m.actor.module, prompts["input_ids"], prompts["attention_mask"], gen, eos_id, pad_id)
-    _sync(ro.sequences.device)  # once per iteration, so that generation and scoring time split honestly
-    t_gen = time.perf_counter() - t0
-    seq, attn, amask = ro.sequences, ro.attention_mask, ro.action_mask.to(torch.float32)
-    m.actor.eval()
-    m.critic.eval()
-    logp = actor_log_probs(m.actor, seq, attn).float()  # (B, T-1)
-    ref_logp = actor_log_probs(m.ref, seq, attn).float()
-    values = m.critic(seq, attn)[:, :-1].float()  # value of the state before each action
-    raw_scores = m.reward.score(seq, attn).float()  # (B,)
-    m.actor.train()
-    m.critic.train()
-    scores = raw_scores.clamp(-p.clip_reward_value, p.clip_reward_value)
-    rewards, kl = compute_rewards(scores, logp, ref_logp, amask, kl_coef, p.clip_reward_value)
-    advantages, returns = compute_gae(values, rewards, amask, p.gamma, p.lam)
-    if p.whiten_advantages:
-        advantages = whiten(advantages, amask)
+    with speed.phase("generation"):
+        ro = generate(m.actor.module, prompts["input_ids"], prompts["attention_mask"], gen, tok.eos_token_id,
+                      tok.pad_token_id)
+    with speed.phase("scoring"):
+        seq, attn, amask = ro.sequences, ro.attention_mask, ro.action_mask.to(torch.float32)
+        m.actor.eval()
+        m.critic.eval()
+        logp = actor_log_probs(m.actor, seq, attn).float()  # (B, T-1)
+        ref_logp = m.ref.log_probs(seq, attn).float()
+        values = m.critic(seq, attn)[:, :-1].float()  # value of the state before each action
+        rm_scores = m.reward.score(seq, attn).float()  # (B,)
+        m.actor.train()
+        m.critic.train()
+        scores, parts = terms.total(rm_scores, seq, amask, ro.prompt_len)
+        rewards, _ = compute_rewards(scores, logp, ref_logp, amask, kl_coef, p.clip_reward_value)
+        advantages, returns = compute_gae(values, rewards, amask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = whiten(advantages, amask)
     exp = Experience(sequences=seq, attention_mask=attn, action_mask=amask, action_log_probs=logp,
                      ref_log_probs=ref_logp, values=values, rewards=rewards, advantages=advantages,
                      returns=returns, scores=scores, prompt_len=ro.prompt_len)
-    n_new = amask.sum()
-    stats = {"reward": raw_scores.mean(), "reward_clipped": scores.mean(),
+    stats = {"reward": rm_scores.mean(), "reward_total": scores.mean(),
              "kl": ((logp - ref_logp) * amask).sum(-1).mean(),  # per answer, summed over its tokens
-             "answer_length": ro.answer_lengths.float().mean(), "generation_tokens": n_new,
-             "empty_answers": (ro.answer_lengths <= 1).float().mean()}
-    stats = {k: float(v) for k, v in stats.items()}  # one sync per iteration, after all the GPU work
-    stats["generation_s"] = t_gen
-    stats["scoring_s"] = time.perf_counter() - t0 - t_gen
-    stats["generation_tokens_per_s"] = stats["generation_tokens"] / max(t_gen, 1e-9)
-    del kl
-    return exp, stats
+             "answer_length": ro.answer_lengths.float().mean(), "generation_tokens": amask.sum(),
+             "empty_answers": (ro.answer_lengths <= 1).float().mean(),
+             **{f"reward_{k}": v.mean() for k, v in parts.items()}}
+    return exp, {k: float(v) for k, v in stats.items()}  # one sync per iteration, after all the work
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def speed_summary(iterations: list[dict[str, float]], prompts_per_iteration: int,
-                  device: torch.device) -> dict[str, float]:
-    """Steady-state PPO speed from per-iteration stats: mean seconds per iteration spent
-    generating, scoring (the no-grad pass of the four models) and training, and prompts/s.
-    The first iteration of a process (allocator, CUDA graph capture) is left out when
-    there are others."""
-    timed = iterations[1:] if len(iterations) > 1 else iterations
-    if not timed:
+def rl_speed(speed: Speed, prompts_per_iteration: int) -> dict[str, float]:
+    """An RL stage's steady-state speed from :class:`Speed` (the first iteration left out):
+    mean seconds per iteration generating, scoring (the no-grad pass of the models) and
+    training, prompts/s, and generated tokens per second of generation."""
+    n = speed.steps
+    if n == 0:
         return {}
-    gen, score, train = (sum(x[k] for x in timed) / len(timed) for k in ("generation_s", "scoring_s", "training_s"))
-    out = {"generation_s": gen, "scoring_s": score, "training_s": train,
-           "prompts_per_s": prompts_per_iteration / (gen + score + train),
-           "generation_tokens_per_s": sum(x["generation_tokens"] for x in timed) / max(gen * len(timed), 1e-9),
-           "timed_iterations": len(timed)}
-    if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    out = {f"{k}_s": v / n for k, v in speed.phases.items()}
+    out["prompts_per_s"] = prompts_per_iteration / max(sum(speed.phases.values()) / n, 1e-9)
+    out["generation_tokens_per_s"] = speed.tokens.item() / max(speed.phases.get("generation", 0.0), 1e-9)
+    out["timed_iterations"] = n
+    if speed.device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(speed.device) / 1e9
     return out
 
 
@@ -151,7 +132,7 @@ def ppo_update(m: Models, exp: Experience, p: PPOConfig, unsup_batches: Iterator
                                  use_cache=False).loss
                 m.actor.backward(p.unsupervised_coef * u_loss)
                 m.actor.step()
-                _acc(sums, "unsupervised_loss", u_loss)
+                accumulate(sums, "unsupervised_loss", u_loss)
             values = m.critic(mb.sequences, mb.attention_mask)[:, :-1].float()
             c_loss, c_clip = value_loss(values, mb.values, mb.returns, mb.action_mask, p.cliprange_value)
             m.critic.backward(c_loss)
@@ -159,12 +140,12 @@ def ppo_update(m: Models, exp: Experience, p: PPOConfig, unsup_batches: Iterator
             for k, v in (("actor_loss", a_loss), ("critic_loss", c_loss), ("actor_clip_fraction", a_clip),
                          ("critic_clip_fraction", c_clip), ("approx_kl", approx_kl),
                          ("entropy_proxy", -masked_mean(logp, mb.action_mask))):
-                _acc(sums, k, v)
+                accumulate(sums, k, v)
             n += 1
     return {k: float(v) / n for k, v in sums.items()}
 
 
-def _acc(sums: dict[str, torch.Tensor], k: str, v: torch.Tensor) -> None:
+def accumulate(sums: dict[str, torch.Tensor], k: str, v: torch.Tensor) -> None:
     v = v.detach().float()
     sums[k] = sums[k] + v if k in sums else v
 
@@ -195,134 +176,110 @@ def _kl_controller(p: PPOConfig):
 
 
 def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> Models:
-    p = cfg.ppo
-    sft = ctx.run.final("sft")
-    rm = ctx.run.final("rm")
-    for name, path in (("sft", sft), ("rm", rm)):
-        if not path.is_dir():
-            raise FileNotFoundError(f"ppo needs the {name} stage's output {path}: run `{name}` first")
-    trust, attn = cfg.model.trust_remote_code, cfg.model.attn_implementation
-    a, c = p.actor, p.critic
-    with partitioned_loading(loading_config(a, p.dtype, ctx.world_size)):
-        actor = load_causal_lm(str(sft), dropout=a.dropout, trust_remote_code=trust, attn_implementation=attn,
-                               gradient_checkpointing=a.gradient_checkpointing)
-    if a.lora_dim:
-        actor = apply_lora(actor, a.lora_dim, a.lora_module_name, alpha=a.lora_alpha,
-                           only_optimize_lora=a.only_optimize_lora)
+    p, c = cfg.ppo, cfg.ppo.critic
+    require_outputs(ctx, "sft", "rm")
+    actor = load_actor(ctx, cfg, p.actor, p.dtype, total_updates, p.per_device_train_batch_size,
+                       p.gradient_accumulation_steps)
     with partitioned_loading(loading_config(c, p.dtype, ctx.world_size)):
-        critic = RewardModel.from_pretrained(str(rm), dropout=c.dropout, trust_remote_code=trust,
-                                             attn_implementation=attn)
+        critic = RewardModel.from_pretrained(str(ctx.run.final("rm")), dropout=c.dropout,
+                                             trust_remote_code=cfg.model.trust_remote_code,
+                                             attn_implementation=cfg.model.attn_implementation)
     if c.gradient_checkpointing:
         critic.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if c.lora_dim:
         critic.backbone = apply_lora(critic.backbone, c.lora_dim, c.lora_module_name, alpha=c.lora_alpha,
                                      only_optimize_lora=c.only_optimize_lora)
     batching = Batching(p.per_device_train_batch_size, p.gradient_accumulation_steps, p.dtype, total_updates)
-    actor_e = initialize(actor, a, batching, ctx.device, ctx.world_size)
     critic_e = initialize(critic, c, batching, ctx.device, ctx.world_size)
-    # The frozen models are partitioned like the model they sit beside (or offloaded).
-    dtype = torch_dtype(p.dtype)
-    ref_zero3, offload = p.offload_reference_model or a.zero_stage == 3, p.offload_reference_model
-    with partitioned_loading(inference_config(p.dtype, offload, ctx.world_size)) if ref_zero3 else nullcontext():
-        ref = load_causal_lm(str(sft), dtype=dtype, trust_remote_code=trust, attn_implementation=attn)
-    ref.requires_grad_(False)
-    ref = inference_engine(ref, p.dtype, offload, ctx.world_size) if ref_zero3 else ref.to(ctx.device).eval()
-    with partitioned_loading(inference_config(p.dtype, False, ctx.world_size)) if c.zero_stage == 3 else nullcontext():
-        reward = RewardModel.from_pretrained(str(rm), dtype=dtype, trust_remote_code=trust, attn_implementation=attn)
-    reward.requires_grad_(False)
-    reward = (inference_engine(reward, p.dtype, False, ctx.world_size) if c.zero_stage == 3
-              else reward.to(ctx.device).eval())
-    return Models(actor=actor_e, critic=critic_e, ref=ref, reward=reward)
+    ref = load_reference(ctx, cfg, p.actor, p.dtype, actor, p.offload_reference_model)
+    reward = load_reward_model(ctx, cfg, p.dtype, zero3=c.zero_stage == 3)
+    return Models(actor=actor, critic=critic_e, ref=ref, reward=reward)
+
+
+def prompt_sampler(ctx: StageContext, prompts, batch: int, epochs: int, max_steps: int):
+    """The RL stages' walk over the third phase's prompts, ``batch`` per iteration: the
+    sampler and the number of iterations."""
+    sampler = LengthGroupedBatchSampler(prompts["length"], batch, seed=ctx.cfg.seed, drop_last=True, rank=ctx.rank,
+                                        world_size=ctx.world_size)
+    total = epochs * len(sampler)
+    if max_steps:
+        total = min(total, max_steps)
+    if total == 0:
+        raise ValueError(f"{ctx.name}: {len(prompts)} prompts are fewer than one generation batch ({batch})")
+    return sampler, total
+
+
+def rl_prompts(ctx: StageContext):
+    """The tokenizer and the training prompts of the third data phase."""
+    cfg, sft = ctx.cfg, ctx.run.final("sft")
+    tok = load_tokenizer(str(sft) if sft.is_dir() else cfg.model.actor, cfg.model.trust_remote_code)
+    prompts, reports = ppo_prompts(cfg, tok, "train")
+    loop.log_data_reports(ctx, reports)
+    if len(prompts) == 0:
+        raise ValueError(f"{ctx.name}: no prompts after the data split {cfg.data.data_split!r}")
+    return tok, prompts
 
 
 @stage("ppo")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
-    cfg, run_dir = ctx.cfg, ctx.run
+    cfg = ctx.cfg
     p = cfg.ppo
-    tok = load_tokenizer(str(run_dir.final("sft")) if run_dir.final("sft").is_dir() else cfg.model.actor,
-                         cfg.model.trust_remote_code)
-    prompts, reports = ppo_prompts(cfg, tok, "train")
-    loop.log_data_reports(ctx, reports)
-    if len(prompts) == 0:
-        raise ValueError(f"ppo: no prompts after the data split {cfg.data.data_split!r}")
+    tok, prompts = rl_prompts(ctx)
     B = p.per_device_generation_batch_size
-    sampler = LengthGroupedBatchSampler(prompts["length"], B, seed=cfg.seed, drop_last=True, rank=ctx.rank,
-                                        world_size=ctx.world_size)
-    per_epoch = len(sampler)
-    total_iters = p.epochs * per_epoch
-    if p.max_steps:
-        total_iters = min(total_iters, p.max_steps)
-    if total_iters == 0:
-        raise ValueError(f"ppo: {len(prompts)} prompts are fewer than one generation batch ({B})")
+    sampler, total = prompt_sampler(ctx, prompts, B, p.epochs, p.max_steps)
     updates_per_iter = p.ppo_epochs * -(-B // p.per_device_train_batch_size) // p.gradient_accumulation_steps
-    m = build_models(ctx, cfg, total_iters * max(updates_per_iter, 1))
+    m = build_models(ctx, cfg, total * max(updates_per_iter, 1))
+    ckpt = Checkpointer(ctx, {"actor": m.actor, "critic": m.critic}, p.checkpoint_every_steps,
+                        p.keep_checkpoints, step_key="iteration", unit="iteration")
+    speed = Speed(ctx.device, world_size=ctx.world_size)
+    it = Iterations(ctx, prompts, PromptCollator(tok.pad_token_id), sampler, total, ckpt, speed=speed,
+                    checkpoint_last=False)
     gen = GenerationSettings.from_config(cfg)
+    terms = RewardTerms(cfg.reward_terms, gen.max_new_tokens, tok)
     kl_ctl = _kl_controller(p)
     ema = EMA(m.actor.module, p.ema_decay) if p.enable_ema else None
     unsup = _unsupervised_batches(cfg, tok, ctx) if p.unsupervised_coef > 0 else None
+    if it.resume():
+        kl_ctl.value = it.state["kl_coef"]
+        if ema is not None and it.state.get("ema"):
+            ema.shadow = it.state["ema"]
+    memory = m.memory()
+    ctx.log_metrics(memory, 0)
 
-    ckpt = Checkpointer(ctx, {"actor": m.actor, "critic": m.critic}, p.checkpoint_every_steps,
-                        p.keep_checkpoints, step_key="iteration", unit="iteration")
-    it, history = 0, {}
-    if (state := ckpt.resume()) is not None:
-        it, history, kl_ctl.value = state["iteration"], state["history"], state["kl_coef"]
-        if ema is not None and state.get("ema"):
-            ema.shadow = state["ema"]
-
-    collate = PromptCollator(tok.pad_token_id)
-    bar = loop._progress(total_iters, "ppo", it, ctx.is_main)
-    timings: list[dict[str, float]] = []
-    if ctx.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(ctx.device)
-    while it < total_iters:
-        epoch, offset = divmod(it, per_epoch)
-        sampler.set_epoch(epoch)
-        batches = list(sampler)[offset:]
-        prompt_batches = iter(DataLoader(prompts, batch_sampler=batches, collate_fn=collate))
-        ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
-        for batch in prompt_batches:
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
-            exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, tok.eos_token_id, tok.pad_token_id)
-            t0 = time.perf_counter()
+    for batch in it.batches(p.epochs):
+        exp, stats = make_experience(m, batch, p, gen, kl_ctl.value, terms, tok, speed)
+        with speed.phase("training"):
             stats.update(ppo_update(m, exp, p, unsup))
-            stats["training_s"] = time.perf_counter() - t0
-            timings.append({k: stats[k] for k in ("generation_s", "scoring_s", "training_s", "generation_tokens")})
-            if ema is not None:
-                ema.update(m.actor.module)
-            kl_ctl.update(stats["kl"], B)
-            stats["kl_coef"] = kl_ctl.value
-            it += 1
-            bar.update(1)
-            for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_length"):
-                history.setdefault(k, []).append((it, stats[k]))
-            if it % p.log_every_steps == 0:
-                ctx.log_metrics(stats, it)
-                if ctx.is_main:
-                    log.info("ppo: step %d/%d reward %.4f kl %.4f actor_loss %.4f critic_loss %.4f", it,
-                             total_iters, stats["reward"], stats["kl"], stats["actor_loss"], stats["critic_loss"])
-                bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
-            if ckpt.due(it) and it < total_iters:
-                ckpt.save(it, {"history": history, "kl_coef": kl_ctl.value,
-                               "ema": ema.shadow if ema is not None else None})
-            if it >= total_iters:
-                break
-    bar.close()
-    first, last = _window_mean(history["reward"], first=True), _window_mean(history["reward"], first=False)
-    metrics = {"reward_first": first, "reward_last": last, "kl_last": _window_mean(history["kl"], first=False),
-               "iterations": it, **speed_summary(timings, B * ctx.world_size, ctx.device)}
-    log.info("ppo: training reward %.3f -> %.3f over %d iterations", first, last, it)
-    actor = unwrap_for_saving(m.actor.module)
+        speed.count(int(stats["generation_tokens"]))
+        if ema is not None:
+            ema.update(m.actor.module)
+        kl_ctl.update(stats["kl"], B)
+        stats["kl_coef"] = kl_ctl.value
+        it.advance(reward=stats["reward"], kl=stats["kl"])
+        it.keep(stats, HISTORY)
+        if it.step % p.log_every_steps == 0:
+            ctx.log_metrics(stats, it.step)
+            if ctx.is_main:
+                log.info("ppo: step %d/%d reward %.4f kl %.4f actor_loss %.4f critic_loss %.4f", it.step, it.total,
+                         stats["reward"], stats["kl"], stats["actor_loss"], stats["critic_loss"])
+        it.checkpoint_if_due(lambda: {"kl_coef": kl_ctl.value, "ema": ema.shadow if ema is not None else None})
+    return finish_rl(ctx, it, tok, m.actor, memory, speed, B, ema)
+
+
+def finish_rl(ctx: StageContext, it: Iterations, tok, actor_engine, memory: dict[str, float], speed: Speed,
+              prompts_per_iteration: int, ema: EMA | None = None) -> tuple[Path, dict[str, float]]:
+    """An RL stage's result: reward and KL at the start and end, speed, memory; ``final/``."""
+    h = it.history
+    first, last = window_mean(h["reward"], first=True), window_mean(h["reward"], first=False)
+    metrics = {"reward_first": first, "reward_last": last, "kl_first": window_mean(h["kl"], first=True),
+               "kl_last": window_mean(h["kl"], first=False),
+               "iterations": it.step, **rl_speed(speed, prompts_per_iteration * ctx.world_size), **memory}
+    log.info("%s: training reward %.3f -> %.3f over %d iterations", ctx.name, first, last, it.step)
+    actor = unwrap_for_saving(actor_engine.module)
     final = loop.save_final(ctx, actor, tok, metrics, also=None if ema is None else (
         lambda path: actor.save_pretrained(path / "ema", state_dict=ema.shadow)))
-    ctx.log_history(history)
+    ctx.log_history(h)
     return final, metrics
-
-
-def _window_mean(series: list[tuple[int, float]], first: bool, frac: float = 0.2) -> float:
-    """Mean of the first or last 20% of a noisy per-iteration series."""
-    k = max(1, int(len(series) * frac))
-    window = series[:k] if first else series[-k:]
-    return sum(v for _, v in window) / len(window)
 
 
 def _unsupervised_batches(cfg: PipelineConfig, tok, ctx: StageContext) -> Iterator[dict[str, torch.Tensor]]:
@@ -337,4 +294,3 @@ def _unsupervised_batches(cfg: PipelineConfig, tok, ctx: StageContext) -> Iterat
         for b in DataLoader(ds, batch_sampler=list(s), collate_fn=collate):
             yield {k: v.to(ctx.device) for k, v in b.items()}
         epoch += 1
-

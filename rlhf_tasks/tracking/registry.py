@@ -18,13 +18,14 @@ CHAMPION_ALIAS = "champion"
 
 def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_name: str, metric_value: float,
                    run_id: str, higher_is_better: bool = True, *, artifact_path: str = "model",
-                   alias: str = CHAMPION_ALIAS, budget_s: float = 120.0) -> dict[str, Any]:
+                   alias: str = CHAMPION_ALIAS, budget_s: float = 120.0,
+                   tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Register ``model_dir`` (a plain save_pretrained directory) as a new version of
     ``name``, and move ``alias`` to it only if it beats the current holder.
 
     The directory is logged as artifacts of ``run_id`` under ``artifact_path``, and the
     version's source is that artifact location (no MLmodel file needed). The version is
-    tagged ``<metric_name>=<metric_value>``; the alias moves when there is no champion
+    tagged ``<metric_name>=<metric_value>`` (and ``tags``, e.g. the algorithm); the alias moves when there is no champion
     yet, or when the value is strictly better than the champion's tag. A champion
     without that tag is kept (warning): it cannot be compared. Idempotent: a retried
     call for the same run and source reuses the version it made.
@@ -54,7 +55,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
         if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
             raise
         try:
-            client.create_registered_model(name, description="RLHF actor (PPO); alias 'champion' = best so far")
+            client.create_registered_model(name, description="RLHF actor (PPO, GRPO, RLOO or DPO); alias 'champion' = best so far")
         except Exception as exc2:  # a concurrent register created it
             if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -62,7 +63,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
                     "searching model versions")
     mine = [mv for mv in existing if mv.source == source]
     tags = {metric_name: repr(float(metric_value)), "rlhf.metric_name": metric_name,
-            "rlhf.higher_is_better": str(higher_is_better).lower()}
+            "rlhf.higher_is_better": str(higher_is_better).lower(), **(tags or {})}
     if mine:
         mv = max(mine, key=lambda m: int(m.version))
         log.info("mlflow: run %s already registered as %s version %s", run_id, name, mv.version)

@@ -88,7 +88,7 @@ def test_metrics_move_the_right_way(pipeline_run):
     r = {s: json.loads((run_dir / s / "result.json").read_text())["metrics"] for s in ("sft", "rm", "evaluate")}
     assert r["sft"]["perplexity"] < 0.5 * r["sft"]["perplexity_before"]
     assert r["rm"]["accuracy"] >= 0.85
-    assert r["evaluate"]["ppo_reward"] > r["evaluate"]["sft_reward"]
+    assert r["evaluate"]["aligned_reward"] > r["evaluate"]["sft_reward"]
 
 
 def test_killed_stage_resumed_from_checkpoint_in_the_same_mlflow_run(pipeline_run):
@@ -121,7 +121,7 @@ def test_mlflow_holds_runs_metrics_artifacts_and_model(pipeline_run):
         "sft": ["sft/loss", "sft/perplexity", "sft/tokens_per_s"],
         "rm": ["rm/loss", "rm/accuracy", "rm/chosen_score", "rm/rejected_score"],
         "ppo": ["ppo/reward", "ppo/kl", "ppo/actor_loss", "ppo/critic_loss"],
-        "evaluate": ["eval/sft_reward", "eval/ppo_reward", "eval/kl_ppo_sft"],
+        "evaluate": ["eval/sft_reward", "eval/aligned_reward", "eval/kl_aligned_sft"],
     }
     for stage, names in expect.items():
         metrics = children[stage].data.metrics

@@ -145,7 +145,7 @@ def test_every_stage_on_a_tiny_random_init_model(arch, model_dirs, storage, tmp_
     weights = load_file(str(run.final("ppo") / "model.safetensors"))
     assert not any("lora" in k for k in weights) and all(torch.isfinite(w).all() for w in weights.values())
     # Evaluate scores both actors on the same held-out prompts.
-    assert e["prompts"] == 16 and finite(e["sft_reward"], e["ppo_reward"], e["kl_ppo_sft"]), e
+    assert e["prompts"] == 16 and finite(e["sft_reward"], e["aligned_reward"], e["kl_aligned_sft"]), e
     # Chat answered.
     assert code == 0 and out.getvalue().endswith("\n")
     # Bloom has no sdpa kernel: every load (SFT, RM, PPO's four models, evaluate's three,

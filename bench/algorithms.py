@@ -1,0 +1,130 @@
+"""The alignment algorithms side by side on one trained SFT + reward model: quality and speed.
+
+For each algorithm (ppo, grpo, rloo, dpo) and each alignment seed (``alignment_seed``: the
+step's own sampling; the data split and the SFT/RM stay the same), the step runs in a
+fresh copy of the run directory, then ``evaluate`` compares the aligned actor with SFT on
+the held-out prompts (the reward model scores both). Reported per algorithm: held-out
+reward gain over SFT (mean ± standard deviation over the seeds), win rate, KL to SFT, the
+models held on the device, and speed: seconds per iteration for the RL steps at the same
+prompts x answers per iteration (PPO 32 x 1, GRPO/RLOO 8 x 4 on tiny-cpu), DPO's seconds
+per pair against PPO's seconds per prompt.
+
+    python bench/algorithms.py --run RUN_DIR_WITH_SFT_AND_RM --seeds 1 2 3 --update
+
+``--update`` rewrites the ``algorithms-cpu`` section of BENCHMARKS.md. Every stage is a real
+``python -m rlhf_tasks`` process, one at a time, so that their timings do not mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_suite import replace_section  # noqa: E402
+
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+
+
+def stage(name: str, run: Path, *args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "rlhf_tasks", name, "--output", str(run), *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RLHF_RESULT ")][-1]
+    return json.loads(line.removeprefix("RLHF_RESULT "))
+
+
+def one(trained: Path, work: Path, algo: str, seed: int, preset: str, extra: list[str]) -> dict:
+    run = work / f"{algo}-{seed}"
+    for s in ("sft", "rm"):
+        shutil.copytree(trained / s / "final", run / s / "final")
+    res = stage(algo, run, "--preset", preset, "--set", f"algorithm={algo}", f"alignment_seed={seed}", *extra)
+    ev = stage("evaluate", run)["metrics"]
+    m = res["metrics"]
+    out = {"algorithm": algo, "seed": seed, "wall_clock_s": res["wall_clock_s"], "gain": ev["reward_gain"],
+           "gain_se": ev["reward_gain_se"], "win_rate": ev["aligned_win_rate"], "kl": ev["kl_aligned_sft"],
+           "sft_reward": ev["sft_reward"], "aligned_reward": ev["aligned_reward"],
+           "models_mb": m.get("memory/models_bytes", 0.0) / 1e6}
+    if algo == "dpo":
+        import yaml
+
+        d = yaml.safe_load((run / "config.yaml").read_text())["dpo"]
+        pairs_per_step = d["per_device_train_batch_size"] * d["gradient_accumulation_steps"]
+        out["s_per_pair"] = m["train_timed_s"] / max(m["train_timed_steps"], 1) / pairs_per_step
+    else:
+        per_iter = sum(m.get(k, 0.0) for k in ("generation_s", "scoring_s", "training_s"))
+        out.update(s_per_iteration=per_iter, prompts_per_s=m["prompts_per_s"],
+                   generation_share=m.get("generation_s", 0.0) / max(per_iter, 1e-9))
+    shutil.rmtree(run)
+    return out
+
+
+def table(rows: list[dict], machine: str) -> str:
+    by = {a: [r for r in rows if r["algorithm"] == a] for a in ALGORITHMS}
+    by = {a: rs for a, rs in by.items() if rs}
+    n = max(len(rs) for rs in by.values())
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT + reward model, "
+             f"{n} alignment seed(s) per algorithm (gain: held-out average reward of the aligned actor minus SFT's, "
+             "mean ± standard deviation over the seeds).", "",
+             "| algorithm | reward gain over SFT | win rate | KL to SFT (nats/answer) | models held (MB) | "
+             "stage wall-clock (s) | speed |", "|---|---|---|---|---|---|---|"]
+    ppo_per_prompt = None
+    if "ppo" in by:
+        ppo_per_prompt = statistics.mean(r["s_per_iteration"] for r in by["ppo"]) / 32
+    for a, rs in by.items():
+        gains = [r["gain"] for r in rs]
+        sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        if a == "dpo":
+            speed = f"{statistics.mean(r['s_per_pair'] for r in rs) * 1e3:.1f} ms/pair"
+            if ppo_per_prompt:
+                speed += f" (PPO: {ppo_per_prompt * 1e3:.1f} ms/prompt)"
+        else:
+            speed = (f"{statistics.mean(r['s_per_iteration'] for r in rs):.2f} s/iteration "
+                     f"({statistics.mean(r['generation_share'] for r in rs):.0%} generating)")
+        lines.append(f"| {a} | {statistics.mean(gains):+.2f} ± {sd:.2f} | "
+                     f"{statistics.mean(r['win_rate'] for r in rs):.2f} | {statistics.mean(r['kl'] for r in rs):.1f} | "
+                     f"{statistics.mean(r['models_mb'] for r in rs):.1f} | "
+                     f"{statistics.mean(r['wall_clock_s'] for r in rs):.0f} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="a run directory whose sft and rm stages finished")
+    ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--preset", default="tiny-cpu")
+    ap.add_argument("--set", nargs="*", default=[], help="more overrides for every alignment stage")
+    ap.add_argument("--update", action="store_true", help="rewrite the algorithms-cpu section of BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
+    a = ap.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="rlhf-algos-") as work:
+        for seed in a.seeds:  # seeds outermost: a machine slowing down over time slows every algorithm alike
+            for algo in a.algorithms:
+                rows.append(one(a.run, Path(work), algo, seed, a.preset, a.set))
+                print(json.dumps(rows[-1]), flush=True)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
+    md = table(rows, machine)
+    print(md)
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+    if a.update:
+        replace_section(ROOT / "BENCHMARKS.md", "algorithms-cpu", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

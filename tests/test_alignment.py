@@ -1,0 +1,82 @@
+"""GRPO and RLOO on tiny-cpu, from the session's trained SFT and reward model: they must
+make the model better on held-out prompts (evaluate, the reward model scoring), hold no
+critic, and under LoRA hold no second copy of the policy as the reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from rlhf_tasks.storage import RunDir
+from tests.conftest import result_of, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def fork(trained_run: RunDir, path: Path, *overrides: str) -> RunDir:
+    """A new run directory holding the trained SFT and RM outputs; its config is tiny-cpu
+    with ``overrides`` (written by the first stage run in it)."""
+    run = RunDir(path)
+    for name in ("sft", "rm"):
+        shutil.copytree(trained_run.final(name), run.final(name))
+    run.overrides = list(overrides)  # type: ignore[attr-defined]
+    return run
+
+
+def align(run: RunDir, stage: str) -> dict:
+    return result_of(run_cli(stage, "--preset", "tiny-cpu", "--output", str(run.path), "--set", f"algorithm={stage}",
+                             *run.overrides))
+
+
+@pytest.fixture(scope="module", params=["grpo", "rloo"])
+def critic_free(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, RunDir]:
+    stage = request.param
+    run = fork(trained_run, tmp_path_factory.mktemp(stage))
+    res = align(run, stage)
+    ev = result_of(run_cli("evaluate", "--output", str(run.path)))
+    return stage, res, ev, run
+
+
+def test_critic_free_rl_raises_the_held_out_reward(critic_free):
+    stage, res, ev, run = critic_free
+    m, e = res["metrics"], ev["metrics"]
+    # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
+    # several standard errors wide (not sampling luck), and it stayed near the SFT policy.
+    assert e["reward_gain"] > 3 * e["reward_gain_se"] and e["reward_gain"] > 0.3, e
+    assert e["aligned_win_rate"] > 0.5, e
+    assert 0 <= e["kl_aligned_sft"] < 20, e
+    assert m["reward_last"] > m["reward_first"], m
+    samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
+    assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
+    assert m["iterations"] == 40 and m["prompts_per_s"] > 0
+
+
+def test_critic_free_rl_holds_no_critic(critic_free, ppo_run):
+    stage, res, _, run = critic_free
+    m, ppo = res["metrics"], ppo_run.results["ppo"]["metrics"]
+    assert "memory/critic_bytes" not in m and ppo["memory/critic_bytes"] > 0
+    assert m["memory/models_bytes"] < ppo["memory/models_bytes"]
+    assert m["memory/models_bytes"] == pytest.approx(ppo["memory/models_bytes"] - ppo["memory/critic_bytes"])
+    ckpt = sorted(run.checkpoints(stage).glob("step-*"))[-1]
+    assert (ckpt / "actor").is_dir() and not (ckpt / "critic").exists()
+    assert not (run.final(stage) / "value_head.safetensors").exists()  # the actor alone, a plain causal LM
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_lora_reference_is_the_actor_with_adapters_off(stage, trained_run, tmp_path):
+    """Training LoRA adapters only, the reference policy is the actor with its adapters
+    disabled: no copy on the device (0 bytes), and at the first rollout, before any
+    update, the policy and its reference are the same function (KL exactly 0)."""
+    run = fork(trained_run, tmp_path / stage, f"{stage}.max_steps=2", f"{stage}.actor.lora_dim=8",
+               f"{stage}.actor.only_optimize_lora=true", "ppo.eval_prompts=8")
+    m = align(run, stage)["metrics"]
+    assert m["memory/reference_bytes"] == 0 and m["memory/actor_bytes"] > 0, m
+    # kl_first: the mean over the first 20% of iterations, here the first one alone.
+    assert abs(m["kl_first"]) < 1e-5, m  # the first rollout: policy == reference, exactly
+    assert m["kl_last"] != 0, m  # after an update they differ
+    weights = load_file(str(run.final(stage) / "model.safetensors"))
+    assert not any("lora" in k for k in weights)  # saved merged, as a plain model
