@@ -131,8 +131,8 @@ with DAG(
         """Resolve the config, check the worker, cache data and models, open the MLflow run."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from rlhf_tasks.config import ConfigError, PipelineConfig, resolve_run_config
-        from rlhf_tasks.storage import run_dir_for
+        from rlhf_tasks.config import ConfigError, PipelineConfig
+        from rlhf_tasks.storage import resolve_run_config, run_dir_for
 
         ctx = get_current_context()
         p = ctx["params"]

@@ -98,7 +98,7 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     def stage(self, name: str) -> Path:
         return self.path / name
@@ -384,3 +384,40 @@ def stage_lock(run_path: Path, stage: str) -> Iterator[None]:
         yield
     finally:
         f.close()  # releases the lock
+
+
+# -- the run directory's config.yaml ------------------------------------------------------------
+
+CONFIG_FILE = "config.yaml"  # the run's resolved config, in runs/<run_id>/, checkpoints and final/
+
+
+def resolve_run_config(run_path: Path, cfg: Any) -> Any:
+    """The run directory's config.yaml is the source of truth for every stage of a run:
+    the first stage (or the DAG's install task) writes it; later ones must agree with it,
+    so a resumed or retried run can never silently mix settings. ``cfg`` (a
+    ``PipelineConfig``) None: use the saved one."""
+    import logging
+
+    from .config import ConfigError, PipelineConfig, flatten  # here: config imports this module
+
+    run_path = Path(run_path)
+    run_path.mkdir(parents=True, exist_ok=True)
+    config_path = run_path / CONFIG_FILE
+    with open(run_path / ".config.lock", "w") as lock:  # stages starting side by side read/write it in turn
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if config_path.is_file():
+            saved = PipelineConfig.load(config_path)
+            if cfg is None or cfg.to_dict() == saved.to_dict():
+                return saved
+            started = [s for s in STAGES if (run_path / s).is_dir()]
+            if started:
+                new, old = flatten(cfg.to_dict()), flatten(saved.to_dict())
+                diff = [k for k in new if new[k] != old.get(k)]
+                raise ConfigError(f"{config_path} already holds a different config (keys {diff[:8]}) and stages "
+                                  f"{started} have started with it: use a new --output directory, or drop "
+                                  "--preset/--set to reuse the saved one")
+            logging.getLogger("rlhf_tasks").info("replacing %s: no stage has started with it yet", config_path)
+        if cfg is None:
+            raise ConfigError(f"{config_path} does not exist: give --preset (and --set) for a new run")
+        cfg.save(config_path)
+        return cfg
