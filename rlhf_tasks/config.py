@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
 from . import config_form, config_load
 from .config_errors import RENAMED, ConfigError, explain  # noqa: F401 - the config API, from here as before
 from .config_load import PRESET_DIR, apply_override, flatten, list_presets, load_preset_dict, set_path  # noqa: F401
+from .config_types import Bool, Float, Int, Section, Str, _rule
 from .storage import resolve_run_config  # noqa: F401
 
 Dtype = Literal["fp32", "fp16", "bf16"]
@@ -49,29 +49,8 @@ ZeroStage = Literal[0, 1, 2, 3]
 Attention = Literal["sdpa", "eager", "flash_attention_2"]
 
 
-# -- field types: YAML/JSON scalars in, checked Python values out ------------------------------
-# Strict: a bool is no number and a string no number or bool (YAML's "true", the form's "0.1").
-# A float field takes an int (2 -> 2.0); an int field refuses 1.5 and 2.0 alike.
-
 def _comma_list(v: Any) -> Any:
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
-
-
-Int = Annotated[int, Field(strict=True)]
-Float = Annotated[float, Field(strict=True)]
-Bool = Annotated[bool, Field(strict=True)]
-Str = Annotated[str, Field(strict=True, min_length=1)]
-
-
-def _rule(field: str, value: Any, allowed: str) -> PydanticCustomError:
-    """A cross-field rule broken: reported as ``<section>.<field>=<value> is invalid: <allowed>``."""
-    return PydanticCustomError("rlhf_rule", "{allowed}", {"field": field, "value": value, "allowed": allowed})
-
-
-class Section(BaseModel):
-    """A config section: unknown keys refused, field comments are the form's descriptions."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
 
 
 # -- models, data -------------------------------------------------------------------------------
