@@ -141,7 +141,8 @@ with DAG(
         """Resolve the config, check the worker, cache data and models, open the MLflow run."""
         from airflow.sdk.exceptions import AirflowFailException
 
-        from rlhf_tasks.config import ConfigError, PipelineConfig, resolve_run_config
+        from rlhf_tasks.config import ConfigError, PipelineConfig
+        from rlhf_tasks.run_config import resolve_run_config
         from rlhf_tasks.storage import run_dir_for
 
         ctx = get_current_context()

@@ -21,8 +21,17 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, list_presets, resolve_run_config
-from .storage import STAGES, RunDir, RunDirBusy, StorageFullError, new_run_id, stage_lock, storage_root
+from .config import ConfigError, PipelineConfig, list_presets
+from .run_config import resolve_run_config
+from .storage import (
+    STAGES,
+    RunDir,
+    RunDirBusy,
+    StorageFullError,
+    new_run_id,
+    stage_lock,
+    storage_root,
+)
 
 RESULT_PREFIX = "RLHF_RESULT "
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4

@@ -33,9 +33,10 @@ def saved_run_config(path: str):
     """The PipelineConfig a model directory was trained with, or None (a hub id, a plain
     save_pretrained directory, or an unreadable config: then the built-in defaults)."""
     from .config import ConfigError, PipelineConfig
+    from .storage import CONFIG_FILE
 
     p = Path(path)
-    for candidate in (p / "config.yaml", p.parent.parent / "config.yaml"):
+    for candidate in (p / CONFIG_FILE, p.parent.parent / CONFIG_FILE):
         if p.is_dir() and candidate.is_file():
             try:
                 return PipelineConfig.load(candidate)

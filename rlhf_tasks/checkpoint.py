@@ -21,6 +21,7 @@ import torch
 
 from .stage import StageContext
 from .storage import (
+    CONFIG_FILE,
     checkpoint_dir,
     latest_checkpoint,
     prune_checkpoints,
@@ -118,6 +119,6 @@ class Checkpointer:
                 engine.save_checkpoint(str(d.parent), tag=d.name, client_state=state if i == 0 else {},
                                        save_latest=False)
             if ctx.is_main:
-                ctx.cfg.save(partial / "config.yaml")
+                ctx.cfg.save(partial / CONFIG_FILE)
         if ctx.is_main:
             prune_checkpoints(self.root, self.keep)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PipelineConfig
-from .storage import ALIGNMENT_STAGES, RM, SFT
+from .storage import ALIGNMENT_STAGES, CONFIG_FILE, RM, SFT
 
 RESULT_PREFIX = "RLHF_RESULT "
 log = logging.getLogger("rlhf_tasks.launch")
@@ -105,7 +105,7 @@ def run_resources(run_dir: str | Path) -> Resources:
     """The one place the launcher learns a run's resources: the run directory's
     ``config.yaml`` (written when the run was resolved, with the trigger form's values
     applied). No config yet: one process."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         return Resources()
     return resources_for(PipelineConfig.load(path), str(path))

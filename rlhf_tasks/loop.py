@@ -25,7 +25,7 @@ from .engine import Batching, initialize
 from .iteration import Iterations, Speed
 from .models import count_parameters, gathered_state_dict, is_partitioned
 from .stage import StageContext
-from .storage import atomic_dir, write_json
+from .storage import CONFIG_FILE, atomic_dir, write_json
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -142,7 +142,7 @@ def save_final(ctx: StageContext, model: torch.nn.Module, tokenizer, metrics: di
             if also is not None:
                 also(tmp)
             tokenizer.save_pretrained(tmp)
-            ctx.cfg.save(tmp / "config.yaml")
+            ctx.cfg.save(tmp / CONFIG_FILE)
             write_json(tmp / "metrics.json", metrics)
     return target
 

@@ -100,7 +100,7 @@ class RunDir:
 
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     def stage(self, name: str) -> Path:
         return self.path / name
@@ -386,3 +386,8 @@ def stage_lock(run_path: Path, stage: str) -> Iterator[None]:
         yield
     finally:
         f.close()  # releases the lock
+
+
+# -- the run directory's config.yaml ------------------------------------------------------------
+
+CONFIG_FILE = "config.yaml"  # the run's resolved config, in runs/<run_id>/, checkpoints and final/

@@ -12,7 +12,13 @@ import torch
 from rlhf_tasks.config import ConfigError, PipelineConfig, RewardTermsConfig
 from rlhf_tasks.ppo.advantages import group_advantages, leave_one_out_advantages, sequence_kl
 from rlhf_tasks.ppo.losses import aggregate, kl_k3, policy_loss
-from rlhf_tasks.ppo.rewards import ALLOW_REWARD_FUNCTION_ENV, RewardTerms, length_term, load_function, repetition_term
+from rlhf_tasks.ppo.rewards import (
+    ALLOW_REWARD_FUNCTION_ENV,
+    RewardTerms,
+    length_term,
+    load_function,
+    repetition_term,
+)
 
 
 def t(*rows) -> torch.Tensor:
