@@ -42,6 +42,7 @@ CONFIG = {
     "gemma2": dict(head_dim=HEAD_DIM, layer_types=HYBRID, **SLIDE),
     "gemma3_text": dict(head_dim=HEAD_DIM, layer_types=HYBRID, **SLIDE),
     "cohere2": dict(layer_types=HYBRID, **SLIDE),
+    "bloom": dict(n_layer=2, n_head=4),
 }
 ARCHS = sorted(static_decode.SUPPORTED_MODEL_TYPES)  # the allow-list itself: nothing listed goes unchecked
 
@@ -219,22 +220,107 @@ def test_ngram_ban_matches_hf_processor(n):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
 
 
-def test_unsupported_architecture_falls_back_to_hf(caplog, monkeypatch):
-    from transformers import BloomConfig
-
+@pytest.mark.parametrize("arch", sorted(static_decode.HF_ONLY_MODEL_TYPES))
+def test_hf_only_architecture_falls_back_to_hf(arch, caplog, monkeypatch):
     from rlhf_tasks.ppo import generation
 
     monkeypatch.setattr(generation, "_fallback_logged", set())
-    cfg = BloomConfig(vocab_size=V, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD, eos_token_id=EOS)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model = tiny_lm(arch)
     assert not static_decode.supports_static(model)
     prompts, mask = left_padded_prompts()
     with caplog.at_level("INFO", logger="rlhf_tasks"):
         ro = generate(model, prompts, mask, greedy("static"), EOS, PAD)
-    assert "model_type 'bloom'" in caplog.text and "HF generate()" in caplog.text
+    assert f"model_type {arch!r}: " in caplog.text and "HF generate()" in caplog.text  # the reason is logged
     hf = generate(model, prompts, mask, greedy("hf"), EOS, PAD)
     assert torch.equal(ro.sequences, hf.sequences)
+
+
+def test_every_architecture_the_test_matrices_build_is_classified():
+    """The stage matrices (tests/test_models.py, tests/faults/test_architectures.py) run PPO
+    and evaluate on these architectures: each one is either checked above or kept on HF
+    generate() for a stated reason, never silently untested."""
+    from tests import test_models
+    from tests.faults import test_architectures
+
+    built = set(test_models.ARCHS) | set(test_architectures.ARCHS)
+    assert built <= static_decode.SUPPORTED_MODEL_TYPES | set(static_decode.HF_ONLY_MODEL_TYPES)
+    assert not static_decode.SUPPORTED_MODEL_TYPES & set(static_decode.HF_ONLY_MODEL_TYPES)
+    assert len(static_decode.SUPPORTED_MODEL_TYPES) >= 10
+
+
+def test_other_kernels_and_layer_types_fall_back(monkeypatch):
+    model = tiny_lm("llama")
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    assert "takes no 4-D attention mask" in static_decode.unsupported_reason(model)
+    model = tiny_lm("qwen3")
+    model.config.layer_types = ["full_attention", "chunked_attention"]
+    assert "['chunked_attention']" in static_decode.unsupported_reason(model)
+    assert static_decode.unsupported_reason(tiny_lm("mistral")) is None
+
+
+def test_attention_masks_by_hand():
+    """Slot 0 is left padding; queries at slots 0..4 of a 5-slot cache. 1 = may attend."""
+    key_ok = torch.tensor([[False, True, True, True, True]])  # (B=1, T=5)
+    masks = static_decode.attention_masks(torch.arange(5), key_ok, {"sliding_attention": 2, "full_attention": None},
+                                          torch.float32)
+    visible = {k: (m[0, 0] == 0).int().tolist() for k, m in masks.items()}
+    assert visible["full_attention"] == [[0, 0, 0, 0, 0],
+                                         [0, 1, 0, 0, 0],
+                                         [0, 1, 1, 0, 0],
+                                         [0, 1, 1, 1, 0],
+                                         [0, 1, 1, 1, 1]]
+    assert visible["sliding_attention"] == [[0, 0, 0, 0, 0],  # a key is seen while it is < 2 slots behind
+                                            [0, 1, 0, 0, 0],
+                                            [0, 1, 1, 0, 0],
+                                            [0, 0, 1, 1, 0],
+                                            [0, 0, 0, 1, 1]]
+    assert masks["full_attention"].min() == torch.finfo(torch.float32).min
+    # A window as long as the cache is plain causal attention: one mask serves every layer.
+    one = static_decode.attention_masks(torch.arange(5), key_ok, {"sliding_attention": 5, "full_attention": None},
+                                        torch.float32)
+    assert torch.equal(one, masks["full_attention"])
+    # A decode step: one query, at slot 4.
+    step = static_decode.attention_masks(torch.tensor([4]), key_ok, {"sliding_attention": 2}, torch.float32)
+    assert (step[0, 0] == 0).int().tolist() == [[0, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])  # one mask for all layers; one mask per layer type
+def test_the_sliding_window_changes_the_answers(arch):
+    """So that equality with HF above really checks the window: without it the same weights
+    answer differently."""
+    model = tiny_lm(arch)
+    prompts, mask = left_padded_prompts()
+    windowed = generate(model, prompts, mask, greedy("static"), V + 5, PAD)
+    model.config.sliding_window = 10_000
+    full = generate(model, prompts, mask, greedy("static"), V + 5, PAD)
+    assert not torch.equal(windowed.sequences, full.sequences)
+
+
+def test_group_sampling_rollout_on_the_static_backend(monkeypatch):
+    """GRPO / RLOO: P prompts, each repeated G times with its copies adjacent, in one batch.
+    Sampling gives G different answers per prompt, and the rollout has the shapes the group
+    trainer reshapes to (P, G): sequences (P*G, T), action_mask (P*G, T-1)."""
+    from rlhf_tasks.ppo import generation
+
+    def no_hf(*args, **kwargs):
+        raise AssertionError("the group rollout fell back to HF generate()")
+
+    monkeypatch.setattr(generation, "hf_generate", no_hf)
+    model = tiny_lm("qwen3")
+    prompts, mask = left_padded_prompts()
+    P, G = 3, 4
+    group_ids, group_mask = prompts[:P].repeat_interleave(G, 0), mask[:P].repeat_interleave(G, 0)  # (P*G, 9)
+    torch.manual_seed(0)
+    ro = generate(model, group_ids, group_mask, GenerationSettings(max_new_tokens=12, backend="static"), EOS, PAD)
+    T, L = ro.sequences.shape[1], ro.prompt_len
+    assert ro.sequences.shape == ro.attention_mask.shape == (P * G, T) and ro.action_mask.shape == (P * G, T - 1)
+    by_group = ro.sequences.view(P, G, T)
+    assert torch.equal(by_group[:, :, :L], prompts[:P, None].expand(P, G, L))  # every copy keeps its prompt
+    for p in range(P):
+        answers = {tuple(a) for a in by_group[p, :, L:].tolist()}
+        assert len(answers) == G, f"prompt {p}: only {len(answers)} different answers of {G}"
+    torch.testing.assert_close(ro.action_mask[:, L - 1:], ro.attention_mask[:, L:])
+    assert ro.answer_lengths.view(P, G).min() >= 1
 
 
 def test_unknown_backend_is_refused():
