@@ -1,14 +1,18 @@
 """Rollout generation speed: our ``static`` backend vs HF ``generate()``, side by side in one run.
 
 Both backends go through ``rlhf_tasks.ppo.generation.generate`` (the function PPO calls) on
-the same random-init OPT model, the same prompts and the same sampling settings (PPO's
-defaults: temperature 1, no top-k/top-p). Every row generates all ``--new-tokens`` (the EOS
+the same random-init model, the same prompts and the same sampling settings (PPO's
+defaults: temperature 1, no top-k/top-p). A model is an OPT size of bench/throughput.py
+(``tiny``, ``opt-125m``, ...) or any architecture the static backend is checked on, by its
+``model_type`` (``llama``, ``mistral``, ``gemma2``, ``qwen3_moe``, ...), built at the tiny
+OPT's size (4 layers, 128 wide, MLP 512; MoE: 4 experts of 128, 2 per token). Every row generates all ``--new-tokens`` (the EOS
 id is one the model cannot emit), so both do the same work. Rounds alternate the backends so
 that a machine busy with something else slows both alike; the median of each is reported
 with the ratio.
 
     python bench/generation.py                         # CPU: tiny + OPT-125M, writes the table
     python bench/generation.py --models opt-1.3b --batch 32 --prompt-len 256 --new-tokens 256
+    python bench/generation.py --models llama,mistral,gemma2,qwen3,mixtral,qwen3_moe    # architectures
 
 Prints one JSON line per model and a markdown table; ``--update`` rewrites the
 ``generation-cpu`` section of BENCHMARKS.md (on CPU only: GPU numbers come from the GPU suite).
@@ -29,18 +33,40 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import build, sync  # noqa: E402
+from throughput import SIZES, build, sync  # noqa: E402
 
+from rlhf_tasks.ppo import static_decode  # noqa: E402
 from rlhf_tasks.ppo.generation import GenerationSettings, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {"tiny": 8192}  # the tiny model's vocabulary is the bundled tokenizer's order of size; others OPT's
 
 
+def build_arch(model_type: str, vocab: int, device: torch.device):
+    """A random-init model of ``model_type`` at the tiny OPT's size. The MoE fields are set
+    under each family's name (experts, local experts); other configs keep them as unused
+    attributes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if model_type not in static_decode.SUPPORTED_MODEL_TYPES:
+        raise SystemExit(f"--models {model_type!r}: neither an OPT size ({', '.join(SIZES)}) nor an architecture "
+                         f"the static backend is checked on ({', '.join(sorted(static_decode.SUPPORTED_MODEL_TYPES))})")
+    tiny = SIZES["tiny"]
+    hidden, heads = tiny["hidden_size"], tiny["num_attention_heads"]
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=tiny["ffn_dim"],
+                               num_hidden_layers=tiny["num_hidden_layers"], num_attention_heads=heads,
+                               num_key_value_heads=heads // 2, head_dim=hidden // heads, max_position_embeddings=2048,
+                               num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+                               shared_expert_intermediate_size=hidden, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
 def measure(name: str, a: argparse.Namespace, device: torch.device) -> dict:
-    vocab = VOCAB.get(name, 50272)
+    vocab = VOCAB.get(name, 50272 if name in SIZES else VOCAB["tiny"])
     torch.manual_seed(0)
-    model = build(name, vocab, "sdpa", device).to(dtype=_dtype(a.dtype)).eval()
+    model = build(name, vocab, "sdpa", device) if name in SIZES else build_arch(name, vocab, device)
+    model = model.to(dtype=_dtype(a.dtype)).eval()
     prompts = torch.randint(3, vocab, (a.batch, a.prompt_len), device=device)
     mask = torch.ones_like(prompts)
     mask[: a.batch // 2, : a.prompt_len // 4] = 0  # half the rows left-padded, as in a real rollout batch
@@ -62,6 +88,7 @@ def measure(name: str, a: argparse.Namespace, device: torch.device) -> dict:
     return {"bench": "generation", "model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "vocab": vocab, "device": _device_name(device), "threads": torch.get_num_threads(), "dtype": a.dtype,
             "batch": a.batch, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "rounds": a.rounds,
+            "hf_s": round(statistics.median(times["hf"]), 3), "static_s": round(statistics.median(times["static"]), 3),
             "hf_new_tokens_per_s": round(tps["hf"], 1), "static_new_tokens_per_s": round(tps["static"], 1),
             "speedup": round(tps["static"] / tps["hf"], 2)}
 

@@ -4,7 +4,8 @@ Generation is ~90% of PPO time, so it sits behind :func:`generate` alone, with t
 backends chosen by ``ppo.generation_backend``:
 
 - ``static`` (default): our decode loop on a preallocated KV cache, CUDA graphs on GPU
-  (static_decode.py); same tokens as HF under greedy decoding.
+  (static_decode.py); same tokens as HF under greedy decoding on every architecture in
+  ``static_decode.SUPPORTED_MODEL_TYPES``.
 - ``hf``: transformers' ``generate()``; also used wherever ``static`` cannot run (ZeRO-3
   partitioned weights, an architecture the static loop has not been checked on).
 """
@@ -137,8 +138,8 @@ def _use_static(model, settings: GenerationSettings) -> bool:
     why = None
     if is_partitioned(model):
         why = "the weights are ZeRO-3 partitioned"
-    elif not static_decode.supports_static(model):
-        why = f"model_type {static_decode.model_type(model)!r} is not one it has been checked on"
+    else:
+        why = static_decode.unsupported_reason(model)
     if why:
         if why not in _fallback_logged:
             _fallback_logged.add(why)

@@ -12,7 +12,16 @@ between steps, so on CUDA the step is compiled and replayed as a CUDA graph
 The contract is HF ``generate``'s: left-padded prompts, rows that emit EOS keep emitting
 ``pad_token_id``, the output ends at the step where the last row finished (or at
 ``max_new_tokens``). With greedy decoding it produces the same tokens as ``generate``
-(tests/test_ppo_generation.py checks it on OPT, GPT-2, Llama, Qwen2 and GPT-NeoX).
+(tests/test_ppo_generation.py checks it on every architecture in
+:data:`SUPPORTED_MODEL_TYPES`).
+
+Sliding-window attention (Mistral, Phi-3, Gemma 2/3, Qwen with ``use_sliding_window``):
+every layer keeps all ``T`` cache slots and the sliding layers get their own mask, a key
+being visible when it is less than ``sliding_window`` slots behind the query (HF's rule,
+over cache slots, left padding included). HF's :class:`StaticSlidingWindowLayer` would keep
+only the last ``sliding_window`` keys in a rolling buffer that a mask over slots cannot
+address; the full-length buffer costs ``T - sliding_window`` extra slots per sliding layer,
+and only when a rollout is longer than the window.
 """
 
 from __future__ import annotations
@@ -25,10 +34,29 @@ from ..models import positions_from_mask
 
 log = logging.getLogger("rlhf_tasks")
 
-# Architectures whose HF implementation takes (position_ids, 4-D mask, StaticCache) as this
-# module drives them, checked token for token against ``generate`` in the tests. Others
-# (e.g. Bloom, whose ALiBi bias is built from a 2-D mask) use HF ``generate``.
-SUPPORTED_MODEL_TYPES = frozenset({"opt", "gpt2", "llama", "qwen2", "gpt_neox"})
+# The one list of architectures (``config.model_type``) this module drives: their HF
+# implementation takes (position_ids, 4-D mask or one per layer type, StaticCache) as given.
+# tests/test_ppo_generation.py is parametrised over this very set and checks each one token
+# for token against ``generate`` (left padding, rows ending at different steps, n-gram
+# blocking, a sliding window shorter than the rollout where the architecture has one), so
+# an entry cannot be added without its check. Everything else uses HF ``generate``.
+SUPPORTED_MODEL_TYPES = frozenset({
+    "opt", "gpt2", "gpt_neox", "gpt_bigcode", "falcon", "phi", "phi3", "starcoder2",
+    "llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "cohere2",  # the Llama family
+    "gemma", "gemma2", "gemma3_text",  # embedding scale, soft-capping, sliding/full layers
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",  # mixture of experts
+})
+
+# Architectures checked and kept on HF ``generate``, with the reason (logged on fallback).
+HF_ONLY_MODEL_TYPES = {
+    "bloom": "its ALiBi bias is built from a 2-D attention mask, and this loop passes a 4-D one",
+}
+
+# Layer types whose mask this module builds: causal, and causal within a sliding window.
+# Others (chunked attention, linear/recurrent layers) keep state a KV-slot mask cannot express.
+FULL, SLIDING = "full_attention", "sliding_attention"
+# Attention kernels that take an additive 4-D mask as is (flash-attention takes none).
+MASKED_ATTENTION = ("sdpa", "eager")
 
 # How often (in decode steps) the loop asks the device whether every row has finished:
 # each ask is a host sync, which on a GPU stalls the launch queue.
@@ -41,7 +69,54 @@ def model_type(model) -> str:
 
 
 def supports_static(model) -> bool:
-    return model_type(model) in SUPPORTED_MODEL_TYPES
+    return unsupported_reason(model) is None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the static loop cannot drive ``model`` (a sentence for the log), or None."""
+    mt = model_type(model)
+    if mt in HF_ONLY_MODEL_TYPES:
+        return f"model_type {mt!r}: {HF_ONLY_MODEL_TYPES[mt]}"
+    if mt not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {mt!r} is not one it has been checked on"
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    if attn not in MASKED_ATTENTION:
+        return f"attn_implementation {attn!r} takes no 4-D attention mask"
+    other = set(layer_windows(model.config)) - {FULL, SLIDING}
+    if other:
+        return f"layer types {sorted(other)} are not plain or sliding-window attention"
+    return None
+
+
+def layer_windows(config) -> dict[str, int | None]:
+    """Each attention layer type of the model -> its sliding window in cache slots (None:
+    full causal), as the HF modelling code picks them: per layer from ``layer_types`` where
+    the config has it, else one mask for all layers, sliding when ``sliding_window`` is set."""
+    cfg = config.get_text_config(decoder=True)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None) or [SLIDING if window is not None else FULL]
+    return {t: window if t == SLIDING else None for t in types}
+
+
+def attention_masks(queries: torch.Tensor, key_ok: torch.Tensor, windows: dict[str, int | None],
+                    dtype: torch.dtype) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The additive masks of one forward: queries (Q,) cache slots of the new tokens,
+    key_ok (B, T) keys that hold a real token or an answer slot. A key j is visible to the
+    query at slot i when j <= i and, on a sliding layer, i - j < window (HF's
+    ``sliding_window_overlay``). One (B, 1, Q, T) tensor when every layer sees the same,
+    else {layer type: tensor}, which the hybrid models (Gemma 2/3, Qwen2/3) take as is."""
+    slots = torch.arange(key_ok.shape[1], device=key_ok.device)  # (T,)
+    behind = queries[:, None] - slots[None, :]  # (Q, T): how far each key is behind each query
+    by_window: dict[int | None, torch.Tensor] = {}
+    masks = {}
+    for layer_type, window in windows.items():
+        if window is not None and window >= key_ok.shape[1]:
+            window = None  # the window covers the whole cache: plain causal attention
+        if window not in by_window:
+            visible = (behind >= 0) if window is None else (behind >= 0) & (behind < window)
+            by_window[window] = additive_mask(visible[None, None] & key_ok[:, None, None, :], dtype)
+        masks[layer_type] = by_window[window]
+    return next(iter(masks.values())) if len(by_window) == 1 else masks
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -80,7 +155,9 @@ def choose_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, 
     Sampling inverts the CDF with one uniform draw per row (``searchsorted``): unlike
     ``torch.multinomial`` it needs no host sync, so it can live inside a CUDA graph, and
     it draws B random numbers per step instead of B x V (the exponential-race trick), which
-    on a CPU costs as much as a small model's forward.
+    on a CPU costs as much as a small model's forward. So under one seed it draws other
+    tokens than HF's ``torch.multinomial``, from the same distribution (the tests compare
+    the frequencies with HF's warpers').
     """
     if not do_sample:
         return logits.argmax(-1)
@@ -116,12 +193,16 @@ class _Runner:
 
     def cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device):
         from transformers import StaticCache
+        from transformers.cache_utils import StaticLayer
 
         key = (batch, length, dtype, str(device))
         cache = self.caches.get(key)
         if cache is None:
             self.caches.clear()  # keep one cache alive: a rollout's KV cache can be GBs
             cache = self.caches[key] = StaticCache(config=self.model.config, max_cache_len=length)
+            # Full-length buffers for the sliding layers too: the masks address absolute slots
+            # (see the module docstring).
+            cache.layers = [StaticLayer(max_cache_len=length) if layer.is_sliding else layer for layer in cache.layers]
         else:
             cache.reset()
         return cache
@@ -197,11 +278,11 @@ def _decode(model, prompt_ids, prompt_mask, N, eos, pad, do_sample, temperature,
     key_ok = torch.ones(B, T, dtype=torch.bool, device=device)  # (B, T)
     key_ok[:, :P] = prompt_mask.bool()
     slots = torch.arange(T, device=device)  # (T,)
+    windows = layer_windows(model.config)
 
-    # Prefill: the whole prompt at once; query i sees keys j <= i.
+    # Prefill: the whole prompt at once, its queries at slots 0..P-1.
     positions = positions_from_mask(prompt_mask)  # (B, P)
-    causal = slots[None, :] <= torch.arange(P, device=device)[:, None]  # (P, T)
-    prefill_mask = additive_mask(causal[None, None] & key_ok[:, None, None, :], dtype)  # (B, 1, P, T)
+    prefill_mask = attention_masks(slots[:P], key_ok, windows, dtype)  # (B, 1, P, T) or one per layer type
     logits = runner.forward(prompt_ids, prefill_mask, positions, cache).float()  # (B, V), float32 for sampling
 
     out = torch.full((B, P + N), pad, dtype=prompt_ids.dtype, device=device)  # (B, P + N)
@@ -222,6 +303,6 @@ def _decode(model, prompt_ids, prompt_mask, N, eos, pad, do_sample, temperature,
         if t == N - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         # Decode: the token just chosen sits at cache slot P + t.
-        step_mask = additive_mask((key_ok & (slots <= P + t))[:, None, None, :], dtype)  # (B, 1, 1, T)
+        step_mask = attention_masks(slots[P + t:P + t + 1], key_ok, windows, dtype)  # (B, 1, 1, T) or a dict
         logits = step(tok[:, None], step_mask, next_pos + t, cache).float()
     return out[:, :P + int(steps_alive)]
