@@ -6,7 +6,8 @@ API (``ingest_preferences`` on a bundled sample: the scheduler, the LocalExecuto
 task runner's calls to the Execution API, in well under a minute); then Ctrl-C (SIGINT to
 the terminal's foreground process group) or SIGTERM to make must leave no process behind.
 Every process `make ui` starts inherits its RLHF_HOME, a fresh directory per test: a
-process still carrying it afterwards is one it left.
+process still carrying it afterwards is one it left. A last, fast test covers what the DAG
+run cannot show cheaply: a process that left its group (a stage) is stopped too.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ import pytest
 
 from rlhf_tasks.launch import free_port
 from tests.e2e.topology import REPO, ApiError, http_json, tail, wait_until
-
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DAG_ID = "ingest_preferences"
 SAMPLE = "sample:Dahoas/rm-static"
@@ -207,6 +206,8 @@ def stop_and_check_nothing_left(ui: MakeUi, send) -> None:
     assert "stopping the UIs" in ui.log.read_text(), ui.output()
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_make_ui_from_a_plain_shell_runs_a_dag_on_loopback_and_ctrl_c_stops_all(make_ui):
     wait_for_both_uis(make_ui)
     procs = psutil.Process(make_ui.proc.pid).children(recursive=True)
@@ -224,7 +225,36 @@ def test_make_ui_from_a_plain_shell_runs_a_dag_on_loopback_and_ctrl_c_stops_all(
     stop_and_check_nothing_left(make_ui, lambda: os.killpg(make_ui.proc.pid, signal.SIGINT))
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_sigterm_to_make_stops_every_process(make_ui):
     wait_for_both_uis(make_ui)
     # `kill <make>` (a CI time limit): make forwards SIGTERM to python, which stops the rest.
     stop_and_check_nothing_left(make_ui, lambda: make_ui.proc.send_signal(signal.SIGTERM))
+
+
+# In a process of its own: becoming a subreaper would change how the test process's orphans end.
+_ORPHAN_SCRIPT = """
+import sys, time
+from pathlib import Path
+from rlhf_tasks import local
+
+local.become_subreaper()
+log = Path(sys.argv[1])
+# A leader whose child moves to a session of its own (as a stage does) and outlives it.
+child = "import subprocess; p = subprocess.Popen(['sleep', '600'], start_new_session=True); print(p.pid, flush=True)"
+leader = local.spawn([sys.executable, "-c", child + "; import time; time.sleep(600)"], log)
+while not log.read_text().strip():
+    time.sleep(0.1)
+print(log.read_text().strip(), flush=True)
+local.stop_all([leader], grace_s=10)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_CHILD_SUBREAPER is Linux's")
+def test_stopping_finds_a_process_that_left_its_group(tmp_path):
+    out = subprocess.run([sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path / "leader.log")], capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    orphan = int(out.split()[0])
+    # Not in the leader's group: only the sweep of our descendants can have stopped it.
+    assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == psutil.STATUS_ZOMBIE, orphan
