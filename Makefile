@@ -41,8 +41,11 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check rlhf_tasks dags tests
 
+# The Airflow and MLflow UIs on loopback, on the state of `make run`; Ctrl-C stops them.
+# Other ports: make ui AIRFLOW_PORT=8081 MLFLOW_PORT=5001 (defaults 8080 and 5000). One line without
+# shell syntax, so that make runs python itself (no shell between) and forwards its SIGTERM to it.
 ui: venv
-	$(BIN)/python -m rlhf_tasks.local ui
+	$(BIN)/python -m rlhf_tasks.local ui $(if $(AIRFLOW_PORT),--airflow-port $(AIRFLOW_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
 
 clean:
 	rm -rf .rlhf
