@@ -49,7 +49,9 @@ def test_critic_free_rl_raises_the_held_out_reward(critic_free):
     assert e["reward_gain"] > 3 * e["reward_gain_se"] and e["reward_gain"] > 0.3, e
     assert e["aligned_win_rate"] > 0.5, e
     assert 0 <= e["kl_aligned_sft"] < 20, e
-    assert m["reward_last"] > m["reward_first"], m
+    # (Not the training rollouts' reward_first < reward_last: each iteration's 8 prompts differ
+    # in how well they can score, which the group baseline removes from the update, not from
+    # the logged mean.)
     samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
     assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
     assert m["iterations"] == 40 and m["prompts_per_s"] > 0
