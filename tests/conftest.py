@@ -15,6 +15,8 @@ import pytest
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RLHF_DEVICE="cpu",
                   DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The tests' MLflow servers start no job runner: its consumer processes cost CPU the tests need.
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 
 if TYPE_CHECKING:
     from rlhf_tasks.storage import RunDir

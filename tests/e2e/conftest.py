@@ -1,5 +1,6 @@
 """Fixtures of the production-topology tests: one native topology (PostgreSQL, Redis,
-Celery workers, api-server, MLflow) shared by every test of the session that asks for it."""
+Celery workers, api-server, MLflow) shared by every test of tests/e2e that asks for it, and
+up only while they run."""
 
 from __future__ import annotations
 
@@ -43,7 +44,19 @@ def e2e_conf(**params: Any) -> dict[str, Any]:
     return {"preset": "tiny-cpu", "overrides": e2e_overrides(), **params}
 
 
-@pytest.fixture(scope="session")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the topology run last in tests/e2e, one after another: the topology is
+    started for the first of them and stopped after the last (package scope), so that its
+    idle scheduler, dag-processor and workers take no CPU from the other tests."""
+    here = Path(__file__).parent
+    mine = [i for i, item in enumerate(items) if here in Path(item.path).parents]
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):  # not one block: leave the order as given
+        return
+    block = items[mine[0]:mine[-1] + 1]
+    items[mine[0]:mine[-1] + 1] = sorted(block, key=lambda item: "topology" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="package")
 def topology(tmp_path_factory) -> Iterator[Topology]:
     for tool in ("airflow", "mlflow", "celery"):
         if not (Path(sys.executable).with_name(tool)).exists():
