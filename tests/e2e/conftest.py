@@ -22,8 +22,8 @@ RUN_TIMEOUT_S = float(os.environ.get("RLHF_E2E_RUN_TIMEOUT_S", "900"))
 # The topology's runs (REST- and browser-triggered) check queues, pools, workers, the UIs and
 # MLflow, not learning (tests/e2e/test_pipeline.py and tests/test_training.py check that, on
 # the session's full tiny-cpu run): a few steps of each stage, small evaluation sets. PPO
-# logs every iteration, so its 4 give the reward a curve.
-SHORT_RUN = {"sft.epochs": 1, "rm.epochs": 1, "ppo.max_steps": 4}
+# keeps the 12 iterations the MLflow UI test was shown to chart.
+SHORT_RUN = {"sft.epochs": 1, "rm.epochs": 1, "ppo.max_steps": 12}
 SHORT_RUN_OVERRIDES = ["sft.max_steps=20", "rm.max_steps=20", "data.max_eval_samples=32", "ppo.eval_prompts=32"]
 
 
