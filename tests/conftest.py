@@ -78,6 +78,14 @@ def trained_run(pipeline_run) -> RunDir:
     return RunDir(pipeline_run.run_dir)
 
 
+@pytest.fixture(scope="session")
+def ppo_run(pipeline_run, trained_run) -> RunDir:
+    """The trained run, PPO and the held-out evaluation finished."""
+    if why := pipeline_run.failure(("ppo", "evaluate")):
+        pytest.fail(f"no PPO run: {why}")
+    return trained_run
+
+
 @pytest.fixture
 def forked_run(trained_run, tmp_path) -> RunDir:
     """A fresh run directory where the session's SFT and RM have finished, its config the

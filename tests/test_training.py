@@ -124,14 +124,6 @@ def test_lora_under_zero2_and_zero3_saves_one_merged_model(storage, tmp_path):
     assert res3["metrics"]["perplexity"] == pytest.approx(res2["metrics"]["perplexity"], rel=1e-4)
 
 
-@pytest.fixture(scope="session")
-def ppo_run(pipeline_run, trained_run) -> RunDir:
-    """The trained run, PPO and the held-out evaluation finished."""
-    if why := pipeline_run.failure(("ppo", "evaluate")):
-        pytest.fail(f"no PPO run: {why}")
-    return trained_run
-
-
 def test_ppo_raises_the_reward_on_held_out_prompts(ppo_run):
     ev = stage_result(ppo_run, "evaluate")["metrics"]
     # The same held-out prompts: the PPO actor's answers score clearly higher than the SFT
