@@ -7,7 +7,6 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,8 +17,9 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 # The tests' MLflow servers start no job runner: its consumer processes cost CPU the tests need.
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 
-if TYPE_CHECKING:
-    from rlhf_tasks.storage import RunDir
+# Light (no torch): the helpers for tests that run stages, importable from here as well.
+from rlhf_tasks.storage import RunDir  # noqa: E402
+from tests.runs import fork_run, pipeline_through_airflow, result_of, run_cli, stage_result  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "rlhf_pipeline.py"
@@ -58,8 +58,6 @@ def pipeline_run(tmp_path_factory) -> Iterator:
     """tiny-cpu's whole DAG through Airflow, once per session (tests/runs.py): the e2e
     tests read it back through Airflow and MLflow, and its run directory is the session's
     trained run."""
-    from tests.runs import pipeline_through_airflow
-
     if not Path(sys.executable).with_name("airflow").exists():
         pytest.skip(f"airflow is not installed next to {sys.executable}")
     with pipeline_through_airflow(tmp_path_factory.mktemp("rlhf-home")) as run:
@@ -71,8 +69,6 @@ def trained_run(pipeline_run) -> RunDir:
     """The session's tiny-cpu run, SFT, RM, PPO and evaluation finished (the pipeline run's
     directory; read it, do not write to it). To train another stage on its SFT and RM
     models, take a fork: ``fork_run(trained_run, tmp_path)`` (tests/runs.py)."""
-    from rlhf_tasks.storage import RunDir
-
     if why := pipeline_run.failure(("sft", "rm")):
         pytest.fail(f"no trained run: {why}")
     return RunDir(pipeline_run.run_dir)
@@ -90,8 +86,6 @@ def ppo_run(pipeline_run, trained_run) -> RunDir:
 def forked_run(trained_run, tmp_path) -> RunDir:
     """A fresh run directory where the session's SFT and RM have finished, its config the
     trained run's: run only the next stage in it (``--output forked_run.path``)."""
-    from tests.runs import fork_run
-
     return fork_run(trained_run, tmp_path)
 
 
