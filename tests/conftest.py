@@ -1,8 +1,11 @@
-"""Test-wide settings: offline, on CPU, storage in a temporary directory."""
+"""Test-wide settings: offline, on CPU, storage in a temporary directory; the trained run
+that the whole session shares."""
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,12 @@ import pytest
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RLHF_DEVICE="cpu",
                   DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING="false")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# The tests' MLflow servers start no job runner: its consumer processes cost CPU the tests need.
+os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+
+# Light (no torch): the helpers for tests that run stages, importable from here as well.
+from rlhf_tasks.storage import RunDir  # noqa: E402
+from tests.runs import fork_run, pipeline_through_airflow, result_of, run_cli, stage_result  # noqa: E402, F401
 
 REPO = Path(__file__).resolve().parents[1]
 DAG_FILE = REPO / "dags" / "rlhf_pipeline.py"
@@ -42,6 +51,42 @@ def tiny_model_dir(storage) -> Path:
     from rlhf_tasks.models import resolve_model_path
 
     return Path(resolve_model_path("builtin:tiny-opt"))
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory) -> Iterator:
+    """tiny-cpu's whole DAG through Airflow, once per session (tests/runs.py): the e2e
+    tests read it back through Airflow and MLflow, and its run directory is the session's
+    trained run."""
+    if not Path(sys.executable).with_name("airflow").exists():
+        pytest.skip(f"airflow is not installed next to {sys.executable}")
+    with pipeline_through_airflow(tmp_path_factory.mktemp("rlhf-home")) as run:
+        yield run
+
+
+@pytest.fixture(scope="session")
+def trained_run(pipeline_run) -> RunDir:
+    """The session's tiny-cpu run, SFT, RM, PPO and evaluation finished (the pipeline run's
+    directory; read it, do not write to it). To train another stage on its SFT and RM
+    models, take a fork: ``fork_run(trained_run, tmp_path)`` (tests/runs.py)."""
+    if why := pipeline_run.failure(("sft", "rm")):
+        pytest.fail(f"no trained run: {why}")
+    return RunDir(pipeline_run.run_dir)
+
+
+@pytest.fixture(scope="session")
+def ppo_run(pipeline_run, trained_run) -> RunDir:
+    """The trained run, PPO and the held-out evaluation finished."""
+    if why := pipeline_run.failure(("ppo", "evaluate")):
+        pytest.fail(f"no PPO run: {why}")
+    return trained_run
+
+
+@pytest.fixture
+def forked_run(trained_run, tmp_path) -> RunDir:
+    """A fresh run directory where the session's SFT and RM have finished, its config the
+    trained run's: run only the next stage in it (``--output forked_run.path``)."""
+    return fork_run(trained_run, tmp_path)
 
 
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

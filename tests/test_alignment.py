@@ -5,37 +5,31 @@ critic, and under LoRA hold no second copy of the policy as the reference."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from rlhf_tasks.storage import RunDir
-from tests.conftest import result_of, run_cli
+from tests.runs import fork_run, result_of, run_cli, stage_result
 
 pytestmark = pytest.mark.slow
 
 
-def fork(trained_run: RunDir, path: Path, *overrides: str) -> RunDir:
-    """A new run directory holding the trained SFT and RM outputs; its config is tiny-cpu
-    with ``overrides`` (written by the first stage run in it)."""
-    run = RunDir(path)
-    for name in ("sft", "rm"):
-        shutil.copytree(trained_run.final(name), run.final(name))
-    run.overrides = list(overrides)  # type: ignore[attr-defined]
-    return run
+def fork(trained_run: RunDir, where: Path, stage: str, *overrides: str) -> RunDir:
+    """A new run directory holding the session's trained SFT and RM; its config is theirs,
+    with step 3 set to ``stage`` and ``overrides``."""
+    return fork_run(trained_run, where, f"algorithm={stage}", *overrides)
 
 
 def align(run: RunDir, stage: str) -> dict:
-    return result_of(run_cli(stage, "--preset", "tiny-cpu", "--output", str(run.path), "--set", f"algorithm={stage}",
-                             *run.overrides))
+    return result_of(run_cli(stage, "--output", str(run.path)))  # the fork's config
 
 
 @pytest.fixture(scope="module", params=["grpo", "rloo"])
 def critic_free(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, RunDir]:
     stage = request.param
-    run = fork(trained_run, tmp_path_factory.mktemp(stage))
+    run = fork(trained_run, tmp_path_factory.mktemp(stage), stage)
     res = align(run, stage)
     ev = result_of(run_cli("evaluate", "--output", str(run.path)))
     return stage, res, ev, run
@@ -59,7 +53,7 @@ def test_critic_free_rl_raises_the_held_out_reward(critic_free):
 
 def test_critic_free_rl_holds_no_critic(critic_free, ppo_run):
     stage, res, _, run = critic_free
-    m, ppo = res["metrics"], ppo_run.results["ppo"]["metrics"]
+    m, ppo = res["metrics"], stage_result(ppo_run, "ppo")["metrics"]
     assert "memory/critic_bytes" not in m and ppo["memory/critic_bytes"] > 0
     assert m["memory/models_bytes"] < ppo["memory/models_bytes"]
     assert m["memory/models_bytes"] == pytest.approx(ppo["memory/models_bytes"] - ppo["memory/critic_bytes"])
@@ -73,7 +67,7 @@ def test_lora_reference_is_the_actor_with_adapters_off(stage, trained_run, tmp_p
     """Training LoRA adapters only, the reference policy is the actor with its adapters
     disabled: no copy on the device (0 bytes), and at the first rollout, before any
     update, the policy and its reference are the same function (KL exactly 0)."""
-    run = fork(trained_run, tmp_path / stage, f"{stage}.max_steps=2", f"{stage}.actor.lora_dim=8",
+    run = fork(trained_run, tmp_path, stage, f"{stage}.max_steps=2", f"{stage}.actor.lora_dim=8",
                f"{stage}.actor.only_optimize_lora=true", "ppo.eval_prompts=8")
     m = align(run, stage)["metrics"]
     assert m["memory/reference_bytes"] == 0 and m["memory/actor_bytes"] > 0, m

@@ -1,15 +1,17 @@
-"""SFT and the reward model on tiny-cpu through the real DeepSpeed engine (CPU, gloo).
+"""SFT, the reward model and PPO on tiny-cpu through the real DeepSpeed engine (CPU, gloo).
 
 They must learn, not just run: held-out perplexity falls clearly, the reward model ranks
-held-out pairs, and the saved weights differ from the starting ones.
+held-out pairs, PPO raises the reward on held-out prompts, and the saved weights differ
+from the starting ones. The trained run is the session's (tests/conftest.py:
+``trained_run``, tiny-cpu's whole DAG through Airflow, trained once and shared with
+tests/e2e/test_pipeline.py); the tests here that train more do it in run directories of
+their own.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,28 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from rlhf_tasks.storage import RunDir
+from tests.runs import fork_run, result_of, run_cli, stage_result
 
 pytestmark = pytest.mark.slow
-
-
-def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlhf_tasks", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def result_of(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RLHF_RESULT ")][-1]
-    return json.loads(line.removeprefix("RLHF_RESULT "))
-
-
-@pytest.fixture(scope="session")
-def trained_run(storage, tiny_model_dir, tmp_path_factory) -> RunDir:
-    """SFT then RM on tiny-cpu in one run directory, shared by the tests below and PPO's."""
-    run = RunDir(tmp_path_factory.mktemp("run"))
-    sft = result_of(run_cli("sft", "--preset", "tiny-cpu", "--output", str(run.path)))
-    rm = result_of(run_cli("rm", "--output", str(run.path)))  # reuses the run's saved config
-    run.results = {"sft": sft, "rm": rm}  # type: ignore[attr-defined]
-    return run
 
 
 def _weights_changed(before: Path, after: Path) -> float:
@@ -49,7 +32,7 @@ def _weights_changed(before: Path, after: Path) -> float:
 
 
 def test_sft_perplexity_falls_clearly(trained_run, tiny_model_dir):
-    m = trained_run.results["sft"]["metrics"]
+    m = stage_result(trained_run, "sft")["metrics"]
     assert m["perplexity"] < 0.5 * m["perplexity_before"], m
     assert m["perplexity"] < 20, m
     final = trained_run.final("sft")
@@ -60,7 +43,7 @@ def test_sft_perplexity_falls_clearly(trained_run, tiny_model_dir):
 
 
 def test_reward_model_ranks_held_out_pairs(trained_run):
-    m = trained_run.results["rm"]["metrics"]
+    m = stage_result(trained_run, "rm")["metrics"]
     assert m["accuracy"] >= 0.85, m
     assert m["chosen_score"] > m["rejected_score"], m
     assert m["accuracy_before"] < 0.75  # it learned this; the untrained head scores every answer 0
@@ -91,8 +74,6 @@ def test_resume_continues_from_the_checkpoint(storage, tmp_path):
     first = run_cli("sft", "--preset", "tiny-cpu", "--output", str(run.path), *common, "sft.max_steps=20")
     result_of(first)
     # Make the run look interrupted: drop the final output, keep the checkpoints.
-    import shutil
-
     shutil.rmtree(run.final("sft"))
     run.result_path("sft").unlink()
     cfg = (run.config_path).read_text().replace("max_steps: 20", "max_steps: 30")
@@ -143,22 +124,15 @@ def test_lora_under_zero2_and_zero3_saves_one_merged_model(storage, tmp_path):
     assert res3["metrics"]["perplexity"] == pytest.approx(res2["metrics"]["perplexity"], rel=1e-4)
 
 
-@pytest.fixture(scope="session")
-def ppo_run(trained_run) -> RunDir:
-    trained_run.results["ppo"] = result_of(run_cli("ppo", "--output", str(trained_run.path)))
-    trained_run.results["evaluate"] = result_of(run_cli("evaluate", "--output", str(trained_run.path)))
-    return trained_run
-
-
 def test_ppo_raises_the_reward_on_held_out_prompts(ppo_run):
-    ev = ppo_run.results["evaluate"]["metrics"]
+    ev = stage_result(ppo_run, "evaluate")["metrics"]
     # The same held-out prompts: the PPO actor's answers score clearly higher than the SFT
     # actor's, by a margin several standard errors wide (not sampling luck).
     assert ev["reward_gain"] > 0.3, ev
     assert ev["reward_gain"] > 3 * ev["reward_gain_se"], ev
     assert ev["aligned_win_rate"] > 0.5, ev
     assert 0 <= ev["kl_aligned_sft"] < 20, ev  # moved, but stayed near the SFT policy
-    ppo = ppo_run.results["ppo"]["metrics"]
+    ppo = stage_result(ppo_run, "ppo")["metrics"]
     assert ppo["reward_last"] > ppo["reward_first"], ppo
     samples = json.loads((ppo_run.stage("evaluate") / "samples.json").read_text())
     assert len(samples) == ev["prompts"] and {"prompt", "sft_answer", "ppo_answer"} <= set(samples[0])
@@ -168,11 +142,8 @@ def test_ppo_ema_with_lora_saves_the_plain_model_it_averages(trained_run, tmp_pa
     """ppo.enable_ema with a LoRA actor: final/ema/ holds the same tensors as final/ (the
     plain, merged model), averaged: close to the SFT start after a few updates, where the
     PPO actor has moved on."""
-    run = RunDir(tmp_path / "ema")
-    for name in ("sft", "rm"):
-        shutil.copytree(trained_run.final(name), run.final(name))
-    res = result_of(run_cli("ppo", "--preset", "tiny-cpu", "--output", str(run.path), "--set", "ppo.max_steps=3",
-                            "ppo.actor.lora_dim=8", "ppo.enable_ema=true"))
+    run = fork_run(trained_run, tmp_path, "ppo.max_steps=3", "ppo.actor.lora_dim=8", "ppo.enable_ema=true")
+    res = result_of(run_cli("ppo", "--output", str(run.path)))
     final = Path(res["final_dir"])
     ema, ppo = load_file(str(final / "ema" / "model.safetensors")), load_file(str(final / "model.safetensors"))
     sft = load_file(str(run.final("sft") / "model.safetensors"))

@@ -1,5 +1,6 @@
 """Fixtures of the production-topology tests: one native topology (PostgreSQL, Redis,
-Celery workers, api-server, MLflow) shared by every test of the session that asks for it."""
+Celery workers, api-server, MLflow) shared by every test of tests/e2e that asks for it, and
+up only while they run."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from tests.e2e.topology import REPO, Topology
 
 # One pipeline run through the topology, bounded: tiny-cpu takes 3-5 minutes on 2 cores.
 RUN_TIMEOUT_S = float(os.environ.get("RLHF_E2E_RUN_TIMEOUT_S", "900"))
+# The topology's runs (REST- and browser-triggered) check queues, pools, workers, the UIs and
+# MLflow, not learning (tests/e2e/test_pipeline.py and tests/test_training.py check that, on
+# the session's full tiny-cpu run): a few steps of each stage, small evaluation sets. PPO
+# keeps the 12 iterations the MLflow UI test was shown to chart.
+SHORT_RUN = {"sft.epochs": 1, "rm.epochs": 1, "ppo.max_steps": 12}
+SHORT_RUN_OVERRIDES = ["sft.max_steps=20", "rm.max_steps=20", "data.max_eval_samples=32", "ppo.eval_prompts=32"]
 
 
 def e2e_overrides() -> list[str]:
@@ -37,7 +44,19 @@ def e2e_conf(**params: Any) -> dict[str, Any]:
     return {"preset": "tiny-cpu", "overrides": e2e_overrides(), **params}
 
 
-@pytest.fixture(scope="session")
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests on the topology run last in tests/e2e, one after another: the topology is
+    started for the first of them and stopped after the last (package scope), so that its
+    idle scheduler, dag-processor and workers take no CPU from the other tests."""
+    here = Path(__file__).parent
+    mine = [i for i, item in enumerate(items) if here in Path(item.path).parents]
+    if not mine or mine != list(range(mine[0], mine[-1] + 1)):  # not one block: leave the order as given
+        return
+    block = items[mine[0]:mine[-1] + 1]
+    items[mine[0]:mine[-1] + 1] = sorted(block, key=lambda item: "topology" in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="package")
 def topology(tmp_path_factory) -> Iterator[Topology]:
     for tool in ("airflow", "mlflow", "celery"):
         if not (Path(sys.executable).with_name(tool)).exists():

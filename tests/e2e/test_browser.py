@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import RUN_TIMEOUT_S, e2e_overrides, keep_artifact
+from tests.e2e.conftest import RUN_TIMEOUT_S, SHORT_RUN, SHORT_RUN_OVERRIDES, e2e_overrides, keep_artifact
 from tests.e2e.topology import DAG_ID, Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -24,13 +24,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CHROMIUM = os.environ.get("RLHF_E2E_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-# Trigger-form fields changed in the browser, by form section: fewer epochs and PPO
-# iterations than tiny-cpu's 3, 2 and 40, so that this second run of the session is quick.
+# Trigger-form fields changed in the browser, by form section: the short recipe's epochs and
+# PPO iterations (tests/e2e/conftest.py: SHORT_RUN) in place of tiny-cpu's 3, 3 and 40; its
+# step limits and evaluation sizes go in the form's free list of overrides (Advanced).
 # Each field is labelled with its config path (dags/rlhf_pipeline.py: FORM).
 FORM_VALUES = {
-    "Step 1: SFT": {"sft.epochs": 1},
-    "Step 2: reward model": {"rm.epochs": 1},
-    "Step 3: PPO": {"ppo.max_steps": 12},
+    "Step 1: SFT": {"sft.epochs": SHORT_RUN["sft.epochs"]},
+    "Step 2: reward model": {"rm.epochs": SHORT_RUN["rm.epochs"]},
+    "Step 3: PPO": {"ppo.max_steps": SHORT_RUN["ppo.max_steps"]},
 }
 CONFIG_KEYS = {k: k for values in FORM_VALUES.values() for k in values}
 UI_TIMEOUT_MS = 60_000
@@ -88,10 +89,11 @@ def ui_run(topology: Topology, browser, tmp_path_factory, artifacts_dir) -> Iter
         # of them, leave the PPO section open for the screenshot.
         page.get_by_role("button", name="Trigger").first.click()
         dialog = page.get_by_role("dialog")
-        # RLHF_E2E_OVERRIDES go in the form's free list, except keys the form fields set here.
-        if overrides := [o for o in e2e_overrides() if o.split("=", 1)[0] not in CONFIG_KEYS.values()]:
-            dialog.get_by_text("Advanced", exact=True).click()
-            dialog.locator("#element_overrides").fill("\n".join(overrides))
+        # The form's free list: the short recipe's overrides, then RLHF_E2E_OVERRIDES except
+        # keys the form fields set here.
+        overrides = [*SHORT_RUN_OVERRIDES, *(o for o in e2e_overrides() if o.split("=", 1)[0] not in CONFIG_KEYS)]
+        dialog.get_by_text("Advanced", exact=True).click()
+        dialog.locator("#element_overrides").fill("\n".join(overrides))
         for section, values in FORM_VALUES.items():
             dialog.get_by_text(section, exact=True).click()
             for name, value in values.items():
@@ -130,6 +132,7 @@ def test_run_triggered_from_the_ui_succeeds_with_the_changed_parameter(topology,
     for values in FORM_VALUES.values():
         for name, value in values.items():
             assert run["conf"][name] == value, run["conf"]
+    assert run["conf"]["overrides"][:len(SHORT_RUN_OVERRIDES)] == SHORT_RUN_OVERRIDES, run["conf"]
     assert run["conf"]["preset"] == "tiny-cpu"
 
 
@@ -154,6 +157,8 @@ def test_mlflow_ui_shows_the_average_reward_chart(topology, ui_run):
     for values in FORM_VALUES.values():
         for name, value in values.items():
             assert ppo.data.params[CONFIG_KEYS[name]] == str(value), (name, ppo.data.params.get(CONFIG_KEYS[name]))
+    for key, value in (o.split("=", 1) for o in SHORT_RUN_OVERRIDES):  # and so did the free list's
+        assert ppo.data.params[key] == value, (key, ppo.data.params.get(key))
 
     page, shots = ui_run["page"], ui_run["shots"]
     page = page.context.browser.new_page(viewport={"width": 1440, "height": 1000})

@@ -1,106 +1,60 @@
 """The whole DAG through Airflow on tiny-cpu, against a real MLflow server on loopback.
 
-One run does double duty: while SFT trains, the test kills the stage's process right
-after its first complete checkpoint; Airflow retries the task, which must resume from
-that checkpoint and continue the same MLflow run. Then everything is read back through
-the MLflow client: parent and child runs, metrics, artifacts, the registered model.
+The run is the session's (tests/conftest.py: ``pipeline_run``); tests/test_training.py
+reads its run directory as the trained tiny-cpu run. It does double duty: while SFT
+trains, its process is killed right after its first complete checkpoint; Airflow retries
+the task, which must resume from that checkpoint and continue the same MLflow run. Then
+everything is read back through the MLflow client: parent and child runs, metrics,
+artifacts, the registered model.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import threading
-import time
-from pathlib import Path
 
 import pytest
-
-from rlhf_tasks import local
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STAGE_TAGS = {"sft", "rm", "ppo", "evaluate"}
 
 
-def _kill_sft_after_first_checkpoint(storage: Path, stop: threading.Event, killed: dict) -> None:
-    """Wait for sft/checkpoints/step-N/COMPLETE, then SIGKILL the sft stage process."""
-    while not stop.is_set():
-        markers = list(storage.glob("runs/*/sft/checkpoints/step-*/COMPLETE"))
-        if markers:
-            pattern = f"rlhf_tasks sft --output {storage}"  # this test's stage process only
-            out = subprocess.run(["pgrep", "-f", "-n", pattern], capture_output=True, text=True)
-            if out.stdout.strip():
-                pid = int(out.stdout.split()[0])
-                killed["step"] = int(markers[0].parent.name.split("-")[1])
-                os.kill(pid, signal.SIGKILL)
-                killed["pid"] = pid
-                return
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory):
-    h = tmp_path_factory.mktemp("rlhf-home")
-    os.environ["RLHF_HOME"] = str(h)
-    env = local.airflow_env(h)
-    env["RLHF_STORAGE"] = str(h / "storage")
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # A checkpoint early in SFT, so that the kill lands mid-training.
-    conf = {"preset": "tiny-cpu", "overrides": ["sft.checkpoint_every_steps=40"]}
-    local.init_airflow(env)
-    stop, killed = threading.Event(), {}
-    watcher = threading.Thread(target=_kill_sft_after_first_checkpoint,
-                               args=(Path(env["RLHF_STORAGE"]), stop, killed), daemon=True)
-    with local.mlflow_server(h) as url:
-        env["MLFLOW_TRACKING_URI"] = url
-        watcher.start()
-        t0 = time.time()
-        proc = subprocess.run([local.bin_path("airflow"), "dags", "test", local.DAG_ID, "--conf", json.dumps(conf)],
-                              env=env, capture_output=True, text=True, timeout=1500)
-        stop.set()
-        elapsed = time.time() - t0
-        (h / "dags_test.log").write_text(proc.stdout + proc.stderr)
-        run_dir = local.latest_run_dir(Path(env["RLHF_STORAGE"]))
-        from mlflow.tracking import MlflowClient
+def client(pipeline_run):
+    from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(url)
-        yield {"proc": proc, "run_dir": run_dir, "client": client, "killed": killed, "elapsed": elapsed,
-               "log": h / "dags_test.log"}
+    return MlflowClient(pipeline_run.mlflow_url)
 
 
 def test_all_stages_succeed(pipeline_run):
-    run_dir = pipeline_run["run_dir"]
-    tail = pipeline_run["proc"].stdout[-3000:] + pipeline_run["proc"].stderr[-3000:]
+    run_dir = pipeline_run.run_dir
+    tail = pipeline_run.proc.stdout[-3000:] + pipeline_run.proc.stderr[-3000:]
     assert run_dir is not None, tail
     for stage in ("sft", "rm", "ppo", "evaluate"):
-        assert (run_dir / stage / "result.json").is_file(), f"{stage} did not finish; see {pipeline_run['log']}"
+        assert (run_dir / stage / "result.json").is_file(), f"{stage} did not finish; see {pipeline_run.log}"
     assert (run_dir / "report.md").is_file() and (run_dir / "register.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "perplexity" in report and "average reward" in report
-    print(f"pipeline through Airflow: {pipeline_run['elapsed']:.0f} s")
+    print(f"pipeline through Airflow: {pipeline_run.elapsed:.0f} s")
 
 
 def test_metrics_move_the_right_way(pipeline_run):
-    run_dir = pipeline_run["run_dir"]
+    run_dir = pipeline_run.run_dir
     r = {s: json.loads((run_dir / s / "result.json").read_text())["metrics"] for s in ("sft", "rm", "evaluate")}
     assert r["sft"]["perplexity"] < 0.5 * r["sft"]["perplexity_before"]
     assert r["rm"]["accuracy"] >= 0.85
     assert r["evaluate"]["aligned_reward"] > r["evaluate"]["sft_reward"]
 
 
-def test_killed_stage_resumed_from_checkpoint_in_the_same_mlflow_run(pipeline_run):
-    killed = pipeline_run["killed"]
+def test_killed_stage_resumed_from_checkpoint_in_the_same_mlflow_run(pipeline_run, client):
+    killed = pipeline_run.killed
     assert "pid" in killed, "the SFT stage finished before its first checkpoint: nothing was killed"
-    run_dir = pipeline_run["run_dir"]
+    run_dir = pipeline_run.run_dir
     resume = json.loads((run_dir / "sft" / "resume.json").read_text())
     assert resume["resumed_from_step"] >= killed["step"] > 0
     total = json.loads((run_dir / "sft" / "result.json").read_text())["metrics"]["global_step"]
     redone = total - resume["resumed_from_step"]
     assert redone < total  # fewer steps than a fresh run
-    client = pipeline_run["client"]
     exp = client.get_experiment_by_name("rlhf-tiny-cpu")
     sft_runs = client.search_runs([exp.experiment_id], "tags.`rlhf.stage` = 'sft'")
     assert len(sft_runs) == 1
@@ -108,8 +62,7 @@ def test_killed_stage_resumed_from_checkpoint_in_the_same_mlflow_run(pipeline_ru
     assert sft_runs[0].info.status == "FINISHED"
 
 
-def test_mlflow_holds_runs_metrics_artifacts_and_model(pipeline_run):
-    client = pipeline_run["client"]
+def test_mlflow_holds_runs_metrics_artifacts_and_model(client):
     exp = client.get_experiment_by_name("rlhf-tiny-cpu")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("rlhf.kind") == "pipeline"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import RUN_TIMEOUT_S, e2e_conf
+from tests.e2e.conftest import RUN_TIMEOUT_S, SHORT_RUN, SHORT_RUN_OVERRIDES, e2e_conf
 from tests.e2e.topology import Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,11 +27,10 @@ EVERY_STAGE = ["time/wall_clock_s", "cost/usd"]
 @pytest.fixture(scope="module")
 def rest_run(topology: Topology) -> dict:
     t0 = time.monotonic()
-    # This run checks the topology (queues, pools, workers, PostgreSQL, MLflow), not learning
-    # (tests/e2e/test_pipeline.py and tests/test_training.py do): a short recipe, as the
-    # browser's run has.
-    conf = e2e_conf(**{"sft.epochs": 1, "rm.epochs": 1, "ppo.max_steps": 12})
-    conf["overrides"] = ["data.max_eval_samples=100", "ppo.eval_prompts=64", *conf["overrides"]]
+    # This run checks the topology (queues, pools, workers, PostgreSQL, MLflow), not learning:
+    # the short recipe, as the browser's run has.
+    conf = e2e_conf(**SHORT_RUN)
+    conf["overrides"] = [*SHORT_RUN_OVERRIDES, *conf["overrides"]]
     run_id = topology.trigger(conf, run_id=f"e2e_rest_{time.strftime('%Y%m%dT%H%M%S')}")
     run = topology.wait_for_run(run_id, RUN_TIMEOUT_S)
     elapsed = time.monotonic() - t0

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -147,17 +146,6 @@ def complete_steps(run: RunDir, stage: str) -> list[int]:
 def partial_dirs(run: RunDir, stage: str) -> list[str]:
     root = run.checkpoints(stage)
     return sorted(p.name for p in root.glob(".step-*")) if root.is_dir() else []
-
-
-def seed_ppo_run(src: RunDir, dst: RunDir) -> None:
-    """A run directory where SFT and RM have finished (copied from ``src``): PPO's input."""
-    dst.path.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(src.config_path, dst.config_path)
-    for stage in ("sft", "rm"):
-        shutil.copytree(src.final(stage), dst.final(stage))
-        result = json.loads(src.result_path(stage).read_text())
-        result["final_dir"] = str(dst.final(stage))
-        dst.result_path(stage).write_text(json.dumps(result))
 
 
 def run_stage(stage: str, run_dir: Path, *args: str, env: dict[str, str] | None = None) -> dict:

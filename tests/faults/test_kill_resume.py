@@ -36,8 +36,8 @@ from tests.faults.helpers import (
     complete_steps,
     fault_seeds,
     partial_dirs,
-    seed_ppo_run,
 )
+from tests.runs import fork_run
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +72,12 @@ def _weights_diff(a, b) -> float:
 def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     rng = random.Random(seed)
     interval, total = INTERVAL[stage], TOTAL[stage]
-    run = RunDir(tmp_path / "run")
     if stage == "ppo":
         fault_reference.result("sft"), fault_reference.result("rm")  # PPO's inputs
-        seed_ppo_run(fault_reference.run, run)
+        run = fork_run(fault_reference.run, tmp_path)
         args: list[str] = []
     else:
+        run = RunDir(tmp_path / "run")
         args = ["--preset", "tiny-cpu", "--set", *FAST]
     report: dict = {"stage": stage, "seed": seed, "interval": interval, "total": total}
 
