@@ -15,6 +15,7 @@ alignment step chosen by the form's `algorithm` field.
 | `dpo` | step 3 without rollouts: DPO on the third phase's preference pairs | `gpu` queue, `gpu` pool |
 | `evaluate` | SFT vs the aligned actor on held-out prompts (the RM scores), samples side by side | `gpu` queue, `gpu` pool |
 | `register` | run report (time, cost, metrics per step), MLflow model version, `champion` alias if better | default queue |
+| `request_approval` | with `tracking.champion_approval: human` only: triggers `rlhf_champion_approval`, where a person promotes or rejects the candidate; this run ends at once | default queue |
 
 `sft` and `rm` do not depend on each other: with 2 slots in the `gpu` pool they
 run side by side. Every stage writes to `$RLHF_STORAGE/runs/<run id>/<stage>/`; a retried
@@ -29,7 +30,9 @@ parameters; empty fields keep the preset's value; `overrides` takes any other co
 **Retraining**: the DAG runs whenever the `rlhf_preference_data` asset is updated (a producer
 task with `outlets=[preference_data]`, e.g. `dags/ingest_preferences.py`, or
 `POST /api/v2/assets/events` with the asset's id), and on the cron schedule in
-`RLHF_RETRAIN_CRON` when that variable is set (off by default).
+`RLHF_RETRAIN_CRON` when that variable is set (off by default). A run started by a labelling
+batch (`rlhf_label_preferences`, event extra `source: human`) adds the preference store,
+`human:`, to `data.datasets` when the config does not name it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import (
     DAG,
     Asset,
@@ -107,6 +111,12 @@ def form_values(p: dict) -> dict:
     return {path: p[path] for section in FORM.values() for path in section if p.get(path) is not None}
 
 
+def _labelled_by_people(ctx) -> bool:
+    """Whether an asset event that started this run came from the labelling DAG."""
+    events = ctx.get("triggering_asset_events") or {}
+    return any((e.extra or {}).get("source") == "human" for evs in events.values() for e in evs)
+
+
 def _run(stage: str, run_dir: str, **kw) -> dict:
     import logging
 
@@ -150,7 +160,13 @@ with DAG(
         run_dir = run_dir_for(ctx["dag_run"].run_id)  # a run id with "/" or ".." stays inside storage
         # The form's values go into the run's config.yaml as they are; every stage reads that file.
         try:
-            cfg = PipelineConfig.load(p["preset"], form_values(p), list(p.get("overrides") or []))
+            values, overrides = form_values(p), list(p.get("overrides") or [])
+            cfg = PipelineConfig.load(p["preset"], values, overrides)
+            if _labelled_by_people(ctx):  # retraining after a labelling batch trains on the labels
+                from rlhf_tasks.feedback.store import with_human_store
+
+                values["data.datasets"] = with_human_store(cfg.data.datasets)
+                cfg = PipelineConfig.load(p["preset"], values, overrides)
             resolve_run_config(run_dir, cfg)
         except ConfigError as e:  # bad input: a retry cannot fix it
             raise AirflowFailException(f"invalid configuration: {e}") from None
@@ -201,6 +217,15 @@ with DAG(
         """Report, model registry, champion alias."""
         return _run("register", prep["run_dir"])
 
+    @task
+    def approval_conf(reg: dict) -> dict:
+        """The approval run's conf, or skip (nothing to approve: the alias moved by itself)."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if (reg.get("registered") or {}).get("approval") != "pending":
+            raise AirflowSkipException("tracking.champion_approval is auto: the champion alias was decided by register")
+        return {"pipeline_run_id": get_current_context()["dag_run"].run_id}
+
     prep = install()
     trained = [sft(prep), rm(prep)]
     choice = algorithm(prep)
@@ -213,4 +238,9 @@ with DAG(
     done = evaluate(prep)
     steps >> done
     trained[1] >> done
-    register(prep, done)
+    registered = register(prep, done)
+    # The decision waits in a run of its own: this run (max_active_runs=1) finishes, the
+    # next retraining can start, and no GPU slot is held while a person thinks.
+    TriggerDagRunOperator(task_id="request_approval", trigger_dag_id="rlhf_champion_approval",
+                          conf=approval_conf(registered), trigger_run_id="approve__{{ run_id }}",
+                          wait_for_completion=False, skip_when_already_exists=True)

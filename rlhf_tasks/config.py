@@ -160,6 +160,10 @@ class TrackingConfig(Section):
     experiment: Str = "rlhf"
     registered_model: Str = "rlhf-actor"
     system_metrics: Bool = True
+    champion_approval: Literal["auto", "human"] = "auto"
+    """auto: the champion alias moves when the held-out reward is better; human: a person decides"""
+    approval_timeout_minutes: Annotated[Float, Field(gt=0)] = 1440.0
+    """With human approval: unanswered this long, the current champion stays"""
 
     @model_validator(mode="after")
     def _check(self) -> TrackingConfig:

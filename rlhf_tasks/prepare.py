@@ -136,6 +136,15 @@ def check_models(cfg: PipelineConfig) -> tuple[dict[str, Any], Any]:
     return info, tok
 
 
+def human_rows(ds) -> int:
+    """How many rows of a blended phase dataset came from people's labels (``human``)."""
+    from .data.formats import HUMAN
+
+    if "source" not in ds.column_names:
+        return 0
+    return sum(1 for s in ds["source"] if s == HUMAN or s.startswith(f"{HUMAN}:"))
+
+
 def check_data(cfg: PipelineConfig, tok) -> dict[str, Any]:
     """Build (and cache) every phase's tokenised train/eval share."""
     from .phases import ppo_prompts, rm_pairs, sft_rows
@@ -145,6 +154,8 @@ def check_data(cfg: PipelineConfig, tok) -> dict[str, Any]:
         for split in ("train", "eval"):
             ds, reports = loader(cfg, tok, split)
             counts[f"{stage}/{split}"] = len(ds)
+            if stage == "rm" and split == "train":
+                counts["rm/train_human"] = human_rows(ds)
             for r in reports:
                 log.info("prepare: %s", r)
         if counts[f"{stage}/train"] == 0:
@@ -168,13 +179,17 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     report["deepspeed"] = check_deepspeed(cfg)
     report["models"], tok = check_models(cfg)
     report["data"] = check_data(cfg, tok)
+    report["human_pairs"] = report["data"].pop("rm/train_human")
     report["prepare_s"] = round(time.time() - t0, 1)
     write_json(run_dir.path / "environment.json", report)
     parent = ensure_parent_run(cfg, run_dir)
     if parent:
         t = Tracker.start(tracking_uri(cfg), cfg.tracking.experiment, run_name="", resume_run_id=parent)
         t.log_artifact(str(run_dir.path / "environment.json"), "environment")
+        # The reward model's training pairs that people labelled (0 without a human: dataset).
+        t.log_params({"data/human_pairs": report["human_pairs"]})
         t.close("RUNNING")
     log.info("prepare: worker ok, %s rows per phase/split, %.1f s", report["data"], report["prepare_s"])
     return {"stage": "prepare", "run_dir": str(run_dir.path), "mlflow_parent_run_id": parent,
-            "data": report["data"], "environment": str(run_dir.path / "environment.json")}
+            "data": report["data"], "human_pairs": report["human_pairs"],
+            "environment": str(run_dir.path / "environment.json")}

@@ -136,10 +136,22 @@ def render_html(markdown: str) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
 
 
+def version_tags(cfg: PipelineConfig, results: dict[str, Any]) -> dict[str, str]:
+    """What a person compares a candidate on, kept on its model version (the next
+    candidate's approval request reads the champion's from there)."""
+    ev = results[EVALUATE].metrics
+    tags = {f"eval/{k}": repr(float(ev[k])) for k in ("sft_reward", "kl_aligned_sft", "aligned_win_rate") if k in ev}
+    return {**tags, "cost/usd": repr(float(sum(_cost_usd(cfg, r) for r in results.values()))),
+            "rlhf.approval": "pending" if cfg.tracking.champion_approval == "human" else "auto"}
+
+
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
+    from .approval import champion_section
+
     setup_logging()
     results = collect(run_dir)
     md = render_markdown(cfg, run_dir, results)
+    pending = cfg.tracking.champion_approval == "human"
     (run_dir.path / "report.md").write_text(md)
     (run_dir.path / "report.html").write_text(render_html(md))
     log.info("register: report written to %s\n%s", run_dir.path / "report.md", md)
@@ -155,15 +167,21 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         for stage, r in results.items():
             summary.update({f"summary/{stage}/{k}": v for k, v in r.metrics.items() if isinstance(v, (int, float))})
         t.log_metrics(summary, step=0)
-        t.log_artifact(str(run_dir.path / "report.md"), "report")
-        t.log_artifact(str(run_dir.path / "report.html"), "report")
         ev = results[EVALUATE]
         algo = cfg.algorithm
+        # With human approval the alias stays where it is: the approval DAG moves it, or not.
         reg = register_model(uri, run_dir.final(algo), cfg.tracking.registered_model, CHAMPION_METRIC,
                              float(ev.metrics["aligned_reward"]),
                              run_id=(results[algo].mlflow_run_id if algo in results else None) or parent,
-                             tags={"rlhf.algorithm": algo})
-        t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.promoted": str(reg.get("promoted"))})
+                             move_alias=not pending, tags={"rlhf.algorithm": algo, **version_tags(cfg, results)})
+        reg["approval"] = "pending" if pending else "auto"
+        t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.approval": reg["approval"],
+                    "rlhf.promoted": str(reg.get("promoted") and not pending)})
+        md += champion_section(reg)
+        (run_dir.path / "report.md").write_text(md)
+        (run_dir.path / "report.html").write_text(render_html(md))
+        t.log_artifact(str(run_dir.path / "report.md"), "report")
+        t.log_artifact(str(run_dir.path / "report.html"), "report")
         t.close("FINISHED")
         out.update(registered=reg, mlflow_parent_run_id=parent)
         log.info("register: model %s version %s (champion: version %s, promoted: %s)",

@@ -50,9 +50,16 @@ def test_task_graph(dag):
         "dpo": ["algorithm", "install", "sft"],  # DPO needs no reward model to train
         "evaluate": ["dpo", "grpo", "install", "ppo", "rloo", "rm"],
         "register": ["evaluate", "install"],
+        "approval_conf": ["register"],
+        "request_approval": ["approval_conf"],
     }
     # One alignment step runs; evaluate runs after it although the other three were skipped.
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
+    # A champion waiting for a person waits in a run of its own, on no GPU queue or pool.
+    trigger = dag.task_dict["request_approval"]
+    assert trigger.trigger_dag_id == "rlhf_champion_approval" and not trigger.wait_for_completion
+    assert {dag.task_dict[t].queue for t in ("approval_conf", "request_approval")} == {"default"}
+    assert {dag.task_dict[t].pool for t in ("approval_conf", "request_approval")} == {"default_pool"}
     for t in ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "evaluate"):
         task = dag.task_dict[t]
         assert task.queue == "gpu" and task.pool == "gpu"
@@ -161,3 +168,14 @@ def test_install_writes_the_form_into_the_run_config_and_fails_bad_input_without
     with pytest.raises(AirflowFailException, match=r"rm.zero_stage=4 is invalid: 0, 1, 2 or 3"):
         install()
     assert len(launched) == 1 and not (tmp_path / "runs" / "manual__two" / "config.yaml").exists()
+
+
+def test_a_run_started_by_a_labelling_batch_is_told_apart(dag):
+    from types import SimpleNamespace
+
+    module = load_dag_module("rlhf_pipeline_dag_labels")
+    human = {"rlhf_preference_data": [SimpleNamespace(extra={"source": "human", "rows": 4})]}
+    ingest = {"rlhf_preference_data": [SimpleNamespace(extra={"path": "/data/new.jsonl"})]}
+    assert module._labelled_by_people({"triggering_asset_events": human})
+    assert not module._labelled_by_people({"triggering_asset_events": ingest})
+    assert not module._labelled_by_people({})

@@ -87,6 +87,7 @@ class Schema:
 
 GENERIC = "local"
 TRANSCRIPTS = "Anthropic/hh-rlhf"
+HUMAN = "human"  # the preference store people fill (rlhf_tasks/feedback/store.py)
 
 SCHEMAS: dict[str, Schema] = {
     "Dahoas/rm-static": Schema("Dahoas/rm-static", _hh, ("test",)),
@@ -95,13 +96,15 @@ SCHEMAS: dict[str, Schema] = {
     "yitingxie/rlhf-reward-datasets": Schema("yitingxie/rlhf-reward-datasets", _yitingxie, ("test",)),
     TRANSCRIPTS: Schema(TRANSCRIPTS, _transcripts, ("test",), columns=("chosen", "rejected")),
     GENERIC: Schema(GENERIC, _generic, ("test", "validation", "eval")),
+    # Every labelled batch is training data; the reader holds out its own seeded 10%.
+    HUMAN: Schema(HUMAN, _generic, ()),
 }
 
 # The four datasets of the reference recipe, by hub id (each has a bundled sample).
 SEED_DATASETS: tuple[str, ...] = ("Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
                                   "yitingxie/rlhf-reward-datasets")
 # Every hub id with a reader: the seed datasets and the raw Anthropic HH transcripts.
-HUB_DATASETS: tuple[str, ...] = tuple(k for k in SCHEMAS if k != GENERIC)
+HUB_DATASETS: tuple[str, ...] = tuple(k for k in SCHEMAS if k not in (GENERIC, HUMAN))
 
 
 def check_row(schema: Schema, row: Mapping[str, Any]) -> str:

@@ -8,6 +8,11 @@ A spec string is one of:
 - ``Anthropic/hh-rlhf``                raw HH transcripts: only ``chosen``/``rejected`` whole
                                        conversations, the prompt is what precedes the last
                                        ``"\n\nAssistant:"`` (also ``Anthropic/hh-rlhf=<dir or file>``)
+- ``human`` (``human:``, ``human:<dir>``) the pairs people labelled (``rlhf_label_preferences``): every
+                                       ``*.jsonl`` batch of ``$RLHF_STORAGE/preferences/human/``
+                                       (or of ``<dir>``), one source, provenance columns ignored
+                                       (``human`` is the YAML-safe spelling: a bare ``human:`` in a
+                                       YAML list reads as a mapping)
 - ``/data/prefs.jsonl`` (or .json, .parquet, .csv, a directory)
                                        prompt/chosen/rejected columns, used as they are; a
                                        file with only chosen/rejected is read as HH transcripts
@@ -29,13 +34,14 @@ from typing import Any
 
 import datasets
 
-from .formats import GENERIC, HUB_DATASETS, SCHEMAS, SEED_DATASETS, TRANSCRIPTS, Schema, normalise
+from .formats import GENERIC, HUB_DATASETS, HUMAN, SCHEMAS, SEED_DATASETS, TRANSCRIPTS, Schema, normalise
 from .split import split_indices
 
 log = logging.getLogger("rlhf_tasks")
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 SAMPLE_PREFIX = "sample:"
+HUMAN_PREFIX = "human:"
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 PAIR_FEATURES = datasets.Features({c: datasets.Value("string") for c in ("prompt", "chosen", "rejected")})
 MAX_BAD_FRACTION = 0.5
@@ -85,7 +91,8 @@ class ValidationReport:
 def _usage(spec: str, problem: str) -> str:
     hubs = ", ".join(HUB_DATASETS)
     return (f"dataset {spec!r}: {problem}. Supported: a hub id ({hubs}); <hub id>=<local dir or file>; "
-            f"sample:<hub id> (bundled sample of {', '.join(SEED_DATASETS)}); or a local "
+            f"sample:<hub id> (bundled sample of {', '.join(SEED_DATASETS)}); human: (the labelled pairs of the "
+            f"preference store) or human:<dir>; or a local "
             f".json/.jsonl/.parquet/.csv file or directory with prompt/chosen/rejected columns "
             f"(or only chosen/rejected HH transcripts)")
 
@@ -108,9 +115,27 @@ def _local(spec: str, location: str, schema: str) -> DatasetSpec:
     return DatasetSpec(schema, str(path.resolve()), True, spec)
 
 
+def human_batches(location: str | Path) -> list[Path]:
+    """The labelled batches of a preference store directory, by name."""
+    return sorted(p for p in Path(location).glob("*.jsonl") if p.is_file() and p.stat().st_size > 0)
+
+
+def _human(spec: str) -> DatasetSpec:
+    from ..feedback.store import human_store_dir
+
+    where = spec.removeprefix(HUMAN).removeprefix(":").strip()
+    path = Path(where).expanduser() if where else human_store_dir()
+    if not human_batches(path):
+        raise FileNotFoundError(f"dataset {spec!r}: {path} holds no labelled batch (*.jsonl) yet: run the "
+                                "rlhf_label_preferences DAG and answer some pairs first")
+    return DatasetSpec(HUMAN, str(path.resolve()), True, spec)
+
+
 def resolve_spec(spec: str) -> DatasetSpec:
     """Parse a dataset spec string (module docstring); local paths must exist."""
     spec = spec.strip()
+    if spec == HUMAN or spec.startswith(HUMAN_PREFIX):
+        return _human(spec)
     if spec.startswith(SAMPLE_PREFIX):
         hub_id = spec.removeprefix(SAMPLE_PREFIX)
         if hub_id not in SEED_DATASETS:
@@ -138,6 +163,10 @@ def _load_raw(ds_spec: DatasetSpec, cache_dir: str | Path | None) -> datasets.Da
     try:
         if not ds_spec.is_local:
             return datasets.load_dataset(ds_spec.location, **kw)
+        if ds_spec.schema == HUMAN:
+            # Named explicitly: a batch named after a run id with "test" in it stays training data.
+            files = [str(p) for p in human_batches(path)]
+            return datasets.load_dataset("json", data_files={"train": files}, **kw)
         if path.is_file():
             return datasets.load_dataset(BUILDERS[path.suffix.lower()], data_files=str(path), **kw)
         return datasets.load_dataset(str(path), **kw)

@@ -18,7 +18,7 @@ CHAMPION_ALIAS = "champion"
 
 def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_name: str, metric_value: float,
                    run_id: str, higher_is_better: bool = True, *, artifact_path: str = "model",
-                   alias: str = CHAMPION_ALIAS, budget_s: float = 120.0,
+                   alias: str = CHAMPION_ALIAS, budget_s: float = 120.0, move_alias: bool = True,
                    tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Register ``model_dir`` (a plain save_pretrained directory) as a new version of
     ``name``, and move ``alias`` to it only if it beats the current holder.
@@ -28,7 +28,9 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
     tagged ``<metric_name>=<metric_value>`` (and ``tags``, e.g. the algorithm); the alias moves when there is no champion
     yet, or when the value is strictly better than the champion's tag. A champion
     without that tag is kept (warning): it cannot be compared. Idempotent: a retried
-    call for the same run and source reuses the version it made.
+    call for the same run and source reuses the version it made. With ``move_alias=False``
+    (a person approves the champion) the alias stays; ``promoted`` then says whether the
+    metric alone would have moved it.
 
     Unlike the Tracker, this raises on failure: registering is the task's whole job,
     and the orchestrator should retry it.
@@ -86,11 +88,12 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
             log.warning("mlflow: champion %s version %s has no %r tag; it cannot be compared and stays champion",
                         name, champion, metric_name)
         promoted = previous is not None and _better(float(metric_value), previous, higher_is_better)
-    if promoted:
+    if promoted and move_alias:
         call(lambda: client.set_registered_model_alias(name, alias, str(mv.version)), f"moving alias {alias}")
         champion = mv.version
     log.info("mlflow: %s version %s %s=%.4g (champion %s: %s)", name, mv.version, metric_name, metric_value,
-             champion, "promoted" if promoted else f"kept, {metric_name}={previous}")
+             champion, ("promoted" if move_alias else "better: awaiting approval") if promoted
+             else f"kept, {metric_name}={previous}")
     return {"version": str(mv.version), "champion_version": str(champion), "promoted": promoted,
             "previous_champion_metric": previous, "source": source}
 
@@ -99,3 +102,79 @@ def _better(new: float, old: float, higher_is_better: bool) -> bool:
     if math.isnan(new):
         return False
     return new > old if higher_is_better else new < old
+
+
+def _client(tracking_uri: str):
+    configure_http()
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
+def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION_ALIAS) -> dict[str, Any] | None:
+    """The version holding ``alias`` ({version, tags, run_id, source}), or None."""
+    client = _client(tracking_uri)
+    try:
+        mv = client.get_model_version_by_alias(name, alias)
+    except Exception as exc:
+        if error_code(exc) in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return {"version": str(mv.version), "tags": dict(mv.tags), "run_id": mv.run_id, "source": mv.source}
+
+
+def set_version_tags(tracking_uri: str, name: str, version: str, tags: dict[str, str]) -> None:
+    client = _client(tracking_uri)
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, str(v))
+
+
+def set_champion(tracking_uri: str, name: str, version: str, alias: str = CHAMPION_ALIAS) -> None:
+    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_version(tracking_uri: str, name: str, ref: str) -> dict[str, Any]:
+    """A model reference -> {version, source, run_id, ref}. ``ref`` is an alias
+    (``champion``), a version (``3``, ``v3``), ``newest``, or ``run:<MLflow run id>`` (the
+    newest version registered from that run). Raises LookupError naming what exists."""
+    client = _client(tracking_uri)
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version))
+    if not versions:
+        raise LookupError(f"registered model {name!r} has no versions at {tracking_uri}: train and register a "
+                          "model first, or give a model directory")
+    chosen = None
+    number = ref[1:] if ref[:1] in "vV" and ref[1:].isdigit() else ref
+    if number.isdigit():
+        chosen = next((m for m in versions if str(m.version) == number), None)
+    elif ref == "newest":
+        chosen = versions[-1]
+    elif ref.startswith("run:"):
+        chosen = next((m for m in reversed(versions) if m.run_id == ref.removeprefix("run:")), None)
+    else:
+        aliases = client.get_registered_model(name).aliases
+        if ref not in aliases:
+            raise LookupError(f"registered model {name!r} has no alias {ref!r}; its aliases: "
+                              f"{sorted(aliases) or 'none'}; versions 1-{versions[-1].version}")
+        chosen = next(m for m in versions if str(m.version) == str(aliases[ref]))
+    if chosen is None:
+        raise LookupError(f"registered model {name!r} has no version for {ref!r}; versions: "
+                          f"{[m.version for m in versions]}")
+    return {"version": str(chosen.version), "source": chosen.source, "run_id": chosen.run_id, "ref": ref}
+
+
+def download_version(tracking_uri: str, source: str, target: Path) -> Path:
+    """The version's files in ``target`` (downloaded once: reused when complete)."""
+    if (target / "config.json").is_file():
+        return target
+    configure_http()
+    import shutil
+
+    from mlflow.artifacts import download_artifacts
+
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    path = Path(download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
+    path.rename(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -104,12 +104,16 @@ class Topology:
     gpu_pool_slots: int = 1
     admin_user: str = "admin"
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    # Users with SimpleAuthManager's "user" role (they may run and answer DAGs): labellers in
+    # the human-feedback tests.
+    users: tuple[str, ...] = ("alice", "bob", "mallory")
+    passwords: dict[str, str] = field(default_factory=dict)
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
     api_port: int = field(default_factory=free_port)
     mlflow_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     redis_db: int | None = None
-    _token: tuple[str, float] | None = None
+    _tokens: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     # ---- names and URLs ------------------------------------------------------------------
     @property
@@ -201,7 +205,8 @@ class Topology:
 
         passwords = self.airflow_home / "passwords.json"
         if not passwords.exists():
-            passwords.write_text(json.dumps({self.admin_user: self.admin_password}))
+            self.passwords.update({u: secrets.token_urlsafe(16) for u in self.users}, **{self.admin_user: self.admin_password})
+            passwords.write_text(json.dumps(self.passwords))
             passwords.chmod(0o600)
         broker = f"{REDIS_URL}/{self.redis_db}"
         env = dict(os.environ)
@@ -217,7 +222,8 @@ class Topology:
             "AIRFLOW__CORE__FERNET_KEY": Fernet.generate_key().decode(),
             "AIRFLOW__CORE__AUTH_MANAGER":
                 "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{self.admin_user}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join([f"{self.admin_user}:admin",
+                                                                  *(f"{u}:user" for u in self.users)]),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.api_url}/execution/",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self._pg_url(self.airflow_db, "postgresql+psycopg2"),
@@ -226,6 +232,9 @@ class Topology:
             "AIRFLOW__CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "172800",
             "AIRFLOW__EXECUTION_API__JWT_EXPIRATION_TIME": "172800",
+            # A task's calls to the api-server (default 5 s): on a loaded 2-core machine one
+            # took 48 s, the client gave up and its retry was refused (400), failing the task.
+            "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "120",
             "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
             "AIRFLOW__API__SECRET_KEY": secrets.token_hex(32),
             "AIRFLOW__API__BASE_URL": self.api_url,
@@ -369,83 +378,85 @@ class Topology:
         wait_until(f"{name} at {url}", up, timeout_s, 1.0, on_timeout=lambda: tail(self.log_dir / f"{name}.log"))
 
     # ---- Airflow REST API -------------------------------------------------------------
-    def token(self) -> str:
-        """A JWT for the REST API from SimpleAuthManager's ``POST /auth/token``."""
-        if self._token is None or self._token[1] < time.monotonic():
-            body = {"username": self.admin_user, "password": self.admin_password}
-            token = http_json("POST", f"{self.api_url}/auth/token", body)["access_token"]
-            self._token = (token, time.monotonic() + 600)
-        return self._token[0]
+    def token(self, user: str | None = None) -> str:
+        """A JWT for the REST API from SimpleAuthManager's ``POST /auth/token`` (the admin's,
+        or ``user``'s)."""
+        user = user or self.admin_user
+        if user not in self._tokens or self._tokens[user][1] < time.monotonic():
+            password = self.admin_password if user == self.admin_user else self.passwords[user]
+            token = http_json("POST", f"{self.api_url}/auth/token", {"username": user, "password": password})
+            self._tokens[user] = (token["access_token"], time.monotonic() + 600)
+        return self._tokens[user][0]
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        return http_json(method, f"{self.api_url}/api/v2{path}", body, token=self.token())
+    def api(self, method: str, path: str, body: Any = None, user: str | None = None) -> Any:
+        return http_json(method, f"{self.api_url}/api/v2{path}", body, token=self.token(user))
 
-    def wait_for_dag(self, timeout_s: float = 180) -> dict:
+    def wait_for_dag(self, timeout_s: float = 180, dag_id: str = DAG_ID) -> dict:
         """Until the dag-processor has parsed and serialised the DAG (import errors fail fast)."""
 
         def parsed() -> dict | None:
             self.check_alive()
             errors = self.api("GET", "/importErrors")["import_errors"]
-            mine = [e for e in errors if "rlhf_pipeline" in e.get("filename", "")]
+            mine = [e for e in errors if dag_id in e.get("filename", "")]
             if mine:
-                raise RuntimeError(f"{DAG_ID} failed to import: {mine[0]['stack_trace'][-3000:]}")
+                raise RuntimeError(f"{dag_id} failed to import: {mine[0]['stack_trace'][-3000:]}")
             try:
-                return self.api("GET", f"/dags/{DAG_ID}")
+                return self.api("GET", f"/dags/{dag_id}")
             except ApiError as e:
                 if e.status == 404:
                     return None
                 raise
 
-        return wait_until(f"DAG {DAG_ID} parsed", parsed, timeout_s, 2.0,
+        return wait_until(f"DAG {dag_id} parsed", parsed, timeout_s, 2.0,
                           on_timeout=lambda: tail(self.log_dir / "dag-processor.log"))
 
-    def unpause(self) -> None:
-        self.api("PATCH", f"/dags/{DAG_ID}", {"is_paused": False})
+    def unpause(self, dag_id: str = DAG_ID) -> None:
+        self.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
 
-    def trigger(self, conf: dict[str, Any], run_id: str | None = None) -> str:
+    def trigger(self, conf: dict[str, Any], run_id: str | None = None, dag_id: str = DAG_ID) -> str:
         body: dict[str, Any] = {"logical_date": None, "conf": conf}
         if run_id:
             body["dag_run_id"] = run_id
-        return self.api("POST", f"/dags/{DAG_ID}/dagRuns", body)["dag_run_id"]
+        return self.api("POST", f"/dags/{dag_id}/dagRuns", body)["dag_run_id"]
 
-    def dag_runs(self) -> list[dict]:
-        return self.api("GET", f"/dags/{DAG_ID}/dagRuns?order_by=-start_date&limit=20")["dag_runs"]
+    def dag_runs(self, dag_id: str = DAG_ID) -> list[dict]:
+        return self.api("GET", f"/dags/{dag_id}/dagRuns?order_by=-start_date&limit=20")["dag_runs"]
 
-    def task_instances(self, run_id: str) -> dict[str, dict]:
-        tis = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}/taskInstances")["task_instances"]
+    def task_instances(self, run_id: str, dag_id: str = DAG_ID) -> dict[str, dict]:
+        tis = self.api("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}/taskInstances")["task_instances"]
         return {ti["task_id"]: ti for ti in tis}
 
-    def wait_for_run(self, run_id: str, timeout_s: float) -> dict:
+    def wait_for_run(self, run_id: str, timeout_s: float, dag_id: str = DAG_ID) -> dict:
         """Until the run finishes; its final record (state ``success`` or ``failed``)."""
 
         def finished() -> dict | None:
             self.check_alive()
-            run = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}")
+            run = self.api("GET", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}")
             return run if run["state"] in ("success", "failed") else None
 
         try:
             return wait_until(f"run {run_id} finished", finished, timeout_s, 5.0,
-                              on_timeout=lambda: self.run_report(run_id))
+                              on_timeout=lambda: self.run_report(run_id, dag_id))
         except TimeoutError:
             # Free the DAG's single active-run slot for the next test's run.
             with contextlib.suppress(ApiError, OSError):
-                self.api("PATCH", f"/dags/{DAG_ID}/dagRuns/{_quote(run_id)}", {"state": "failed"})
+                self.api("PATCH", f"/dags/{dag_id}/dagRuns/{_quote(run_id)}", {"state": "failed"})
             raise
 
     # ---- diagnostics --------------------------------------------------------------------
-    def task_log_tails(self, run_id: str, lines: int = 60) -> str:
+    def task_log_tails(self, run_id: str, lines: int = 60, dag_id: str = DAG_ID) -> str:
         out = []
-        run_dir = self.airflow_home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}"
+        run_dir = self.airflow_home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
         for log in sorted(run_dir.glob("task_id=*/attempt=*.log")):
             out.append(f"--- {log.relative_to(run_dir)} ---\n{tail(log, lines)}")
         return "\n".join(out) or f"(no task logs under {run_dir})"
 
-    def run_report(self, run_id: str) -> str:
+    def run_report(self, run_id: str, dag_id: str = DAG_ID) -> str:
         try:
-            states = {t: ti["state"] for t, ti in self.task_instances(run_id).items()}
+            states = {t: ti["state"] for t, ti in self.task_instances(run_id, dag_id).items()}
         except Exception as e:  # noqa: BLE001 – a report must not hide the original failure
             states = {"error": str(e)}
-        return f"task states: {states}\n{self.task_log_tails(run_id)}\n{self.log_tails(30)}"
+        return f"task states: {states}\n{self.task_log_tails(run_id, dag_id=dag_id)}\n{self.log_tails(30)}"
 
     def log_tails(self, lines: int = 40) -> str:
         logs = sorted(self.log_dir.glob("*.log")) if self.log_dir.is_dir() else []

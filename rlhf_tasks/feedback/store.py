@@ -1,0 +1,77 @@
+"""The preference store: people's labels as prompt/chosen/rejected JSON-lines files.
+
+```
+$RLHF_STORAGE/preferences/human/<dag run id>.jsonl     one labelling batch: a row per answered pair
+$RLHF_STORAGE/preferences/batches/<dag run id>.json    its summary: counts, agreement, models
+```
+
+The dataset spec ``human:`` (or ``human:<dir>``) reads every batch of the store as one
+source (rlhf_tasks/data/loading.py). A batch file is written to a temporary name and
+renamed, so a training run never reads half a batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..storage import run_dir_for, storage_root, write_json
+
+HUMAN_STORE = Path("preferences") / "human"
+
+
+def human_store_dir(root: Path | None = None) -> Path:
+    return (root or storage_root()) / HUMAN_STORE
+
+
+def with_human_store(datasets: Sequence[str]) -> list[str]:
+    """``datasets`` plus the store (``human``) unless a ``human`` spec is already there:
+    a retraining run started by a labelling batch trains on the labels."""
+    from ..data.formats import HUMAN
+    from ..data.loading import HUMAN_PREFIX
+
+    specs = list(datasets)
+    named = any(s.strip() == HUMAN or s.strip().startswith(HUMAN_PREFIX) for s in specs)
+    return specs if named else [*specs, HUMAN]
+
+
+def batch_name(dag_run_id: str) -> str:
+    """The file stem of a run's batch: the run id made safe as one path component (the
+    same rule as a pipeline run's directory)."""
+    return run_dir_for(dag_run_id, Path("/")).name
+
+
+def write_batch(rows: Sequence[dict[str, Any]], summary: dict[str, Any], dag_run_id: str,
+                store: Path | None = None) -> Path | None:
+    """Write a batch's rows (if any) and its summary; the rows file path, or None when
+    there was nothing to write (then no file appears: a training run sees no change)."""
+    store = store or human_store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    stem = batch_name(dag_run_id)
+    # Summaries live beside the store, not in it: the store holds only rows to train on.
+    write_json(summary_path(store, stem), summary)
+    if not rows:
+        return None
+    target = store / f"{stem}.jsonl"
+    tmp = store / f".{stem}.jsonl.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def summary_path(store: Path, stem: str) -> Path:
+    return store.parent / "batches" / f"{stem}.json"
+
+
+def read_batch(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
