@@ -34,6 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import replace_section  # noqa: E402
 
+from rlhf_tasks.launch import RESULT_PREFIX  # noqa: E402
+
 ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
 
 
@@ -42,8 +44,8 @@ def stage(name: str, run: Path, *args: str) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RLHF_RESULT ")][-1]
-    return json.loads(line.removeprefix("RLHF_RESULT "))
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)][-1]
+    return json.loads(line.removeprefix(RESULT_PREFIX))
 
 
 def one(trained: Path, work: Path, algo: str, seed: int, preset: str, extra: list[str]) -> dict:

@@ -51,7 +51,9 @@ for _p in (str(REPO), str(BENCH)):
 
 import throughput  # noqa: E402  (bench/throughput.py: model sizes, timing helpers)
 
-RESULT_PREFIX = "RLHF_RESULT "
+from rlhf_tasks.launch import RESULT_PREFIX  # noqa: E402
+from rlhf_tasks.tracking import git_commit  # noqa: E402
+
 MARKERS = {"gpu": ("<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"),
            "cpu": ("<!-- cpu-tiny:begin -->", "<!-- cpu-tiny:end -->"),
            "algorithms-cpu": ("<!-- algorithms-cpu:begin -->", "<!-- algorithms-cpu:end -->")}
@@ -201,7 +203,7 @@ class Suite:
             date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), device=self.device.type, gpu=gpu,
             cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(), versions=versions,
             command=os.environ.get("RLHF_BENCH_COMMAND") or shlex.join([Path(sys.executable).name, *sys.argv]),
-            git_commit=_git_commit(), plan=dataclasses.asdict(self.plan), work_dir=str(self.work),
+            git_commit=git_commit(), plan=dataclasses.asdict(self.plan), work_dir=str(self.work),
             env={k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")})
 
     def matmul_peak(self) -> None:
@@ -223,29 +225,24 @@ class Suite:
         # Random prompt ids away from EOS/PAD: every row samples all its tokens, as in the baselines.
         prompts = torch.randint(3, p.gen_vocab, (p.gen_batch, p.gen_prompt), device=self.device)
         mask = torch.ones_like(prompts)
-        backends = [None]
-        fields = {f.name for f in dataclasses.fields(G.GenerationSettings)}
-        if "backend" in fields:
-            backends = list(getattr(G, "BACKENDS", ("hf", "static")))
-            backends.sort(key=lambda b: b != "hf")  # hf first: the backend that matches the baseline
+        backends = sorted(G.BACKENDS, key=lambda b: b != "hf")  # hf first: the backend that matches the baseline
 
         def ours(backend):
             def fn(ids, m, new):
-                kw = {"backend": backend} if backend else {}
-                ro = G.generate(model, ids, m, G.GenerationSettings(max_new_tokens=new, **kw), eos, pad)
+                ro = G.generate(model, ids, m, G.GenerationSettings(max_new_tokens=new, backend=backend), eos, pad)
                 return ro.answer_lengths.sum()
             return fn
 
         variants = [("HF generate() (dynamic cache)", "hf-baseline",
                      lambda ids, m, new: throughput.hf_generate(model, ids, m, new, eos, pad))]
-        variants += [(f"ours: generate(), {b or 'default'} backend", b or "default", ours(b)) for b in backends]
+        variants += [(f"ours: generate(), {b} backend", b, ours(b)) for b in backends]
         for label, key, fn in variants:
             if self.remaining() < 60 and key != "hf-baseline":
                 self.R["skipped"].append(f"generation {key}: time budget")
                 continue
             # HF's loop has nothing to compile or capture: a short warm-up is enough. Other
             # backends may capture CUDA graphs per shape: warm them up at the timed shape.
-            warm = min(8, p.gen_new // 2) if key in ("hf-baseline", "hf", "default") else p.gen_new
+            warm = min(8, p.gen_new // 2) if key in ("hf-baseline", "hf") else p.gen_new
             try:
                 r = throughput.time_generation(fn, prompts, mask, p.gen_new, self.device, warm)
             except Exception as e:  # noqa: BLE001 - a backend that fails is reported, the others still run
@@ -650,17 +647,6 @@ def replace_section(path: Path, section: str, body: str) -> None:
     if i < 0 or j < i:
         raise ValueError(f"{path} has no {begin} ... {end} section")
     path.write_text(text[:i + len(begin)] + "\n" + body.rstrip() + "\n" + text[j:])
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5, cwd=REPO).stdout.strip()
-        return (out + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, PipelineConfig, list_presets
+from .launch import RESULT_PREFIX
 from .run_config import resolve_run_config
 from .storage import (
     STAGES,
@@ -33,7 +34,6 @@ from .storage import (
     storage_root,
 )
 
-RESULT_PREFIX = "RLHF_RESULT "
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
 # Stage -> "module:entry point" (``run(cfg, run_dir)`` unless named).
 STAGE_MODULES = {"prepare": "prepare", **dict(zip(STAGES, ("sft", "reward", "ppo.trainer", "ppo.group:run_grpo",

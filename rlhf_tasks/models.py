@@ -212,10 +212,6 @@ class RewardModel(nn.Module):
         return model
 
 
-def is_reward_model_dir(path: str | Path) -> bool:
-    return (Path(path) / REWARD_MODEL_FILE).is_file()
-
-
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that start at 0 on the first real token, so left-padded prompts get
     the same positions as unpadded ones. (B, T) -> (B, T)."""

@@ -54,6 +54,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass(frozen=True)
+class StageEnd:
+    """How a stage ended, measured once: its time and cost (``time/wall_clock_s``,
+    ``cost/gpu_hours``, ``cost/usd``; logged to MLflow and stored in result.json alike) and
+    its metric points (``tracking/points_*``, counted after the last flush)."""
+
+    cost: dict[str, float]
+    points: dict[str, float]
+
+
 @dataclass
 class StageContext:
     """Handed to a stage's body by :func:`stage_run`."""
@@ -68,7 +78,7 @@ class StageContext:
     prefix: str
     started: float = field(default_factory=time.time)
     previous_elapsed_s: float = 0.0  # wall-clock of earlier attempts (restored from a checkpoint)
-    cost_logged: bool = False
+    end: StageEnd | None = None  # set once, by stage_run, when the body has returned or raised
 
     @property
     def is_main(self) -> bool:
@@ -103,7 +113,8 @@ class StageContext:
 
 @contextlib.contextmanager
 def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageContext]:
-    """Set up a stage, time it, and close its MLflow run with the right status."""
+    """Set up a stage; when its body returns or raises, :func:`end_stage` times and costs it
+    once and closes its MLflow run with the right status (``ctx.end`` holds the figures)."""
     setup_logging()
     seed_everything(cfg.alignment_seed if name in ALIGNMENT_STAGES and cfg.alignment_seed is not None else cfg.seed)
     device = resolve_device(cfg.device)
@@ -120,26 +131,27 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
         status = "KILLED"
         raise
     finally:
-        if ctx.is_main and not ctx.cost_logged:
-            ctx.tracker.log_metrics(ctx.cost_metrics(), step=0)
-        # finish() has already waited for the metrics (cost_logged): do not wait twice.
-        ctx.tracker.close(status, timeout=1.0 if ctx.cost_logged else MLFLOW_FLUSH_TIMEOUT_S)
-        if ctx.is_main:
-            log.info("%s: %s", name, _points_line(ctx.tracker.stats()))
+        ctx.end = end_stage(ctx, status)
 
 
-def _points_line(stats: dict[str, int]) -> str:
+def end_stage(ctx: StageContext, status: str) -> StageEnd:
+    """Cost the stage once, log that, wait (up to MLFLOW_FLUSH_TIMEOUT_S) for its metrics to
+    reach the server, count them, and close the run; the last log line gives the counts."""
+    cost = ctx.cost_metrics()
+    points: dict[str, float] = {}
+    if ctx.is_main:
+        ctx.tracker.log_metrics(cost, step=0)
+        ctx.tracker.flush(timeout=MLFLOW_FLUSH_TIMEOUT_S)
+        points = {f"tracking/{k}": float(v) for k, v in ctx.tracker.stats().items()}
+    ctx.tracker.close(status, timeout=1.0)  # flushed above: what is still pending is dropped, counted
+    if ctx.is_main:
+        log.info("%s: %s", ctx.name, points_line(ctx.tracker.stats()))
+    return StageEnd(cost=cost, points=points)
+
+
+def points_line(stats: dict[str, int]) -> str:
     return ("mlflow metric points: produced {points_produced}, sent {points_sent}, dropped {points_dropped}, "
             "invalid {points_invalid}, pending {points_pending}").format(**stats)
-
-
-def tracking_metrics(ctx: StageContext) -> dict[str, float]:
-    """Flush the stage's metrics (cost included) and count them: ``tracking/points_*``."""
-    if not ctx.cost_logged:
-        ctx.tracker.log_metrics(ctx.cost_metrics(), step=0)
-        ctx.cost_logged = True
-    ctx.tracker.flush(timeout=MLFLOW_FLUSH_TIMEOUT_S)
-    return {f"tracking/{k}": float(v) for k, v in ctx.tracker.stats().items()}
 
 
 def finished(name: str, run_dir: RunDir) -> StageResult | None:
@@ -151,13 +163,12 @@ def finished(name: str, run_dir: RunDir) -> StageResult | None:
     return done
 
 
-def finish(ctx: StageContext, final_dir: Path, metrics: dict[str, float]) -> StageResult:
-    """Write result.json (the DAG reads it) and return the result."""
-    metrics = {**metrics, "cost_usd": ctx.cost_metrics()["cost/usd"]}
-    if ctx.is_main:
-        metrics.update(tracking_metrics(ctx))
-    result = StageResult(stage=ctx.name, final_dir=str(final_dir), metrics=metrics,
-                         mlflow_run_id=ctx.tracker.run_id, wall_clock_s=round(ctx.elapsed_s, 3))
+def finish(ctx: StageContext, end: StageEnd, final_dir: Path, metrics: dict[str, float]) -> StageResult:
+    """Write result.json (the DAG reads it) and return the result: the body's metrics, the
+    cost and the point counts of ``end``."""
+    result = StageResult(stage=ctx.name, final_dir=str(final_dir),
+                         metrics={**metrics, "cost_usd": end.cost["cost/usd"], **end.points},
+                         mlflow_run_id=ctx.tracker.run_id, wall_clock_s=round(end.cost["time/wall_clock_s"], 3))
     if ctx.is_main:
         write_json(ctx.run.result_path(ctx.name), dataclasses.asdict(result))
     return result
@@ -170,7 +181,8 @@ def stage(name: str) -> Callable[[StageBody], Callable[[PipelineConfig, RunDir],
     """``@stage("sft") def run(ctx) -> (final_dir, metrics)`` makes the stage's entry point
     ``run(cfg, run_dir) -> StageResult``: a stage that already finished in the run returns
     its saved result (a re-run is a no-op); otherwise the body runs inside
-    :func:`stage_run` and :func:`finish` records what it returns."""
+    :func:`stage_run` and, once its MLflow run is closed, :func:`finish` records what it
+    returned with the stage's cost."""
     def wrap(body: StageBody) -> Callable[[PipelineConfig, RunDir], StageResult]:
         @functools.wraps(body)
         def run(cfg: PipelineConfig, run_dir: RunDir) -> StageResult:
@@ -178,6 +190,7 @@ def stage(name: str) -> Callable[[StageBody], Callable[[PipelineConfig, RunDir],
                 return done
             with stage_run(name, cfg, run_dir) as ctx:
                 final_dir, metrics = body(ctx)
-                return finish(ctx, final_dir, metrics)
+            assert ctx.end is not None  # set by stage_run on the way out
+            return finish(ctx, ctx.end, final_dir, metrics)
         return run
     return wrap

@@ -211,18 +211,6 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _PARTIAL_RE = re.compile(r"^\.step-(\d+)\.(partial|deleting)$")
-# Tests only: "<seconds>" or "<seconds>@<step>" pauses checkpoint writes (that one) after the
-# files are written and before COMPLETE, so that a test can kill the process inside the write.
-PAUSE_ENV = "RLHF_FAULT_PAUSE_IN_CHECKPOINT_S"
-
-
-def _test_pause(step: int) -> float:
-    seconds, _, at = os.environ.get(PAUSE_ENV, "").partition("@")
-    if not seconds or (at and int(at) != step):
-        return 0.0
-    return float(seconds)
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush a directory's files and the directory entries to the device, so that a
     rename that publishes them cannot survive a power loss without their contents."""
@@ -279,10 +267,6 @@ def checkpoint_dir(root: Path, step: int, info: dict[str, Any], *, is_main: bool
         if is_main:
             partial.mkdir(exist_ok=True)
             _fsync_tree(partial)
-            if (pause := _test_pause(step)) > 0:
-                (partial / ".paused").touch()  # the fault tests kill the process now
-                time.sleep(pause)
-                (partial / ".paused").unlink(missing_ok=True)
             mark_complete(partial, info)
             if final.exists():  # an incomplete step-N of an older layout, or a re-done step
                 _remove_dir(final)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from rlhf_tasks.tracking import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     NullTracker,
     Tracker,
     cost_usd,
@@ -64,6 +67,19 @@ def test_plots_and_null_tracker():
     assert null.run_id is None and null.flush() and not null.log_table([{"a": 1}], "t.json")
     null.close("FAILED")
     assert type(Tracker.start(None, "e", "r")) is NullTracker  # tracking off
+
+
+def test_the_ui_knows_the_experiment_kind():
+    """The tag and value are the ones the installed MLflow UI reads (its JS bundle), and the UI
+    maps that value to its machine-learning view, so a MLflow upgrade that renames them fails here."""
+    import mlflow
+
+    bundle = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    text = "".join(p.read_text(errors="ignore") for p in bundle.glob("main.*.js"))
+    assert f'"{EXPERIMENT_KIND_TAG}"' in text
+    assert f'CUSTOM_MODEL_DEVELOPMENT="{EXPERIMENT_KIND}"' in text
+    # switch (kind) { ... case CUSTOM_MODEL_DEVELOPMENT: case ...: return <workflow>.MACHINE_LEARNING }
+    assert re.search(r"case [\w.$]+\.CUSTOM_MODEL_DEVELOPMENT:(?:case [\w.$]+:)*return [\w.$]+\.MACHINE_LEARNING", text)
 
 
 # --- against the server -------------------------------------------------------------------------
@@ -188,6 +204,19 @@ def test_system_metrics(server, client, monkeypatch):
     time.sleep(1.0)
     t.close()
     assert "system/cpu_utilization_percentage" in client.get_run(t.run_id).data.metrics
+
+
+def test_experiments_open_in_the_model_training_view(server, client):
+    """The MLflow UI picks its view from the experiment's ``mlflow.experimentKind`` tag; the
+    project's experiments are model training ("custom_model_development"), not GenAI."""
+    Tracker.start(server.url, "kind-new", "sft").close()
+    assert client.get_experiment_by_name("kind-new").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = client.create_experiment("kind-old")  # made before the project set the tag
+    Tracker.start(server.url, "kind-old", "sft").close()
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    chosen = client.create_experiment("kind-chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker.start(server.url, "kind-chosen", "sft").close()
+    assert client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"  # a person's choice stays
 
 
 def test_dead_server_at_start_falls_back_to_null_tracker():

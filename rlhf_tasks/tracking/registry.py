@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .client import configure_http, error_code, retry_for
+from .calls import configure_http, error_code, retry_for
 
 log = logging.getLogger("rlhf_tasks.tracking")
 

@@ -7,9 +7,11 @@ import fcntl
 import os
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .client import NullTracker, Tracker, TrackerLike
+from .calls import open_run
+from .client import Tracker
+from .interface import NullTracker, TrackerLike
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -30,9 +32,15 @@ def tracking_uri(cfg: PipelineConfig) -> str | None:
 
 
 def git_commit() -> str | None:
+    """The code's short commit hash, ``+dirty`` when tracked files differ from it; None
+    outside a git checkout. Tagged on every run (``git.commit``) and in benchmark results."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "") if commit else None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -42,6 +50,11 @@ def airflow_tags() -> dict[str, str]:
     names = {"AIRFLOW_CTX_DAG_ID": "airflow.dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
              "AIRFLOW_CTX_TASK_ID": "airflow.task_id", "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number"}
     return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
+
+
+def run_tags() -> dict[str, str]:
+    """Where a run comes from: the code's git commit (when known) and the Airflow task."""
+    return {**({"git.commit": c} if (c := git_commit()) else {}), **airflow_tags()}
 
 
 def ensure_parent_run(cfg: PipelineConfig, run: RunDir, start_timeout_s: float = 60.0) -> str | None:
@@ -57,8 +70,7 @@ def ensure_parent_run(cfg: PipelineConfig, run: RunDir, start_timeout_s: float =
         fcntl.flock(lock, fcntl.LOCK_EX)
         if id_file.is_file():
             return id_file.read_text().strip()
-        tags = {"rlhf.run_dir": str(run.path), "rlhf.preset": cfg.name, "rlhf.kind": "pipeline",
-                **({"git.commit": c} if (c := git_commit()) else {}), **airflow_tags()}
+        tags = {"rlhf.run_dir": str(run.path), "rlhf.preset": cfg.name, "rlhf.kind": "pipeline", **run_tags()}
         parent = Tracker.start(uri, cfg.tracking.experiment,
                                run_name=os.environ.get("AIRFLOW_CTX_DAG_RUN_ID") or run.path.name,
                                start_timeout_s=start_timeout_s, tags=tags)
@@ -81,18 +93,20 @@ def open_stage_tracker(name: str, cfg: PipelineConfig, run: RunDir, rank: int) -
     parent = ensure_parent_run(cfg, run, start_timeout_s=MLFLOW_START_TIMEOUT_S)
     id_file = run.stage(name) / "mlflow_run_id"
     resume = id_file.read_text().strip() if id_file.is_file() else None
-    tags = {"rlhf.stage": name, "rlhf.preset": cfg.name, "rlhf.run_dir": str(run.path), **airflow_tags()}
-    if c := git_commit():
-        tags["git.commit"] = c
+    tags = {"rlhf.stage": name, "rlhf.preset": cfg.name, "rlhf.run_dir": str(run.path), **run_tags()}
 
-    def opened(run_id: str) -> None:
+    def open_fn(client: Any) -> Any:
+        """One attempt: the parent run first (it may not exist yet), then the stage's run."""
+        parent_id = parent or ensure_parent_run(cfg, run, start_timeout_s=0)
+        if parent_id is None:
+            raise ConnectionError("the pipeline's parent run cannot be opened yet")
+        opened = open_run(client, cfg.tracking.experiment, name, parent_id, resume, tags)
         id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(run_id)
+        id_file.write_text(opened.info.run_id)
+        return opened
 
-    tracker = Tracker.start(uri, cfg.tracking.experiment, run_name=name,
-                            parent_run_id=parent or (lambda: ensure_parent_run(cfg, run, start_timeout_s=0)),
-                            resume_run_id=resume, tags=tags, system_metrics=cfg.tracking.system_metrics,
-                            start_timeout_s=MLFLOW_START_TIMEOUT_S if parent else 0, defer=True, on_open=opened,
-                            retry_budget_s=MLFLOW_OUTAGE_BUDGET_S)
+    tracker = Tracker.open(uri, open_fn, system_metrics=cfg.tracking.system_metrics,
+                           start_timeout_s=MLFLOW_START_TIMEOUT_S if parent else 0, defer=True,
+                           retry_budget_s=MLFLOW_OUTAGE_BUDGET_S)
     tracker.log_params(cfg.to_dict())
     return tracker

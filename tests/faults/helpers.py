@@ -43,9 +43,10 @@ def fault_seeds(default: list[int]) -> list[int]:
 class StageProc:
     """One stage process; its combined stdout/stderr is collected by a thread."""
 
-    def __init__(self, stage: str, run_dir: Path, *args: str, env: dict[str, str] | None = None):
+    def __init__(self, stage: str, run_dir: Path, *args: str, env: dict[str, str] | None = None,
+                 entry: tuple[str, ...] = ("-m", "rlhf_tasks")):
         self.stage = stage
-        argv = [sys.executable, "-u", "-m", "rlhf_tasks", stage, "--output", str(run_dir), *args]
+        argv = [sys.executable, "-u", *entry, stage, "--output", str(run_dir), *args]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                                      start_new_session=True)

@@ -6,8 +6,8 @@ Per case (stage, seed), on the tiny-cpu preset with a checkpoint every few steps
    one and refuses the other (exit 3, naming the holder's pid and the directory);
 2. the admitted one is SIGKILLed at a step drawn from the seed (mid-interval);
 3. a second attempt resumes and is SIGKILLed *inside* a checkpoint write (the files
-   written, the COMPLETE marker not yet: ``RLHF_FAULT_PAUSE_IN_CHECKPOINT_S`` holds it
-   there), at a checkpoint drawn from the seed;
+   written, the COMPLETE marker not yet: ``paused_stage.py`` holds it there), at a
+   checkpoint drawn from the seed;
 4. a third attempt runs to the end.
 
 Checked: every attempt resumes from the newest complete checkpoint on disk when it
@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import random
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from rlhf_tasks.storage import PAUSE_ENV, RunDir
+from rlhf_tasks.storage import RunDir
 from tests.faults.helpers import (
     FAST,
     INTERVAL,
@@ -37,12 +38,14 @@ from tests.faults.helpers import (
     fault_seeds,
     partial_dirs,
 )
+from tests.faults.paused_stage import PAUSE_ENV
 from tests.runs import fork_run
 
 pytestmark = pytest.mark.slow
 
 CASES = [("sft", s) for s in fault_seeds([1])] + [("rm", s) for s in fault_seeds([2])] + \
         [("ppo", s) for s in fault_seeds([9])]
+PAUSED_STAGE = str(Path(__file__).with_name("paused_stage.py"))
 METRIC_RTOL = 1e-3
 WEIGHT_ATOL = 1e-4
 
@@ -99,7 +102,7 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     partial = run.checkpoints(stage) / f".step-{c2}.partial"
     last2, resume2 = last1, resume1
     if c2 is not None:
-        with StageProc(stage, run.path, env={PAUSE_ENV: f"60@{c2}"}) as second:
+        with StageProc(stage, run.path, env={PAUSE_ENV: f"60@{c2}"}, entry=(PAUSED_STAGE,)) as second:
             assert second.wait_for(lambda: (partial / ".paused").exists()), second.tail()
             second.kill()
         assert second.resumed_from() == resume1, second.tail()
