@@ -35,42 +35,30 @@ class CriticEngineConfig(PPOEngineConfig):
     """Peak learning rate (DeepSpeed-Chat's critic_learning_rate)"""
 
 
-class PPOConfig(Section):
-    """Step 3: PPO on the SFT actor against the reward model (DeepSpeed-Chat's defaults)."""
+class RLConfig(Section):
+    """What every RL step (ppo, grpo, rloo) has: the walk over the third phase's prompts, the
+    actor's engine, the KL to the reference, PPO's clipped update, rollout sampling, and
+    checkpoints."""
 
     epochs: Annotated[Int, Field(ge=1)] = 1
-    """Passes over the PPO prompts"""
+    """Passes over the prompts of the third data phase"""
     max_steps: Annotated[Int, Field(ge=0)] = 0
-    """PPO iterations (rollout + update); 0 = all prompts"""
+    """Iterations (rollout + update); 0 = all prompts"""
     per_device_generation_batch_size: Annotated[Int, Field(ge=1)] = 8
     """Prompts per rollout per GPU"""
     per_device_train_batch_size: Annotated[Int, Field(ge=1)] = 8
-    """Micro-batch per GPU of the actor and critic updates"""
+    """Answers per micro-batch of the update, per GPU"""
     ppo_epochs: Annotated[Int, Field(ge=1)] = 1
     gradient_accumulation_steps: Annotated[Int, Field(ge=1)] = 1
     dtype: Dtype = "bf16"
-    """Precision of the actor, critic, reference and reward models"""
+    """Precision of the trained and frozen models"""
     actor: ActorEngineConfig = Field(default_factory=ActorEngineConfig)
-    critic: CriticEngineConfig = Field(default_factory=CriticEngineConfig)
+    """The actor's engine (starts from the SFT model)"""
     offload_reference_model: Bool = False
-    # PPO hyper-parameters
     kl_coef: Annotated[Float, Field(ge=0)] = 0.1
-    """KL penalty coefficient"""
-    adaptive_kl: Bool = False
-    kl_target: Annotated[Float, Field(gt=0)] = 6.0
-    kl_horizon: Annotated[Int, Field(ge=1)] = 10000
+    """KL coefficient (to the SFT reference)"""
     clip_reward_value: Annotated[Float, Field(gt=0)] = 5.0
     cliprange: Annotated[Float, Field(ge=0)] = 0.2
-    cliprange_value: Annotated[Float, Field(ge=0)] = 0.2
-    gamma: Annotated[Float, Field(gt=0, le=1)] = 1.0
-    lam: Annotated[Float, Field(gt=0, le=1)] = 0.95
-    whiten_advantages: Bool = False
-    """DeepSpeed-Chat uses the raw GAE advantages; true normalises them per rollout batch
-    (mean 0, std 1 over the answer tokens), as TRL and OpenRLHF do"""
-    unsupervised_coef: Annotated[Float, Field(ge=0)] = 0.0
-    """>0 mixes the SFT loss on the SFT share (DeepSpeed-Chat's unsup_coef)"""
-    enable_ema: Bool = False
-    ema_decay: Annotated[Float, Field(gt=0, le=1)] = 0.992
     # Generation
     temperature: Annotated[Float, Field(gt=0)] = 1.0
     top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
@@ -84,7 +72,28 @@ class PPOConfig(Section):
     checkpoint_every_steps: Annotated[Int, Field(ge=0)] = 50
     keep_checkpoints: Annotated[Int, Field(ge=1)] = 2
     log_every_steps: Annotated[Int, Field(ge=1)] = 1
+
+
+class PPOConfig(RLConfig):
+    """Step 3: PPO on the SFT actor against the reward model (DeepSpeed-Chat's defaults)."""
+
+    critic: CriticEngineConfig = Field(default_factory=CriticEngineConfig)
+    """The critic's engine (starts from the reward model)"""
+    adaptive_kl: Bool = False
+    kl_target: Annotated[Float, Field(gt=0)] = 6.0
+    kl_horizon: Annotated[Int, Field(ge=1)] = 10000
+    cliprange_value: Annotated[Float, Field(ge=0)] = 0.2
+    gamma: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    lam: Annotated[Float, Field(gt=0, le=1)] = 0.95
+    whiten_advantages: Bool = False
+    """DeepSpeed-Chat uses the raw GAE advantages; true normalises them per rollout batch
+    (mean 0, std 1 over the answer tokens), as TRL and OpenRLHF do"""
+    unsupervised_coef: Annotated[Float, Field(ge=0)] = 0.0
+    """>0 mixes the SFT loss on the SFT share (DeepSpeed-Chat's unsup_coef)"""
+    enable_ema: Bool = False
+    ema_decay: Annotated[Float, Field(gt=0, le=1)] = 0.992
     eval_prompts: Annotated[Int, Field(ge=1)] = 64
+    """Held-out prompts evaluate answers (with these generation settings), whichever algorithm ran"""
 
     @model_validator(mode="after")
     def _check(self) -> PPOConfig:
@@ -114,42 +123,19 @@ class RewardTermsConfig(Section):
 CRITIC_KEYS = ("critic", "cliprange_value", "gamma", "lam", "whiten_advantages", "unsupervised_coef")
 
 
-class GroupConfig(Section):
+class GroupConfig(RLConfig):
     """GRPO and RLOO: ``group_size`` answers per prompt sampled in one batch, each answer's
     advantage taken against the other answers to its prompt; no critic is loaded, trained or
     checkpointed. The update is PPO's clipped surrogate on the actor alone."""
 
-    epochs: Annotated[Int, Field(ge=1)] = 1
-    """Passes over the prompts of the third data phase"""
-    max_steps: Annotated[Int, Field(ge=0)] = 0
-    """Iterations (rollout + update); 0 = all prompts"""
     per_device_generation_batch_size: Annotated[Int, Field(ge=1)] = 4
     """Prompts per rollout per GPU (each answered group_size times)"""
     group_size: Annotated[Int, Field(ge=2)] = 4
     """Answers per prompt (G)"""
-    per_device_train_batch_size: Annotated[Int, Field(ge=1)] = 8
-    """Answers per micro-batch of the update"""
-    ppo_epochs: Annotated[Int, Field(ge=1)] = 1
-    gradient_accumulation_steps: Annotated[Int, Field(ge=1)] = 1
-    dtype: Dtype = "bf16"
-    """Precision of the actor, reference and reward models"""
-    actor: ActorEngineConfig = Field(default_factory=ActorEngineConfig)
-    """The actor's engine (starts from the SFT model; PPO's actor defaults)"""
-    offload_reference_model: Bool = False
     kl_coef: Annotated[Float, Field(ge=0)] = 0.05
     """KL coefficient (to the SFT reference)"""
-    clip_reward_value: Annotated[Float, Field(gt=0)] = 5.0
-    cliprange: Annotated[Float, Field(ge=0)] = 0.2
     loss_aggregation: Literal["token", "sequence"] = "token"
     """token: mean over every answer token of the batch; sequence: mean per answer, then over answers"""
-    temperature: Annotated[Float, Field(gt=0)] = 1.0
-    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[Int, Field(ge=0)] = 0
-    generation_backend: GenerationBackend = "static"
-    generation_cuda_graphs: Bool = True
-    checkpoint_every_steps: Annotated[Int, Field(ge=0)] = 50
-    keep_checkpoints: Annotated[Int, Field(ge=1)] = 2
-    log_every_steps: Annotated[Int, Field(ge=1)] = 1
 
     @model_validator(mode="before")
     @classmethod

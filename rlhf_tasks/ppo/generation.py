@@ -39,12 +39,16 @@ class GenerationSettings:
     cuda_graphs: bool = True  # static backend on CUDA: replay the decode step as a CUDA graph
 
     @classmethod
+    def from_section(cls, rl, data) -> GenerationSettings:
+        """The rollout settings of an RL section (``cfg.ppo``, ``cfg.grpo``, ``cfg.rloo``)."""
+        return cls(max_new_tokens=data.max_seq_len - data.max_prompt_seq_len, temperature=rl.temperature,
+                   top_p=rl.top_p, top_k=rl.top_k, backend=rl.generation_backend, cache_len=data.max_seq_len,
+                   cuda_graphs=rl.generation_cuda_graphs)
+
+    @classmethod
     def from_config(cls, cfg) -> GenerationSettings:
-        """The rollout settings of a :class:`~rlhf_tasks.config.PipelineConfig` (PPO and evaluate)."""
-        p, d = cfg.ppo, cfg.data
-        return cls(max_new_tokens=d.max_seq_len - d.max_prompt_seq_len, temperature=p.temperature, top_p=p.top_p,
-                   top_k=p.top_k, backend=p.generation_backend, cache_len=d.max_seq_len,
-                   cuda_graphs=p.generation_cuda_graphs)
+        """PPO's rollout settings (PPO, and evaluate whichever algorithm ran)."""
+        return cls.from_section(cfg.ppo, cfg.data)
 
 
 @dataclass

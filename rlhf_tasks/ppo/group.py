@@ -51,13 +51,6 @@ def kl_in_loss(g: GroupConfig) -> bool:
     return isinstance(g, GRPOConfig) and g.kl_penalty == "loss"
 
 
-def group_settings(cfg, g: GroupConfig) -> GenerationSettings:
-    d = cfg.data
-    return GenerationSettings(max_new_tokens=d.max_seq_len - d.max_prompt_seq_len, temperature=g.temperature,
-                              top_p=g.top_p, top_k=g.top_k, backend=g.generation_backend, cache_len=d.max_seq_len,
-                              cuda_graphs=g.generation_cuda_graphs)
-
-
 def advantages_of(rewards: torch.Tensor, g: GroupConfig) -> torch.Tensor:
     """(B,) rewards -> (B,) advantages by the stage's baseline."""
     if isinstance(g, GRPOConfig):
@@ -136,7 +129,7 @@ def train_group(ctx: StageContext, g: GroupConfig) -> tuple[Path, dict[str, floa
     speed = Speed(ctx.device, world_size=ctx.world_size)
     it = Iterations(ctx, prompts, PromptCollator(tok.pad_token_id), sampler, total, ckpt, speed=speed,
                     checkpoint_last=False)
-    gen = group_settings(cfg, g)
+    gen = GenerationSettings.from_section(g, cfg.data)
     terms = RewardTerms(cfg.reward_terms, gen.max_new_tokens, tok)
     it.resume()
     memory = memory_report(actor=actor.module, reference=ref.model, reward=reward)

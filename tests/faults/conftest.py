@@ -7,18 +7,19 @@ import threading
 import pytest
 
 from rlhf_tasks.storage import RunDir
-from tests.faults.helpers import FAST, StageProc
+from tests.faults.helpers import ALIGNMENT, FAST, StageProc
 
 
 class Reference:
     """One uninterrupted tiny-cpu run (FAST settings), made in the background as soon as the
-    fixture is first asked for: SFT and RM side by side, then PPO."""
+    fixture is first asked for: SFT and RM side by side, then each alignment stage in turn
+    (each in its own stage directory of the same run: they read the same SFT and RM)."""
 
     def __init__(self, run: RunDir):
         self.run = run
         self.results: dict[str, dict] = {}
         self.errors: dict[str, BaseException] = {}
-        self._done = {s: threading.Event() for s in ("sft", "rm", "ppo")}
+        self._done = {s: threading.Event() for s in ("sft", "rm", *ALIGNMENT)}
         threading.Thread(target=self._make, daemon=True).start()
 
     def _make(self) -> None:
@@ -26,10 +27,11 @@ class Reference:
         procs = {s: StageProc(s, self.run.path, *args) for s in ("sft", "rm")}
         for s, p in procs.items():
             self._collect(s, p)
-        if self.errors:
-            self._done["ppo"].set()
-            return
-        self._collect("ppo", StageProc("ppo", self.run.path))
+        for s in ALIGNMENT:
+            if self.errors:
+                self._done[s].set()
+                continue
+            self._collect(s, StageProc(s, self.run.path))
 
     def _collect(self, stage: str, proc: StageProc) -> None:
         try:

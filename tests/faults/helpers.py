@@ -19,17 +19,21 @@ from pathlib import Path
 from rlhf_tasks.storage import MARKER, RunDir
 
 # Small tiny-cpu runs: a checkpoint every few steps, a log line every step.
-INTERVAL = {"sft": 8, "rm": 8, "ppo": 3}
-TOTAL = {"sft": 24, "rm": 24, "ppo": 9}
+INTERVAL = {"sft": 8, "rm": 8, "ppo": 3, "grpo": 3}
+TOTAL = {"sft": 24, "rm": 24, "ppo": 9, "grpo": 9}
+# Stages that start from the finished SFT and RM (their cases run in a fork of the reference run).
+ALIGNMENT = ("ppo", "grpo")
+# RL stages checkpoint by iteration and write no checkpoint at their last one (final/ follows).
+RL = ("ppo", "grpo")
 FAST = ["data.max_eval_samples=32", "tracking.system_metrics=false",
         *(f"{s}.{k}" for s in ("sft", "rm") for k in (
             "epochs=1", f"max_steps={TOTAL[s]}", f"checkpoint_every_steps={INTERVAL[s]}", "log_every_steps=1")),
-        "ppo.epochs=1", f"ppo.max_steps={TOTAL['ppo']}", f"ppo.checkpoint_every_steps={INTERVAL['ppo']}",
-        "ppo.log_every_steps=1"]
+        *(f"{s}.{k}" for s in RL for k in (
+            "epochs=1", f"max_steps={TOTAL[s]}", f"checkpoint_every_steps={INTERVAL[s]}", "log_every_steps=1"))]
 # The metrics of each stage that a resumed run must reproduce.
 KEY_METRICS = {"sft": ("perplexity", "eval_loss"), "rm": ("accuracy", "chosen_score", "rejected_score"),
-               "ppo": ("reward_first", "reward_last", "kl_last")}
-STEP_LINE = re.compile(r"\b(sft|rm|ppo): step (\d+)/(\d+)")
+               "ppo": ("reward_first", "reward_last", "kl_last"), "grpo": ("reward_first", "reward_last", "kl_last")}
+STEP_LINE = re.compile(r"\b(sft|rm|ppo|grpo|rloo|dpo): step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"resumed from (\S+) \((?:step|iteration) (\d+)")
 STAGE_TIMEOUT_S = float(os.environ.get("RLHF_FAULT_STAGE_TIMEOUT_S", "600"))
 

@@ -1,4 +1,4 @@
-"""SIGKILL of real SFT, reward-model and PPO processes, twice per run, then resume.
+"""SIGKILL of real SFT, reward-model, PPO and GRPO processes, twice per run, then resume.
 
 Per case (stage, seed), on the tiny-cpu preset with a checkpoint every few steps:
 
@@ -29,9 +29,11 @@ from safetensors.torch import load_file
 
 from rlhf_tasks.storage import RunDir
 from tests.faults.helpers import (
+    ALIGNMENT,
     FAST,
     INTERVAL,
     KEY_METRICS,
+    RL,
     TOTAL,
     StageProc,
     complete_steps,
@@ -44,7 +46,7 @@ from tests.runs import fork_run
 pytestmark = pytest.mark.slow
 
 CASES = [("sft", s) for s in fault_seeds([1])] + [("rm", s) for s in fault_seeds([2])] + \
-        [("ppo", s) for s in fault_seeds([9])]
+        [("ppo", s) for s in fault_seeds([9])] + [("grpo", s) for s in fault_seeds([5])]
 PAUSED_STAGE = str(Path(__file__).with_name("paused_stage.py"))
 METRIC_RTOL = 1e-3
 WEIGHT_ATOL = 1e-4
@@ -75,8 +77,8 @@ def _weights_diff(a, b) -> float:
 def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     rng = random.Random(seed)
     interval, total = INTERVAL[stage], TOTAL[stage]
-    if stage == "ppo":
-        fault_reference.result("sft"), fault_reference.result("rm")  # PPO's inputs
+    if stage in ALIGNMENT:
+        fault_reference.result("sft"), fault_reference.result("rm")  # the alignment step's inputs
         run = fork_run(fault_reference.run, tmp_path)
         args: list[str] = []
     else:
@@ -95,7 +97,7 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     report.update(kill1_at_step=last1, complete_after_kill1=on_disk1)
 
     # 3: resume; SIGKILL inside the write of a later checkpoint (files written, no marker).
-    later = [c for c in range(interval, total + 1, interval) if c > (resume1 or 0) and (c < total or stage != "ppo")]
+    later = [c for c in range(interval, total + 1, interval) if c > (resume1 or 0) and (c < total or stage not in RL)]
     newer = [c for c in later if c > last1]
     assert last1 - (resume1 or 0) <= interval
     c2 = rng.choice(newer or later) if later else None  # None: the first kill came too late to leave one
@@ -134,7 +136,7 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
     print("FAULT-REPORT", json.dumps(report))
     assert max(rel.values()) <= METRIC_RTOL, report
     assert wdiff <= WEIGHT_ATOL, report
-    if stage != "ppo":
+    if stage not in RL:
         assert got["global_step"] == total
     else:
         assert got["iterations"] == total
