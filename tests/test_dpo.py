@@ -163,6 +163,25 @@ def test_model_bytes_counts_parameters_and_buffers():
     assert model_bytes(Bigram()) == 10 * 10 * 4 + 3 * 8
 
 
+def test_fresh_lora_adapters_leave_the_reference_unchanged(tiny_model_dir):
+    """Under LoRA the reference pass runs on the model the adapters were just added to:
+    peft starts them at 0, so its log-probs are the SFT model's, and no copy is needed."""
+    import datasets
+
+    from rlhf_tasks.dpo import reference_log_probs
+    from rlhf_tasks.models import apply_lora, load_causal_lm
+
+    ds = datasets.Dataset.from_list([{k: v for k, v in r.items() if "ref" not in k} for r in ROWS])
+    model = load_causal_lm(str(tiny_model_dir))
+    plain_bytes = model_bytes(model)
+    before = reference_log_probs(model, ds, DPOCollator(pad_id=0), 2, torch.device("cpu"), average=False)
+    model = apply_lora(model, 4)
+    after = reference_log_probs(model, ds, DPOCollator(pad_id=0), 1, torch.device("cpu"), average=False)
+    assert before.shape == (2, 2) and (before < 0).all()
+    assert torch.allclose(before, after, atol=1e-5), (before, after)
+    assert 0 < model_bytes(model) - plain_bytes < 0.2 * plain_bytes  # the adapters only
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, field, allowed", [
