@@ -32,6 +32,7 @@ from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import dpo_pairs
 from .ppo.losses import log_probs_from_logits
+from .ppo.policy import memory_report
 from .stage import StageContext, stage
 
 log = logging.getLogger("rlhf_tasks")
@@ -121,12 +122,6 @@ class TrainRewards:
         self.sums.zero_()
 
 
-def model_bytes(model: torch.nn.Module) -> int:
-    """Bytes of a model's parameters and buffers (a tied weight counted once)."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """The engine's cast, done early so the reference pass sees the weights training
     starts from: DeepSpeed's bf16/fp16 casts the parameters (not the buffers), and its
@@ -182,7 +177,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
 
     out = loop.train(ctx, d, model, train_ds, collate, loss_fn, eval_fn, flops)
     rewards.flush(out.global_step)
-    memory = {"memory/policy_bytes": float(model_bytes(out.engine.module))}
+    memory = memory_report(policy=out.engine.module)  # the reference is a table of numbers, not a model
     ctx.log_metrics(memory, 0)
     metrics = {**out.metrics, **{f"{k}_before": out.history[k][0][1] for k in ("reward_accuracy", "eval_margin")},
                "train_pairs": len(train_ds), "eval_pairs": len(eval_ds), "global_step": out.global_step,

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.data import DPOCollator
-from rlhf_tasks.dpo import model_bytes, pair_log_probs
+from rlhf_tasks.dpo import pair_log_probs
 from rlhf_tasks.dpo_losses import answer_log_probs, dpo_loss, reward_accuracy
+from rlhf_tasks.ppo.policy import model_bytes
 from rlhf_tasks.storage import RunDir
 from tests.test_training import result_of, run_cli
 
@@ -159,10 +160,6 @@ def test_pair_log_probs_are_the_answer_tokens_log_probs():
     assert torch.allclose(mean, torch.stack(want) / torch.tensor([2.0, 1.0, 1.0, 3.0]), atol=1e-6)
 
 
-def test_model_bytes_counts_parameters_and_buffers():
-    assert model_bytes(Bigram()) == 10 * 10 * 4 + 3 * 8
-
-
 def test_fresh_lora_adapters_leave_the_reference_unchanged(tiny_model_dir):
     """Under LoRA the reference pass runs on the model the adapters were just added to:
     peft starts them at 0, so its log-probs are the SFT model's, and no copy is needed."""
@@ -283,7 +280,7 @@ def test_dpo_learns_the_held_out_preferences(dpo_run):
     assert m["eval_loss"] < math.log(2) - 0.05, m
     assert m["global_step"] == DPO_STEPS and m["train_pairs"] > 1000 and m["eval_pairs"] == 160
     # Only the policy on the device: its parameters and buffers, ~1M fp32 parameters.
-    assert 3.5e6 < m["memory/policy_bytes"] < 6e6, m
+    assert 3.5e6 < m["memory/policy_bytes"] < 6e6 and m["memory/models_bytes"] == m["memory/policy_bytes"], m
     assert m["train_s_per_pair"] > 0 and m["reference_s"] > 0
     final = run.final("dpo")
     for f in ("model.safetensors", "config.json", "tokenizer.json", "config.yaml", "metrics.json"):
