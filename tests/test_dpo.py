@@ -238,7 +238,7 @@ def test_cli_refuses_a_run_without_sft(storage, tmp_path):
 # One dataset (its third phase: 1200 training and 160 held-out pairs), a short SFT and a short
 # DPO run with a checkpoint every 10 steps and a log line every step (the kill test reads them).
 DPO_STEPS, DPO_INTERVAL = 30, 10
-SHORT = ["data.datasets=[sample:Dahoas/rm-static]", "data.max_eval_samples=160", "tracking.system_metrics=false",
+SHORT = ["algorithm=dpo", "data.datasets=[sample:Dahoas/rm-static]", "data.max_eval_samples=160", "tracking.system_metrics=false",
          "sft.epochs=1", "sft.log_every_steps=20", "dpo.num_warmup_steps=0", "dpo.learning_rate=3e-4",
          f"dpo.max_steps={DPO_STEPS}", f"dpo.checkpoint_every_steps={DPO_INTERVAL}", "dpo.log_every_steps=1"]
 
