@@ -29,7 +29,7 @@ FAST = ["data.max_eval_samples=32", "tracking.system_metrics=false",
 # The metrics of each stage that a resumed run must reproduce.
 KEY_METRICS = {"sft": ("perplexity", "eval_loss"), "rm": ("accuracy", "chosen_score", "rejected_score"),
                "ppo": ("reward_first", "reward_last", "kl_last")}
-STEP_LINE = re.compile(r"\b(sft|rm|ppo|dpo): step (\d+)/(\d+)")
+STEP_LINE = re.compile(r"\b(sft|rm|ppo|grpo|rloo|dpo): step (\d+)/(\d+)")
 RESUMED_LINE = re.compile(r"resumed from (\S+) \((?:step|iteration) (\d+)")
 STAGE_TIMEOUT_S = float(os.environ.get("RLHF_FAULT_STAGE_TIMEOUT_S", "600"))
 
