@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,7 @@ from rlhf_tasks.dpo import pair_log_probs
 from rlhf_tasks.dpo_losses import answer_log_probs, dpo_loss, reward_accuracy
 from rlhf_tasks.ppo.policy import model_bytes
 from rlhf_tasks.storage import RunDir
-from tests.test_training import result_of, run_cli
+from tests.runs import fork_run, result_of, run_cli
 
 LOG2 = math.log(2.0)
 # log(1 + e^-1): -log sigmoid(1)
@@ -245,28 +243,18 @@ SHORT = ["algorithm=dpo", "data.datasets=[sample:Dahoas/rm-static]", "data.max_e
 
 @pytest.fixture(scope="module")
 def sft_run(storage, tiny_model_dir, tmp_path_factory) -> RunDir:
-    """A run directory with a short SFT finished and the DPO settings above in its config.
-    (Once the session's shared trained run is in tests/conftest.py, a ``fork_run`` of it
-    with these dpo.* overrides replaces this SFT.)"""
+    """A run directory with a short SFT finished and the DPO settings above in its config:
+    DPO needs no reward model, and this SFT costs far less than the session's trained run
+    (the whole pipeline through Airflow) when the DPO tests run alone."""
     run = RunDir(tmp_path_factory.mktemp("dpo-sft"))
     result_of(run_cli("sft", "--preset", "tiny-cpu", "--output", str(run.path), "--set", *SHORT))
     return run
 
 
-def _fork(src: RunDir, dst: Path) -> RunDir:
-    """A new run directory where ``src``'s SFT has finished, same config."""
-    out = RunDir(dst)
-    out.path.mkdir(parents=True)
-    shutil.copy2(src.config_path, out.config_path)
-    shutil.copytree(src.final("sft"), out.final("sft"))
-    shutil.copy2(src.result_path("sft"), out.result_path("sft"))
-    return out
-
-
 @pytest.fixture(scope="module")
 def dpo_run(sft_run, tmp_path_factory) -> tuple[RunDir, dict]:
     """DPO uninterrupted, from the short SFT."""
-    run = _fork(sft_run, tmp_path_factory.mktemp("dpo") / "run")
+    run = fork_run(sft_run, tmp_path_factory.mktemp("dpo"), stages=("sft",))
     return run, result_of(run_cli("dpo", "--output", str(run.path)))
 
 
@@ -298,7 +286,7 @@ def test_dpo_killed_mid_stage_resumes_to_the_same_result(dpo_run, sft_run, tmp_p
     from tests.faults.helpers import StageProc, complete_steps
 
     ref_run, ref = dpo_run
-    run = _fork(sft_run, tmp_path / "run")
+    run = fork_run(sft_run, tmp_path, stages=("sft",))
     with StageProc("dpo", run.path) as first:
         assert first.wait_step(DPO_INTERVAL + 5), first.tail()
         first.kill()
