@@ -17,6 +17,7 @@ The tree::
     sft        an EngineConfig (optimiser, DeepSpeed, LoRA) + epochs, batch sizes, dtype, ...
     rm         the same for the reward model (step 2: metrics rm/*, task and CLI ``rm``)
     ppo        rollout/PPO settings + ``actor`` and ``critic``: an EngineConfig each (PPO's defaults)
+    dpo        the DPO step (``algorithm: dpo``): an EngineConfig + loop settings + beta, loss_type
     resources  num_gpus, num_nodes, hostfile, gpu_hourly_usd (what the launcher starts, what cost/usd prices)
     tracking   MLflow server, experiment, registered model
 
@@ -40,6 +41,7 @@ from . import config_form, config_load
 from .config_align import (  # noqa: F401 - step 3's sections, importable from here as before
     ActorEngineConfig,
     CriticEngineConfig,
+    DPOConfig,
     GroupConfig,
     GRPOConfig,
     PPOConfig,
@@ -193,13 +195,14 @@ class PipelineConfig(Section):
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
     rloo: RLOOConfig = Field(default_factory=RLOOConfig)
     reward_terms: RewardTermsConfig = Field(default_factory=RewardTermsConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
         if self.device == "cpu":
-            for name in ("sft", "rm", "ppo", "grpo", "rloo"):
+            for name in ("sft", "rm", "ppo", "grpo", "rloo", "dpo"):
                 if getattr(self, name).dtype == "fp16":
                     raise _rule(f"{name}.dtype", "fp16", "fp16 needs a GPU; use fp32 or bf16 on device=cpu")
         return self

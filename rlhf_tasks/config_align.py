@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from .config_train import EngineConfig
+from .config_train import EngineConfig, SupervisedConfig
 from .config_types import Bool, Dtype, Float, GenerationBackend, Int, Section, _rule
 
 
@@ -160,3 +160,31 @@ class GRPOConfig(GroupConfig):
 class RLOOConfig(GroupConfig):
     """RLOO (Ahmadian et al. 2024): baseline = mean reward of the other answers to the prompt;
     the KL to the reference is part of the reward."""
+
+
+class DPOConfig(SupervisedConfig):
+    """Step 3 with ``algorithm: dpo``: direct preference optimisation of the SFT actor on the
+    third phase's pairs (rlhf_tasks/dpo.py). The reference log-probs are computed once,
+    before the first update, so only the policy is on the device while it trains."""
+
+    learning_rate: Annotated[Float, Field(gt=0, lt=1)] = 5e-7
+    """Peak learning rate (5e-7: Zephyr-7B's DPO recipe; DPO drifts fast at SFT's rates)"""
+    dropout: Annotated[Float, Field(ge=0, lt=1)] | None = 0.0
+    """0 by default: with dropout the policy's log-probs at step 0 would not equal the reference's"""
+    beta: Annotated[Float, Field(gt=0)] = 0.1
+    """Strength of the implicit KL to the SFT model (implicit reward = beta x log-ratio)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO's -log sigmoid(beta x margin); ipo: (margin - 1/(2 beta))^2 on per-token mean log-probs"""
+    label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)] = 0.0
+    """sigmoid only: the share of pairs taken to be mislabelled (conservative DPO)"""
+
+    @model_validator(mode="after")
+    def _check_dpo(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise _rule("label_smoothing", self.label_smoothing, "label smoothing applies to loss_type=sigmoid only")
+        if self.zero_stage == 3:
+            # The reference pass runs on the loaded model before its engine exists; a ZeRO-3
+            # model holds only shards until the engine gathers them.
+            raise _rule("zero_stage", 3, "0, 1 or 2 for dpo (its reference log-probs are computed before "
+                                         "the engine exists, which a ZeRO-3 model needs to run)")
+        return self

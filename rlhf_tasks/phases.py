@@ -1,5 +1,6 @@
 """The tokenised share of each phase: SFT rows (phase 1), RM pairs (phase 2), PPO
-prompts (phase 3), cached on shared storage so that every stage and retry reuses them."""
+prompts (phase 3) or, for DPO, phase 3's whole pairs, cached on shared storage so that
+every stage and retry reuses them."""
 
 from __future__ import annotations
 
@@ -33,3 +34,8 @@ def rm_pairs(cfg: PipelineConfig, tok, split: str):
 
 def ppo_prompts(cfg: PipelineConfig, tok, split: str):
     return _load(cfg, tok, split, "prompts", 3)
+
+
+def dpo_pairs(cfg: PipelineConfig, tok, split: str):
+    """The third phase's pairs: DPO learns from the preferences whose prompts PPO samples."""
+    return _load(cfg, tok, split, "pairs", 3)

@@ -11,7 +11,7 @@ phase's disjoint share -> tokenised rows -> length-grouped, batch-padded tensors
 
 from __future__ import annotations
 
-from .collate import LengthGroupedBatchSampler, PairCollator, PromptCollator, SFTCollator
+from .collate import DPOCollator, LengthGroupedBatchSampler, PairCollator, PromptCollator, SFTCollator
 from .formats import GENERIC, HUB_DATASETS, SCHEMAS, SEED_DATASETS, Schema
 from .loading import (
     SAMPLES_DIR,
@@ -26,7 +26,7 @@ from .tokenize import IGNORE_INDEX, build_phase_dataset, tokenize_pairs, tokeniz
 
 __all__ = [
     "GENERIC", "HUB_DATASETS", "IGNORE_INDEX", "SAMPLES_DIR", "SCHEMAS", "SEED_DATASETS",
-    "DataValidationError", "DatasetSpec", "LengthGroupedBatchSampler", "PairCollator", "PromptCollator",
+    "DPOCollator", "DataValidationError", "DatasetSpec", "LengthGroupedBatchSampler", "PairCollator", "PromptCollator",
     "SFTCollator", "Schema", "ValidationReport",
     "blend", "build_phase_dataset", "load_pairs", "parse_data_split", "phase_indices", "resolve_spec",
     "tokenize_pairs", "tokenize_prompts", "tokenize_sft",

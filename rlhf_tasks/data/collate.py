@@ -72,6 +72,24 @@ class PairCollator:
         return {"input_ids": input_ids, "attention_mask": _mask(ids, input_ids.shape[1])}
 
 
+class DPOCollator(PairCollator):
+    """A :class:`PairCollator` batch plus ``answer_mask`` (2B, T): 1 on the answer tokens
+    (EOS included), 0 on the prompt and padding, for log-probs summed over the answer only
+    (chosen and rejected share their prompt, so one ``chosen_prompt_len`` serves both).
+    Rows that carry ``ref_chosen_logps``/``ref_rejected_logps`` (the reference pass's, in
+    nats) add ``ref_log_probs`` (2B,) float32, in the same chosen-then-rejected order."""
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = super().__call__(rows)
+        prompt_len = torch.tensor([r["chosen_prompt_len"] for r in rows] * 2, dtype=torch.long)
+        pos = torch.arange(batch["input_ids"].shape[1])
+        batch["answer_mask"] = (pos >= prompt_len[:, None]).long() * batch["attention_mask"]  # (2B, T)
+        if rows and "ref_chosen_logps" in rows[0]:
+            batch["ref_log_probs"] = torch.tensor([r["ref_chosen_logps"] for r in rows]
+                                                  + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+
 class PromptCollator:
     """Left-padded prompts ``input_ids`` (B, T) and ``attention_mask`` (B, T): generation
     appends new tokens on the right, so every prompt must end at the same position."""
