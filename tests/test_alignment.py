@@ -1,6 +1,7 @@
-"""GRPO and RLOO on tiny-cpu, from the session's trained SFT and reward model: they must
-make the model better on held-out prompts (evaluate, the reward model scoring), hold no
-critic, and under LoRA hold no second copy of the policy as the reference."""
+"""GRPO, RLOO and DPO on tiny-cpu, from the session's trained SFT and reward model: each
+must make the model better on held-out prompts (evaluate, the reward model scoring); GRPO
+and RLOO hold no critic, DPO only the policy, and under LoRA no second copy of the policy
+serves as the reference."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def align(run: RunDir, stage: str) -> dict:
     return result_of(run_cli(stage, "--output", str(run.path)))  # the fork's config
 
 
-@pytest.fixture(scope="module", params=["grpo", "rloo"])
-def critic_free(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, RunDir]:
+@pytest.fixture(scope="module", params=["grpo", "rloo", "dpo"])
+def aligned(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, RunDir]:
     stage = request.param
     run = fork(trained_run, tmp_path_factory.mktemp(stage), stage)
     res = align(run, stage)
@@ -35,8 +36,8 @@ def critic_free(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict
     return stage, res, ev, run
 
 
-def test_critic_free_rl_raises_the_held_out_reward(critic_free):
-    stage, res, ev, run = critic_free
+def test_alignment_raises_the_held_out_reward(aligned):
+    stage, res, ev, run = aligned
     m, e = res["metrics"], ev["metrics"]
     # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
     # several standard errors wide (not sampling luck), and it stayed near the SFT policy.
@@ -48,12 +49,16 @@ def test_critic_free_rl_raises_the_held_out_reward(critic_free):
     # the logged mean.)
     samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
     assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
-    assert m["iterations"] == 40 and m["prompts_per_s"] > 0
+    if stage != "dpo":
+        assert m["iterations"] == 40 and m["prompts_per_s"] > 0
 
 
-def test_critic_free_rl_holds_no_critic(critic_free, ppo_run):
-    stage, res, _, run = critic_free
+def test_alignment_holds_fewer_models_than_ppo(aligned, ppo_run):
+    stage, res, _, run = aligned
     m, ppo = res["metrics"], stage_result(ppo_run, "ppo")["metrics"]
+    if stage == "dpo":  # the policy alone: reference log-probs were computed before training
+        assert m["memory/models_bytes"] == m["memory/policy_bytes"] == ppo["memory/actor_bytes"], m
+        return
     assert "memory/critic_bytes" not in m and ppo["memory/critic_bytes"] > 0
     assert m["memory/models_bytes"] < ppo["memory/models_bytes"]
     assert m["memory/models_bytes"] == pytest.approx(ppo["memory/models_bytes"] - ppo["memory/critic_bytes"])
