@@ -148,9 +148,10 @@ def render(plan: Plan) -> str:
 
 # -- the worker's GPU, prepare's check -------------------------------------------------------------
 
-def gpu_capacity_gb() -> float | None:
+def gpu_capacity_gb(device: str = "auto") -> float | None:
     """What to plan against: ``RLHF_PLAN_GPU_MEMORY_GB`` when set, else the smallest free
-    memory of the visible GPUs as CUDA reports it, else None (no GPU: plan, never refuse)."""
+    memory of the visible GPUs as CUDA reports it, else None (no GPU, or ``device=cpu``:
+    plan, never refuse)."""
     if os.environ.get(GPU_MEMORY_ENV):
         try:
             return float(os.environ[GPU_MEMORY_ENV])
@@ -158,7 +159,7 @@ def gpu_capacity_gb() -> float | None:
             raise ConfigError(f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]!r} is not a number of GB") from None
     import torch
 
-    if not torch.cuda.is_available():
+    if device == "cpu" or not torch.cuda.is_available():
         return None
     return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())) / GB
 
@@ -167,7 +168,7 @@ def check(cfg: PipelineConfig, run_path: Path) -> Plan:
     """Prepare's check: plan against the worker's GPU, write ``plan.json`` into the run
     directory, and raise :class:`ConfigError` (exit 2) naming each stage that does not fit,
     its planned peak and the smallest change that does. Without a GPU it only plans."""
-    capacity = gpu_capacity_gb()
+    capacity = gpu_capacity_gb(cfg.device)
     plan = make_plan(cfg, model_configs(cfg, download=True), capacity)
     Path(run_path).mkdir(parents=True, exist_ok=True)
     (Path(run_path) / "plan.json").write_text(json.dumps(plan.to_json(), indent=2, sort_keys=True))
