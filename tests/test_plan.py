@@ -133,7 +133,7 @@ def test_ppo_family_stages(tiny):
     c = configs["actor"]
     kv = 2 * c.num_hidden_layers * cfg.ppo.per_device_generation_batch_size * cfg.data.max_seq_len * c.hidden_size * 4
     assert ppo.phases["generation"]["kv_cache"] == kv
-    assert set(ppo.phases) == {"generation", "scoring", "actor_update", "critic_update"}
+    assert set(ppo.phases) == {"generation", "scoring", "actor_update", "actor_step", "critic_update", "critic_step"}
 
     def with_algorithm(alg: str, **section):
         proxy = types.SimpleNamespace(**{k: getattr(cfg, k) for k in type(cfg).model_fields})
@@ -141,7 +141,7 @@ def test_ppo_family_stages(tiny):
         return proxy
 
     grpo = plan_stage(with_algorithm("grpo", group_size=4), configs, "grpo")
-    assert "critic_update" not in grpo.phases and grpo.phases["generation"]["kv_cache"] == 4 * kv
+    assert "critic_update" not in grpo.phases and "critic_step" not in grpo.phases and grpo.phases["generation"]["kv_cache"] == 4 * kv
     assert grpo.phases["actor_update"]["weights"] < ppo.phases["actor_update"]["weights"]  # no critic
     dpo = plan_stage(with_algorithm("dpo"), configs, "dpo")
     assert dpo.parts["frozen_models"] == 0 and dpo.parts["kv_cache"] == 0 and dpo.parts["activations"] > 0

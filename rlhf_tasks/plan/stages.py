@@ -74,19 +74,26 @@ def _spec(cfg, t: Trained, kind: str | None = None, batch: int | None = None, se
                     attn=cfg.model.attn_implementation, dropout=s.dropout)
 
 
-def trained_parts(cfg, t: Trained, traced: Traced) -> tuple[dict[str, int], dict[str, int]]:
-    """(resident, transient) bytes of one trained model: its DeepSpeed states always; its
-    activations and the gradients in the training dtype while it trains. Without ZeRO-2
-    and with one micro-batch per step, the gradients at the traced peak are the ones that
-    coexist with the activations; otherwise the whole (partitioned) set is resident."""
+def trained_parts(cfg, t: Trained, traced: Traced) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(resident, training, optimizer step) bytes of one trained model.
+
+    Resident: its DeepSpeed states. Training (on top): the activations and the gradients in
+    the training dtype; without ZeRO-2 and with one micro-batch per step, the gradients at
+    the traced peak are the ones that coexist with the activations, otherwise the whole
+    (partitioned) set is resident. Optimizer step (on top, activations freed): all the
+    gradients, and for fp16 without ZeRO the fp32 gradient copy, which DeepSpeed's
+    FP16_Optimizer builds only for the step (BF16_Optimizer and ZeRO keep theirs)."""
     e = Engine(t.dtype, t.section.zero_stage, t.section.offload, world_size(cfg))
     s = model_states(traced.counts, e)
     dynamic = e.zero_stage < 2 and t.gradient_accumulation_steps == 1
-    resident = {"weights": s["weights"], "gradients": s["grads_fp32"] + (0 if dynamic else s["grads"]),
+    step_fp32 = e.dtype == "fp16" and e.zero_stage == 0
+    resident = {"weights": s["weights"],
+                "gradients": (0 if step_fp32 else s["grads_fp32"]) + (0 if dynamic else s["grads"]),
                 "master_weights": s["master_fp32"], "optimizer_states": s["adam_fp32"],
                 "deepspeed_buffers": deepspeed_buffers(e) + s["working_set"]}
-    transient = {"activations": traced.activations, "gradients": min(traced.grads, s["grads"]) if dynamic else 0}
-    return resident, transient
+    training = {"activations": traced.activations, "gradients": min(traced.grads, s["grads"]) if dynamic else 0}
+    step = {"gradients": (s["grads"] if dynamic else 0) + (s["grads_fp32"] if step_fp32 else 0)}
+    return resident, training, step
 
 
 def _add(*parts: dict[str, int]) -> dict[str, int]:
@@ -104,8 +111,9 @@ def supervised(cfg, configs: dict, stage: str) -> StagePlan:
     t = Trained("actor" if stage == "sft" else "rm", sec, sec.dtype, "lm" if stage == "sft" else "reward",
                 sec.per_device_train_batch_size * (1 if stage == "sft" else 2), sec.gradient_accumulation_steps)
     tr = trace(t.model, configs[t.model], _spec(cfg, t))
-    resident, transient = trained_parts(cfg, t, tr)
-    return StagePlan(stage, {"training": _add(resident, transient)}, traced=tr.traced)
+    resident, training, step = trained_parts(cfg, t, tr)
+    return StagePlan(stage, {"training": _add(resident, training), "optimizer_step": _add(resident, step)},
+                     traced=tr.traced)
 
 
 def _rl_settings(cfg, alg: str) -> tuple[Any, Any, str]:
@@ -134,13 +142,14 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
     if alg == "dpo":
         actor = Trained("actor", actor_sec, dtype, "policy", 2 * micro, gas)
         tr = trace("actor", configs["actor"], _spec(cfg, actor))
-        resident, transient = trained_parts(cfg, actor, tr)
-        return StagePlan(alg, {"policy_update": _add(resident, transient)}, traced=tr.traced)
+        resident, training, step = trained_parts(cfg, actor, tr)
+        return StagePlan(alg, {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)},
+                         traced=tr.traced)
     group = getattr(sec, "group_size", 1) if alg in ("grpo", "rloo") else 1
     rollout = _get(sec, cfg, "per_device_generation_batch_size") * group
     actor = Trained("actor", actor_sec, dtype, "policy", micro, gas)
     a_tr = trace("actor", configs["actor"], _spec(cfg, actor))
-    a_res, a_trans = trained_parts(cfg, actor, a_tr)
+    a_res, a_trans, a_step = trained_parts(cfg, actor, a_tr)
     traced = a_tr.traced
     base_actor = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts
     rm_counts = trace("rm", configs["rm"], StepSpec("forward_value", 1, 8, dtype)).counts
@@ -152,14 +161,14 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
     if alg == "ppo":
         critic = Trained("rm", cfg.ppo.critic, dtype, "value", micro, gas)
         c_tr = trace("rm", configs["rm"], _spec(cfg, critic))
-        c_res, c_trans = trained_parts(cfg, critic, c_tr)
+        c_res, c_trans, c_step = trained_parts(cfg, critic, c_tr)
         resident = _add(resident, c_res)
         traced = traced and c_tr.traced
         critic_zero3 = cfg.ppo.critic.zero_stage == 3
-        phases["critic_update"] = c_trans
+        phases.update(critic_update=c_trans, critic_step=c_step)
     frozen += frozen_weights(rm_counts, dtype, critic_zero3, False, world)
     resident["frozen_models"] = frozen
-    phases["actor_update"] = a_trans
+    phases.update(actor_update=a_trans, actor_step=a_step)
     arch = arch_numbers(configs["actor"])
     prefill = trace("actor", configs["actor"], _spec(cfg, actor, "forward_lm", rollout, cfg.data.max_prompt_seq_len))
     phases["generation"] = {"kv_cache": kv_cache(arch, rollout, cfg.data.max_seq_len, dtype),
