@@ -189,3 +189,23 @@ def test_an_untraceable_architecture_warns_and_falls_back(tmp_path, caplog, caps
     assert all(not p.traced and p.peak > 0 and p.parts["activations"] > 0 for p in plan.stages.values())
     assert main(["plan", "--preset", "tiny-cpu", "--model-config", str(path)]) == 0
     assert "could not be traced" in capsys.readouterr().out
+
+
+def test_run_report_sets_the_plan_beside_the_measured_peak(tmp_path, monkeypatch):
+    """report.md gains a Memory plan table: the install task's plan.json per stage, and the
+    peak each stage measured (on CUDA; "–" where none was measured)."""
+    from rlhf_tasks import register
+    from tests.test_register import make_run, md_table
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = make_run(tmp_path / "run")
+    sft = json.loads(run.result_path("sft").read_text())
+    sft["metrics"]["peak_memory_gb"] = 31.4
+    run.result_path("sft").write_text(json.dumps(sft))
+    (run.path / "plan.json").write_text(json.dumps({"gpu_memory_gb": 40, "fits": True, "stages": {
+        "sft": {"peak_gb": 33.25, "peak_phase": "training"}, "rm": {"peak_gb": 9.5, "peak_phase": "optimizer_step"},
+        "ppo": {"peak_gb": 38.0, "peak_phase": "actor_update"}}}))
+    register.run(PipelineConfig.load("tiny-cpu"), run)
+    rows = md_table((run.path / "report.md").read_text(), "Memory plan")
+    assert rows == [("sft", "training", "33.25", "31.40"), ("rm", "optimizer_step", "9.50", "–"),
+                    ("ppo", "actor_update", "38.00", "–")]

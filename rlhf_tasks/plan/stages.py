@@ -66,12 +66,16 @@ def world_size(cfg) -> int:
 
 
 def _spec(cfg, t: Trained, kind: str | None = None, batch: int | None = None, seq: int | None = None) -> StepSpec:
+    """The traced step of ``t`` (``kind`` given: a no-grad forward of it, traced without
+    LoRA, whose adapters' (B, T, r) intermediates are freed layer by layer there, so that
+    a LoRA change re-traces only the training step)."""
     s = t.section
     training = kind is None
     return StepSpec(kind=kind or t.kind, batch=batch or t.batch, seq_len=seq or cfg.data.max_seq_len, dtype=t.dtype,
-                    checkpointing=s.gradient_checkpointing and training, lora_dim=s.lora_dim,
-                    lora_module_name=s.lora_module_name, only_lora=s.only_optimize_lora,
-                    attn=cfg.model.attn_implementation, dropout=s.dropout)
+                    checkpointing=s.gradient_checkpointing and training, lora_dim=s.lora_dim if training else 0,
+                    lora_module_name=s.lora_module_name if training else "auto",
+                    only_lora=s.only_optimize_lora and training, attn=cfg.model.attn_implementation,
+                    dropout=s.dropout if training else None)
 
 
 def trained_parts(cfg, t: Trained, traced: Traced) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
