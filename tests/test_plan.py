@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import types
 
 import pytest
 import torch
@@ -135,15 +134,13 @@ def test_ppo_family_stages(tiny):
     assert ppo.phases["generation"]["kv_cache"] == kv
     assert set(ppo.phases) == {"generation", "scoring", "actor_update", "actor_step", "critic_update", "critic_step"}
 
-    def with_algorithm(alg: str, **section):
-        proxy = types.SimpleNamespace(**{k: getattr(cfg, k) for k in type(cfg).model_fields})
-        proxy.algorithm, proxy.grpo = alg, types.SimpleNamespace(**section)
-        return proxy
-
-    grpo = plan_stage(with_algorithm("grpo", group_size=4), configs, "grpo")
-    assert "critic_update" not in grpo.phases and "critic_step" not in grpo.phases and grpo.phases["generation"]["kv_cache"] == 4 * kv
+    grpo_cfg = with_changes(cfg, {"algorithm": "grpo", "grpo.group_size": 4, "grpo.dtype": cfg.ppo.dtype,
+                                  "grpo.per_device_generation_batch_size": cfg.ppo.per_device_generation_batch_size})
+    grpo = plan_stage(grpo_cfg, configs, "grpo")
+    assert not {"critic_update", "critic_step"} & set(grpo.phases)
+    assert grpo.phases["generation"]["kv_cache"] == 4 * kv
     assert grpo.phases["actor_update"]["weights"] < ppo.phases["actor_update"]["weights"]  # no critic
-    dpo = plan_stage(with_algorithm("dpo"), configs, "dpo")
+    dpo = plan_stage(with_changes(cfg, {"algorithm": "dpo"}), configs, "dpo")
     assert dpo.parts["frozen_models"] == 0 and dpo.parts["kv_cache"] == 0 and dpo.parts["activations"] > 0
 
 

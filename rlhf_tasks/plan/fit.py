@@ -52,8 +52,8 @@ def candidates(cfg: PipelineConfig, stage: str) -> list[tuple[str, dict]]:
         out.append(("half the training micro-batch", {f"{section}.per_device_train_batch_size": b // 2}))
     if (g := getattr(sec, "per_device_generation_batch_size", 1)) > 1:
         out.append(("half the generation batch", {f"{section}.per_device_generation_batch_size": g // 2}))
-    if stage != "dpo" and not cfg.ppo.offload_reference_model:
-        out.append(("offload the reference model", {"ppo.offload_reference_model": True}))
+    if stage != "dpo" and not getattr(sec, "offload_reference_model", True):
+        out.append(("offload the reference model", {f"{section}.offload_reference_model": True}))
     return out + [c for path, s in engines for c in _offload(path, s)]
 
 

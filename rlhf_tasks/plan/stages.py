@@ -157,8 +157,11 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
     traced = a_tr.traced
     base_actor = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts
     rm_counts = trace("rm", configs["rm"], StepSpec("forward_value", 1, 8, dtype)).counts
-    ref_zero3 = cfg.ppo.offload_reference_model or actor_sec.zero_stage == 3
-    frozen = frozen_weights(base_actor, dtype, ref_zero3, cfg.ppo.offload_reference_model, world)
+    offload_ref = _get(sec, cfg, "offload_reference_model")
+    # LoRA training only the adapters: the reference is the actor with its adapters off (ppo/policy.py).
+    shared_ref = bool(actor_sec.lora_dim) and actor_sec.only_optimize_lora
+    frozen = 0 if shared_ref else frozen_weights(base_actor, dtype, offload_ref or actor_sec.zero_stage == 3,
+                                                 offload_ref, world)
     resident = dict(a_res)
     phases: dict[str, dict[str, int]] = {}
     critic_zero3 = actor_sec.zero_stage == 3
