@@ -206,3 +206,15 @@ def test_run_report_sets_the_plan_beside_the_measured_peak(tmp_path, monkeypatch
     rows = md_table((run.path / "report.md").read_text(), "Memory plan")
     assert rows == [("sft", "training", "33.25", "31.40"), ("rm", "optimizer_step", "9.50", "–"),
                     ("ppo", "actor_update", "38.00", "–")]
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_deep_models_extrapolated_from_two_depths_equal_a_full_trace(arch):
+    """An 8-block model traced at 2 and 4 blocks and extrapolated gives the full trace's
+    parameter counts, gradients and activations exactly, with LoRA and checkpointing too."""
+    from rlhf_tasks.plan.trace import _trace, _trace_once, _with_layers
+
+    config = _with_layers(plan_accuracy.tiny_config(arch), 8)
+    for spec in (StepSpec("lm", 4, 128, "fp32", dropout=0.0),
+                 StepSpec("policy", 4, 128, "bf16", checkpointing=True, lora_dim=8, only_lora=True)):
+        assert _trace(config, spec) == _trace_once(config, spec)
