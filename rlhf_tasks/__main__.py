@@ -102,6 +102,8 @@ def plan_main(args, cfg: PipelineConfig) -> int:
             raise ConfigError(f"--model-config {item!r}: the role is one of {list(plan.ROLES)}")
         given.update({role: Path(path)} if sep else dict.fromkeys(plan.ROLES, Path(item)))
     capacity = args.gpu_memory_gb if args.gpu_memory_gb is not None else plan.gpu_capacity_gb()
+    if args.suggest and capacity is None:
+        raise ConfigError("--suggest needs a capacity: give --gpu-memory-gb (this machine has no GPU)")
     result = plan.make_plan(cfg, plan.model_configs(cfg, given), capacity, suggest=args.suggest)
     print(json.dumps(result.to_json(), indent=2, sort_keys=True) if args.json else plan.render(result))
     return 0
