@@ -429,6 +429,19 @@ class Suite:
                          "reward_last": m.get("reward_last"),
                          "recipe": recipe}
 
+    def memory_plan(self) -> None:
+        """The memory plan (``rlhf_tasks.plan``) of each stage's config beside the peak the
+        stage measured (``peak_memory_gb``: torch.cuda.max_memory_allocated; none on CPU)."""
+        from rlhf_tasks.config import PipelineConfig
+        from rlhf_tasks.plan import make_plan, model_configs
+
+        cfg = PipelineConfig.load(self.run_dir / "config.yaml")
+        plan = make_plan(cfg, model_configs(cfg), fixes=False)
+        stages = self.R.get("stages", {})
+        self.R["memory_plan"] = [{"stage": s, "phase": p.peak_phase, "planned_gb": p.peak / 1e9,
+                                  "measured_gb": stages.get(s, {}).get("metrics", {}).get("peak_memory_gb")}
+                                 for s, p in plan.stages.items()]
+
     # -- the whole run ----------------------------------------------------------------
 
     def run(self) -> int:
@@ -442,6 +455,7 @@ class Suite:
         self.part("reward", self.reward, needs=("sft",), min_s=45)
         self.part("reward_baseline", lambda: self.baseline("reward"), needs=("reward",), min_s=25)
         self.part("ppo", self.ppo, needs=("sft", "reward"), min_s=60)
+        self.part("memory_plan", self.memory_plan, needs=("sft",))
         self.R["targets"] = targets(self.R)
         self.save()
         self.update_benchmarks()
@@ -623,6 +637,15 @@ def render_markdown(R: dict) -> str:
                   f"| {_n(ppo['prompts_per_s'], 2)} | {_n(ppo['generation_s'], 2)} | {_n(ppo['scoring_s'], 2)} | "
                   f"{_n(ppo['training_s'], 2)} | {_n(ppo['generation_tokens_per_s'])} | "
                   f"{_n(ppo['mean_answer_tokens'])} | {_mem(ppo['peak_memory_gb'])} |", ""]
+    if R.get("memory_plan"):
+        lines += ["Memory plan (`python -m rlhf_tasks plan`, from the stages' config) against the peak each stage "
+                  "measured (`torch.cuda.max_memory_allocated`; none on CPU):", "",
+                  "| stage | planned peak phase | planned | measured | plan error |", "|---|---|---:|---:|---:|"]
+        for m in R["memory_plan"]:
+            err = m["planned_gb"] / m["measured_gb"] - 1 if m["measured_gb"] else None
+            lines.append(f"| {m['stage']} | {m['phase']} | {_mem(m['planned_gb'])} | {_mem(m['measured_gb'])} | "
+                         f"{'-' if err is None else f'{err:+.1%}'} |")
+        lines.append("")
     if R.get("targets") and not tiny:
         lines += ["| target (H100, bf16) | goal | measured | met | in this run | reference |", "|---|---:|---:|---|---|---|"]
         for t in R["targets"]:

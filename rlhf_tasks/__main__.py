@@ -2,7 +2,8 @@
 
 Stages: ``prepare`` (check the worker, resolve the config, validate data and models),
 ``sft``, ``rm``, the alignment step ``ppo``, ``grpo``, ``rloo`` or ``dpo``, ``evaluate``, ``register`` (which writes the run report); ``chat``
-talks to a trained actor; ``config`` prints a resolved config; ``presets`` lists presets.
+talks to a trained actor; ``config`` prints a resolved config; ``presets`` lists presets;
+``plan`` prints each stage's peak GPU memory (from the models' config.json, no weights).
 
 The last stdout line of a stage is ``RLHF_RESULT <json>`` (paths, metrics, MLflow run
 id): the Airflow task parses it and passes only that on.
@@ -58,6 +59,14 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
     sub.add_parser("presets", help="list the presets")
+    p = sub.add_parser("plan", help="each stage's peak GPU memory, from the config and the models' config.json")
+    _config_args(p)
+    p.add_argument("--gpu-memory-gb", type=float, default=None, help="plan against this much memory per GPU")
+    p.add_argument("--model-config", action="append", nargs="+", default=[], metavar="[ROLE=]PATH",
+                   help="config.json (or its directory) of model.actor / model.rm (actor=PATH rm=PATH; "
+                        "a bare PATH is both), for hub models not on this machine")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--suggest", action="store_true", help="also the largest per-device batch that fits, per stage")
     p = sub.add_parser("chat", help="talk to a trained actor")
     p.add_argument("--path", required=True, help="a final/ directory (or any causal LM directory / hub id)")
     p.add_argument("--prompt", help="answer this one prompt and exit (non-interactive)")
@@ -83,6 +92,23 @@ def resolve(args) -> PipelineConfig | None:
     return PipelineConfig.load(args.preset, overrides)
 
 
+def plan_main(args, cfg: PipelineConfig) -> int:
+    from . import plan
+
+    given: dict[str, Path] = {}
+    for item in (i for group in args.model_config for i in group):
+        role, sep, path = item.partition("=")
+        if sep and role not in plan.ROLES:
+            raise ConfigError(f"--model-config {item!r}: the role is one of {list(plan.ROLES)}")
+        given.update({role: Path(path)} if sep else dict.fromkeys(plan.ROLES, Path(item)))
+    capacity = args.gpu_memory_gb if args.gpu_memory_gb is not None else plan.gpu_capacity_gb()
+    if args.suggest and capacity is None:
+        raise ConfigError("--suggest needs a capacity: give --gpu-memory-gb (this machine has no GPU)")
+    result = plan.make_plan(cfg, plan.model_configs(cfg, given), capacity, suggest=args.suggest)
+    print(json.dumps(result.to_json(), indent=2, sort_keys=True) if args.json else plan.render(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -94,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return chat_main(args)
         cfg = resolve(args)
+        if args.command == "plan":
+            return plan_main(args, cfg or PipelineConfig.load("tiny-cpu"))
         if args.command == "config":
             print((cfg or PipelineConfig.load("tiny-cpu")).to_yaml())
             return 0

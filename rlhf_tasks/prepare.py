@@ -3,7 +3,9 @@
 It checks the worker (packages, torch and CUDA, DeepSpeed and its ops, free disk),
 resolves and saves the config, loads both models' configs and the tokenizer, reads and
 validates every dataset and caches the tokenised shares of all three phases on shared
-storage, writes ``environment.json`` and opens the MLflow parent run.
+storage, plans every stage's peak GPU memory against the worker's free GPU memory
+(``plan.json``; a stage that cannot fit is refused here, exit 2, with the smallest change
+that fits), writes ``environment.json`` and opens the MLflow parent run.
 """
 
 from __future__ import annotations
@@ -163,6 +165,21 @@ def check_data(cfg: PipelineConfig, tok) -> dict[str, Any]:
     return counts
 
 
+def check_memory(cfg: PipelineConfig, run_dir: RunDir):
+    """The memory plan against this worker's GPU (rlhf_tasks.plan.check): a stage that cannot
+    fit raises ConfigError. A failure of the planner itself only warns: a plan is advice,
+    and an architecture it cannot handle must not block a run that may well fit."""
+    from . import plan
+
+    try:
+        return plan.check(cfg, run_dir.path)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 – see the docstring
+        log.warning("prepare: the memory plan failed (%s: %s); continuing without it", type(e).__name__, e)
+        return None
+
+
 def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     from .stage import setup_logging
     from .tracking import Tracker, ensure_parent_run, tracking_uri
@@ -180,6 +197,9 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     report["models"], tok = check_models(cfg)
     report["data"] = check_data(cfg, tok)
     report["human_pairs"] = report["data"].pop("rm/train_human")
+    memory = check_memory(cfg, run_dir)
+    if memory is not None:
+        report["memory_plan"] = memory.to_json()
     report["prepare_s"] = round(time.time() - t0, 1)
     write_json(run_dir.path / "environment.json", report)
     parent = ensure_parent_run(cfg, run_dir)
@@ -188,6 +208,11 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t.log_artifact(str(run_dir.path / "environment.json"), "environment")
         # The reward model's training pairs that people labelled (0 without a human: dataset).
         t.log_params({"data/human_pairs": report["human_pairs"]})
+        if memory is not None:
+            from .plan import metrics as plan_metrics
+
+            t.log_metrics(plan_metrics(memory), step=0)
+            t.log_artifact(str(run_dir.path / "plan.json"), "environment")
         t.close("RUNNING")
     log.info("prepare: worker ok, %s rows per phase/split, %.1f s", report["data"], report["prepare_s"])
     return {"stage": "prepare", "run_dir": str(run_dir.path), "mlflow_parent_run_id": parent,

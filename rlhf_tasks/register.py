@@ -10,6 +10,7 @@ reward beats the current champion's.
 from __future__ import annotations
 
 import html
+import json
 import logging
 from typing import Any
 
@@ -93,6 +94,17 @@ def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[li
     return time_rows, quality
 
 
+def memory_rows(run_dir: RunDir, results: dict[str, Any]) -> list[list[str]]:
+    """The install task's memory plan (plan.json) beside each stage's measured peak
+    (``peak_memory_gb``, recorded on CUDA only): [stage, planned phase, planned GB, measured GB]."""
+    path = run_dir.path / "plan.json"
+    if not path.is_file():
+        return []
+    stages = json.loads(path.read_text()).get("stages", {})
+    measured = {s: r.metrics.get("peak_memory_gb") for s, r in results.items()}
+    return [[s, p.get("peak_phase", ""), _fmt(p.get("peak_gb"), 2), _fmt(measured.get(s), 2)] for s, p in stages.items()]
+
+
 def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any]) -> str:
     time_rows, quality = report_tables(cfg, results)
     price = f"${cfg.resources.gpu_hourly_usd:.2f}/GPU-hour x {_gpus(cfg)} GPU(s)"
@@ -103,6 +115,10 @@ def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any
     lines += [f"| {a} | {b} | {c} |" for a, b, c in time_rows]
     lines += ["", "## Quality per step", "", "| step | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in quality]
+    if memory := memory_rows(run_dir, results):
+        lines += ["", "## Memory plan (GB per GPU)", "", "| stage | planned peak phase | planned peak | measured peak |",
+                  "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in memory]
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,9 @@ def test_tiny_mode_runs_every_part_on_cpu(tmp_path):
     assert r["mode"] == "tiny" and r["device"] == "cpu"
     assert r["errors"] == [] and r["skipped"] == []
     assert all(p["status"] == "ok" for p in r["parts"].values()), r["parts"]
+    # The memory plan of every stage, beside a measured peak only where CUDA measured one.
+    assert [m["stage"] for m in r["memory_plan"]] == ["sft", "rm", "ppo"]
+    assert all(m["planned_gb"] > 0 and m["measured_gb"] is None for m in r["memory_plan"]), r["memory_plan"]
     assert r["elapsed_s"] <= time.time() - t0
     for key in ("date", "command", "versions", "matmul_peak", "models", "data"):
         assert r[key], key

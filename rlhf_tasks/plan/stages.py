@@ -1,0 +1,198 @@
+"""Each stage's peak memory per GPU, assembled from traced steps (:mod:`.trace`) and
+DeepSpeed's layout (:mod:`.states`).
+
+A stage's memory has a resident part (the trained models' states, the frozen models,
+DeepSpeed's buffers) and, on top, one transient part per phase: the training step's
+activations and gradients, or, in the RL step, the rollout's KV cache, the no-grad
+scoring pass of the four models, the actor update and the critic update, which run one
+after the other. The stage's peak is its largest phase; ``parts`` split that phase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .states import Engine, deepspeed_buffers, frozen_weights, kv_cache, model_states
+from .trace import StepSpec, Traced, arch_numbers, trace
+
+GB = 1e9  # decimal, as the stages' measured peak_memory_gb (torch.cuda.max_memory_allocated / 1e9)
+PARTS = ("weights", "gradients", "optimizer_states", "master_weights", "activations", "kv_cache",
+         "frozen_models", "deepspeed_buffers")
+ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    phases: dict[str, dict[str, int]]  # phase -> bytes by part
+    traced: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: sum(self.phases[p].values()))
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {k: self.phases[self.peak_phase].get(k, 0) for k in PARTS}
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"peak_gb": round(self.peak / GB, 3), "peak_phase": self.peak_phase,
+                "parts": {k: round(v / GB, 3) for k, v in self.parts.items()},
+                "phases": {p: round(sum(v.values()) / GB, 3) for p, v in self.phases.items()},
+                "traced": self.traced, **({"notes": self.notes} if self.notes else {})}
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One trained model of a stage: its config section (an EngineConfig), its precision,
+    its step kind and micro-batch (in sequences)."""
+
+    model: str  # "actor" | "rm": whose config.json
+    section: Any
+    dtype: str
+    kind: str
+    batch: int
+    gradient_accumulation_steps: int = 1
+
+
+def world_size(cfg) -> int:
+    return cfg.resources.num_gpus * cfg.resources.num_nodes
+
+
+def _spec(cfg, t: Trained, kind: str | None = None, batch: int | None = None, seq: int | None = None) -> StepSpec:
+    """The traced step of ``t`` (``kind`` given: a no-grad forward of it, traced without
+    LoRA, whose adapters' (B, T, r) intermediates are freed layer by layer there, so that
+    a LoRA change re-traces only the training step)."""
+    s = t.section
+    training = kind is None
+    return StepSpec(kind=kind or t.kind, batch=batch or t.batch, seq_len=seq or cfg.data.max_seq_len, dtype=t.dtype,
+                    checkpointing=s.gradient_checkpointing and training, lora_dim=s.lora_dim if training else 0,
+                    lora_module_name=s.lora_module_name if training else "auto",
+                    only_lora=s.only_optimize_lora and training, attn=cfg.model.attn_implementation,
+                    dropout=s.dropout if training else None)
+
+
+def trained_parts(cfg, t: Trained, traced: Traced) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(resident, training, optimizer step) bytes of one trained model.
+
+    Resident: its DeepSpeed states. Training (on top): the activations and the gradients in
+    the training dtype; without ZeRO-2 and with one micro-batch per step, the gradients at
+    the traced peak are the ones that coexist with the activations, otherwise the whole
+    (partitioned) set is resident. Optimizer step (on top, activations freed): all the
+    gradients, and for fp16 without ZeRO the fp32 gradient copy, which DeepSpeed's
+    FP16_Optimizer builds only for the step (BF16_Optimizer and ZeRO keep theirs)."""
+    e = Engine(t.dtype, t.section.zero_stage, t.section.offload, world_size(cfg))
+    s = model_states(traced.counts, e)
+    dynamic = e.zero_stage < 2 and t.gradient_accumulation_steps == 1
+    step_fp32 = e.dtype == "fp16" and e.zero_stage == 0
+    resident = {"weights": s["weights"],
+                "gradients": (0 if step_fp32 else s["grads_fp32"]) + (0 if dynamic else s["grads"]),
+                "master_weights": s["master_fp32"], "optimizer_states": s["adam_fp32"],
+                "deepspeed_buffers": deepspeed_buffers(e) + s["working_set"]}
+    training = {"activations": traced.activations, "gradients": min(traced.grads, s["grads"]) if dynamic else 0}
+    step = {"gradients": (s["grads"] if dynamic else 0) + (s["grads_fp32"] if step_fp32 else 0)}
+    return resident, training, step
+
+
+def _add(*parts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def supervised(cfg, configs: dict, stage: str) -> StagePlan:
+    """SFT (causal-LM loss on the actor) or RM (pairwise loss: chosen and rejected rows
+    stacked, so twice the micro-batch in sequences)."""
+    sec = getattr(cfg, stage)
+    t = Trained("actor" if stage == "sft" else "rm", sec, sec.dtype, "lm" if stage == "sft" else "reward",
+                sec.per_device_train_batch_size * (1 if stage == "sft" else 2), sec.gradient_accumulation_steps)
+    tr = trace(t.model, configs[t.model], _spec(cfg, t))
+    resident, training, step = trained_parts(cfg, t, tr)
+    return StagePlan(stage, {"training": _add(resident, training), "optimizer_step": _add(resident, step)},
+                     traced=tr.traced)
+
+
+def _rl_settings(cfg, alg: str) -> tuple[Any, Any, str]:
+    """(the algorithm's section, the actor's EngineConfig, its config path): a grpo/rloo/dpo
+    section where the config has one, else PPO's settings."""
+    sec = getattr(cfg, alg, None) or cfg.ppo
+    if hasattr(sec, "actor"):
+        return sec, sec.actor, f"{alg if sec is not cfg.ppo else 'ppo'}.actor"
+    if hasattr(sec, "zero_stage"):
+        return sec, sec, alg
+    return sec, cfg.ppo.actor, "ppo.actor"
+
+
+def _get(sec, cfg, name: str):
+    return getattr(sec, name, None) if getattr(sec, name, None) is not None else getattr(cfg.ppo, name)
+
+
+def rl(cfg, configs: dict, alg: str) -> StagePlan:
+    """PPO (actor, critic, frozen reference and reward model), GRPO/RLOO (no critic, G
+    answers per prompt), or DPO (the policy on chosen + rejected rows; reference log-probs
+    precomputed, so neither the reference nor the reward model is resident)."""
+    sec, actor_sec, _ = _rl_settings(cfg, alg)
+    dtype, world = _get(sec, cfg, "dtype"), world_size(cfg)
+    micro = _get(sec, cfg, "per_device_train_batch_size")
+    gas = _get(sec, cfg, "gradient_accumulation_steps")
+    if alg == "dpo":
+        actor = Trained("actor", actor_sec, dtype, "policy", 2 * micro, gas)
+        tr = trace("actor", configs["actor"], _spec(cfg, actor))
+        resident, training, step = trained_parts(cfg, actor, tr)
+        return StagePlan(alg, {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)},
+                         traced=tr.traced)
+    group = getattr(sec, "group_size", 1) if alg in ("grpo", "rloo") else 1
+    rollout = _get(sec, cfg, "per_device_generation_batch_size") * group
+    actor = Trained("actor", actor_sec, dtype, "policy", micro, gas)
+    a_tr = trace("actor", configs["actor"], _spec(cfg, actor))
+    a_res, a_trans, a_step = trained_parts(cfg, actor, a_tr)
+    traced = a_tr.traced
+    base_actor = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts
+    rm_counts = trace("rm", configs["rm"], StepSpec("forward_value", 1, 8, dtype)).counts
+    offload_ref = _get(sec, cfg, "offload_reference_model")
+    # LoRA training only the adapters: the reference is the actor with its adapters off (ppo/policy.py).
+    shared_ref = bool(actor_sec.lora_dim) and actor_sec.only_optimize_lora
+    frozen = 0 if shared_ref else frozen_weights(base_actor, dtype, offload_ref or actor_sec.zero_stage == 3,
+                                                 offload_ref, world)
+    resident = dict(a_res)
+    phases: dict[str, dict[str, int]] = {}
+    critic_zero3 = actor_sec.zero_stage == 3
+    if alg == "ppo":
+        critic = Trained("rm", cfg.ppo.critic, dtype, "value", micro, gas)
+        c_tr = trace("rm", configs["rm"], _spec(cfg, critic))
+        c_res, c_trans, c_step = trained_parts(cfg, critic, c_tr)
+        resident = _add(resident, c_res)
+        traced = traced and c_tr.traced
+        critic_zero3 = cfg.ppo.critic.zero_stage == 3
+        phases.update(critic_update=c_trans, critic_step=c_step)
+    frozen += frozen_weights(rm_counts, dtype, critic_zero3, False, world)
+    resident["frozen_models"] = frozen
+    phases.update(actor_update=a_trans, actor_step=a_step)
+    arch = arch_numbers(configs["actor"])
+    prefill = trace("actor", configs["actor"], _spec(cfg, actor, "forward_lm", rollout, cfg.data.max_prompt_seq_len))
+    phases["generation"] = {"kv_cache": kv_cache(arch, rollout, cfg.data.max_seq_len, dtype),
+                            "activations": prefill.activations}
+    score_lm = trace("actor", configs["actor"], _spec(cfg, actor, "forward_lm", rollout))
+    score_v = trace("rm", configs["rm"], StepSpec("forward_value", rollout, cfg.data.max_seq_len, dtype,
+                                                  attn=cfg.model.attn_implementation))
+    phases["scoring"] = {"activations": max(score_lm.activations, score_v.activations)}
+    return StagePlan(alg, {k: _add(resident, v) for k, v in phases.items()}, traced=traced)
+
+
+def stage_names(cfg) -> list[str]:
+    alg = getattr(cfg, "algorithm", "ppo") or "ppo"
+    if alg not in ALGORITHMS:
+        raise ValueError(f"algorithm={alg!r}: the planner knows {ALGORITHMS}")
+    return ["sft", "rm", alg]
+
+
+def plan_stage(cfg, configs: dict, stage: str) -> StagePlan:
+    return supervised(cfg, configs, stage) if stage in ("sft", "rm") else rl(cfg, configs, stage)
