@@ -177,6 +177,9 @@ class DPOConfig(SupervisedConfig):
     """sigmoid: DPO's -log sigmoid(beta x margin); ipo: (margin - 1/(2 beta))^2 on per-token mean log-probs"""
     label_smoothing: Annotated[Float, Field(ge=0, lt=0.5)] = 0.0
     """sigmoid only: the share of pairs taken to be mislabelled (conservative DPO)"""
+    sft_coef: Annotated[Float, Field(ge=0)] = 0.0
+    """Weight of the chosen answers' per-token NLL added to the loss (RPO, Pang et al. 2024): DPO
+    alone can lower the chosen answers' likelihood too, and with it what the policy generates"""
 
     @model_validator(mode="after")
     def _check_dpo(self) -> DPOConfig:

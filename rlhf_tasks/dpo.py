@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from . import loop
 from .config import DPOConfig
 from .data import DPOCollator
-from .dpo_losses import answer_log_probs, dpo_loss, reward_accuracy
+from .dpo_losses import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
 from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import dpo_pairs
@@ -169,6 +169,9 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
         pc, pr = pair_log_probs(engine, batch, average).chunk(2)
         rc, rr = batch["ref_log_probs"].chunk(2)
         loss, chosen, rejected = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing)
+        if d.sft_coef:
+            n_chosen = batch["answer_mask"][:, 1:].chunk(2)[0].sum(-1)  # (B,) chosen answer tokens
+            loss = loss + d.sft_coef * chosen_nll(pc * n_chosen if average else pc, n_chosen)
         rewards.add(engine, chosen, rejected)
         return loss, batch["attention_mask"].sum()
 

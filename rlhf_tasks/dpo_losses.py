@@ -67,3 +67,9 @@ def reward_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
     """() share of pairs whose implicit reward ranks chosen above rejected; a tie counts
     half, so the untrained policy (every reward 0) is at chance, 0.5."""
     return ((chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()).mean()
+
+
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) summed log-probs of the chosen answers and (B,) their token counts -> the mean
+    per-token negative log-likelihood, RPO's term beside the DPO loss."""
+    return (-policy_chosen_logps / chosen_tokens.clamp_min(1)).mean()

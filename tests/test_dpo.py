@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.data import DPOCollator
 from rlhf_tasks.dpo import pair_log_probs
-from rlhf_tasks.dpo_losses import answer_log_probs, dpo_loss, reward_accuracy
+from rlhf_tasks.dpo_losses import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
 from rlhf_tasks.ppo.policy import model_bytes
 from rlhf_tasks.storage import RunDir
 from tests.runs import fork_run, result_of, run_cli
@@ -42,6 +42,12 @@ def test_sigmoid_loss_by_hand():
     loss, chosen, rejected = dpo_loss(*PAIR, beta=0.5)
     assert loss.item() == pytest.approx(SOFTPLUS_M1, abs=1e-12)
     assert chosen.tolist() == [0.5] and rejected.tolist() == [-0.5]
+
+
+def test_rpo_term_is_the_chosen_answers_per_token_nll():
+    # Answers of 4 and 2 tokens with summed log-probs -2 and -3: NLL per token 0.5 and 1.5.
+    assert chosen_nll(torch.tensor([-2.0, -3.0]), torch.tensor([4, 2])).item() == pytest.approx(1.0)
+    assert chosen_nll(torch.tensor([0.0]), torch.tensor([0])).item() == 0.0  # an empty answer adds nothing
 
 
 def test_label_smoothing_by_hand():
