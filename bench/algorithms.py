@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every alignment stage")
     ap.add_argument("--update", action="store_true", help="rewrite the algorithms-cpu section of BENCHMARKS.md")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--with", dest="more", type=Path, nargs="*", default=[],
+                    help="rows of earlier runs (their --json files) to tabulate with these")
     a = ap.parse_args(argv)
-    rows = []
+    rows = [r for f in a.more for r in json.loads(f.read_text())]
     with tempfile.TemporaryDirectory(prefix="rlhf-algos-") as work:
         for seed in a.seeds:  # seeds outermost: a machine slowing down over time slows every algorithm alike
             for algo in a.algorithms:

@@ -113,7 +113,7 @@ TINY = Plan(preset="tiny-cpu", actor="tiny", reward="tiny", model_vocab=0, dtype
             max_prompt_seq_len=24, prompt_len=(14.0, 0.4, 4, 22), answer_len=(10.0, 0.5, 2, 16), rows=320,
             data_split="6,3,1", sft_batch=8, sft_accumulation=1, sft_steps=3, rm_batch=8, rm_accumulation=1,
             rm_steps=3, ppo_batch=4, ppo_train_batch=4, ppo_iterations=2, eval_rows=8, gen_model="tiny",
-            gen_vocab=2048, gen_batch=4, gen_prompt=16, gen_new=8, matmul_n=256, budget_s=300)
+            gen_vocab=2048, gen_batch=4, gen_prompt=16, gen_new=8, matmul_n=256, budget_s=480)
 
 
 class Suite:
@@ -304,7 +304,14 @@ class Suite:
         # SFT without LoRA: the DeepSpeed-Chat bf16 number we compare with is "bf16 and no LoRA".
         o += ["sft.lora_dim=0", f"ppo.dtype={p.dtype}", f"ppo.max_steps={p.ppo_iterations}", "ppo.epochs=1",
               f"ppo.per_device_generation_batch_size={p.ppo_batch}",
-              f"ppo.per_device_train_batch_size={p.ppo_train_batch}", "ppo.checkpoint_every_steps=0"]
+              f"ppo.per_device_train_batch_size={p.ppo_train_batch}", "ppo.checkpoint_every_steps=0",
+              # GRPO at PPO's rollouts per iteration (a quarter of the prompts, 4 answers each); DPO
+              # at the reward model's batch and steps (pairs per step, as the RM trains).
+              f"grpo.dtype={p.dtype}", f"grpo.max_steps={p.ppo_iterations}", "grpo.epochs=1", "grpo.group_size=4",
+              f"grpo.per_device_generation_batch_size={max(p.ppo_batch // 4, 1)}",
+              f"grpo.per_device_train_batch_size={p.ppo_train_batch}", "grpo.checkpoint_every_steps=0",
+              f"dpo.dtype={p.dtype}", f"dpo.max_steps={p.rm_steps}", "dpo.epochs=1",
+              f"dpo.per_device_train_batch_size={p.rm_batch}", "dpo.checkpoint_every_steps=0"]
         if "generation_backend" in PPOConfig.model_fields and self.a.ppo_backend:
             o.append(f"ppo.generation_backend={self.a.ppo_backend}")
         return o
@@ -429,6 +436,18 @@ class Suite:
                          "reward_last": m.get("reward_last"),
                          "recipe": recipe}
 
+    def alignment(self, stage: str) -> None:
+        """GRPO or DPO in the same run: throughput, peak memory and the models held."""
+        m = self.run_stage(stage)["metrics"]
+        row = {"stage": stage, "peak_memory_gb": m.get("peak_memory_gb"),
+               "models_mb": m.get("memory/models_bytes", 0.0) / 1e6}
+        if stage == "dpo":
+            row.update(unit="pairs/s", rate=m.get("train_pairs_per_s"), tokens_per_s=m.get("train_tokens_per_s"))
+        else:
+            row.update(unit="prompts/s", rate=m.get("prompts_per_s"), tokens_per_s=m.get("generation_tokens_per_s"),
+                       generation_s=m.get("generation_s"), training_s=m.get("training_s"))
+        self.R.setdefault("alignment", []).append(row)
+
     def memory_plan(self) -> None:
         """The memory plan (``rlhf_tasks.plan``) of each stage's config beside the peak the
         stage measured (``peak_memory_gb``: torch.cuda.max_memory_allocated; none on CPU)."""
@@ -455,6 +474,8 @@ class Suite:
         self.part("reward", self.reward, needs=("sft",), min_s=45)
         self.part("reward_baseline", lambda: self.baseline("reward"), needs=("reward",), min_s=25)
         self.part("ppo", self.ppo, needs=("sft", "reward"), min_s=60)
+        self.part("grpo", lambda: self.alignment("grpo"), needs=("sft", "reward"), min_s=60)
+        self.part("dpo", lambda: self.alignment("dpo"), needs=("sft",), min_s=45)
         self.part("memory_plan", self.memory_plan, needs=("sft",))
         self.R["targets"] = targets(self.R)
         self.save()
@@ -637,6 +658,16 @@ def render_markdown(R: dict) -> str:
                   f"| {_n(ppo['prompts_per_s'], 2)} | {_n(ppo['generation_s'], 2)} | {_n(ppo['scoring_s'], 2)} | "
                   f"{_n(ppo['training_s'], 2)} | {_n(ppo['generation_tokens_per_s'])} | "
                   f"{_n(ppo['mean_answer_tokens'])} | {_mem(ppo['peak_memory_gb'])} |", ""]
+    if R.get("alignment"):
+        lines += ["GRPO (PPO's rollouts per iteration: a quarter of the prompts x 4 answers, no critic) and DPO "
+                  "(the reward model's batch and steps, no rollouts) in the same run:", "",
+                  "| stage | throughput | tokens/s (generated or trained) | generation s/iter | training s/iter | "
+                  "models held | peak memory |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for a in R["alignment"]:
+            lines.append(f"| {a['stage']} | {_n(a['rate'], 2)} {a['unit']} | {_n(a['tokens_per_s'])} | "
+                         f"{_n(a.get('generation_s'), 2)} | {_n(a.get('training_s'), 2)} | {_n(a['models_mb'], 1)} MB | "
+                         f"{_mem(a['peak_memory_gb'])} |")
+        lines.append("")
     if R.get("memory_plan"):
         lines += ["Memory plan (`python -m rlhf_tasks plan`, from the stages' config) against the peak each stage "
                   "measured (`torch.cuda.max_memory_allocated`; none on CPU):", "",

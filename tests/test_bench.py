@@ -65,6 +65,11 @@ def test_tiny_mode_runs_every_part_on_cpu(tmp_path):
     for g in gen.values():
         assert g["new_tokens"] > 0 and g["new_tokens_per_s"] > 0 and g["batch"] == 4
 
+    grpo, dpo = ({a["stage"]: a for a in r["alignment"]}[s] for s in ("grpo", "dpo"))
+    assert grpo["unit"] == "prompts/s" and grpo["rate"] > 0 and grpo["generation_s"] > 0, grpo
+    assert dpo["unit"] == "pairs/s" and dpo["rate"] > 0 and dpo["tokens_per_s"] > 0, dpo
+    assert 0 < dpo["models_mb"] < grpo["models_mb"]  # the policy alone, against actor, reference and RM
+
     ppo = r["ppo"]
     assert ppo["prompts_per_s"] > 0 and ppo["timed_iterations"] == 1
     for k in ("generation_s", "scoring_s", "training_s"):
