@@ -186,7 +186,7 @@ class PipelineConfig(Section):
     algorithm: Literal["ppo", "grpo", "rloo", "dpo"] = "ppo"
     """The alignment step after SFT and the reward model"""
     alignment_seed: Annotated[Int, Field(ge=0)] | None = None
-    """Seed of the alignment step's sampling (None: seed); varies it without changing the data split"""
+    """Seed of the alignment step (rollouts, batch order, dropout; None: seed); varies it, not the data split"""
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)

@@ -24,7 +24,7 @@ from .data.collate import LengthGroupedBatchSampler
 from .engine import Batching, initialize
 from .iteration import Iterations, Speed
 from .models import count_parameters, gathered_state_dict, is_partitioned
-from .stage import StageContext
+from .stage import StageContext, stage_seed
 from .storage import CONFIG_FILE, atomic_dir, write_json
 
 log = logging.getLogger("rlhf_tasks")
@@ -46,7 +46,7 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
           eval_fn: Callable[[Any], dict[str, float]], flops_per_token: float) -> LoopOutput:
     """Train ``model`` on ``train_ds`` with DeepSpeed; resume from the newest complete
     checkpoint of this stage when there is one."""
-    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size, seed=ctx.cfg.seed,
+    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size, seed=stage_seed(ctx.name, ctx.cfg),
                                         rank=ctx.rank, world_size=ctx.world_size)
     micro_per_epoch = len(sampler)
     steps_per_epoch = max(micro_per_epoch // t.gradient_accumulation_steps, 1)

@@ -48,6 +48,12 @@ def setup_logging() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def stage_seed(name: str, cfg: PipelineConfig) -> int:
+    """The seed of a stage's own randomness (initialisation, dropout, sampling, batch order):
+    ``alignment_seed`` for step 3 when set, else ``seed``. The data split always uses ``seed``."""
+    return cfg.alignment_seed if name in ALIGNMENT_STAGES and cfg.alignment_seed is not None else cfg.seed
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -116,7 +122,7 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
     """Set up a stage; when its body returns or raises, :func:`end_stage` times and costs it
     once and closes its MLflow run with the right status (``ctx.end`` holds the figures)."""
     setup_logging()
-    seed_everything(cfg.alignment_seed if name in ALIGNMENT_STAGES and cfg.alignment_seed is not None else cfg.seed)
+    seed_everything(stage_seed(name, cfg))
     device = resolve_device(cfg.device)
     rank, world = init_distributed(device)
     tracker = open_stage_tracker(name, cfg, run, rank)

@@ -31,7 +31,7 @@ from ..engine import Batching, initialize, loading_config, partitioned_loading
 from ..iteration import Iterations, Speed
 from ..models import RewardModel, apply_lora, load_tokenizer, plain_state_dict, unwrap_for_saving
 from ..phases import ppo_prompts, sft_rows
-from ..stage import StageContext, stage
+from ..stage import StageContext, stage, stage_seed
 from .advantages import AdaptiveKLController, FixedKLController, compute_gae, compute_rewards, whiten
 from .experience import Experience
 from .generation import GenerationSettings, generate
@@ -199,8 +199,8 @@ def build_models(ctx: StageContext, cfg: PipelineConfig, total_updates: int) -> 
 def prompt_sampler(ctx: StageContext, prompts, batch: int, epochs: int, max_steps: int):
     """The RL stages' walk over the third phase's prompts, ``batch`` per iteration: the
     sampler and the number of iterations."""
-    sampler = LengthGroupedBatchSampler(prompts["length"], batch, seed=ctx.cfg.seed, drop_last=True, rank=ctx.rank,
-                                        world_size=ctx.world_size)
+    sampler = LengthGroupedBatchSampler(prompts["length"], batch, seed=stage_seed(ctx.name, ctx.cfg), drop_last=True,
+                                        rank=ctx.rank, world_size=ctx.world_size)
     total = epochs * len(sampler)
     if max_steps:
         total = min(total, max_steps)
