@@ -73,6 +73,17 @@ def one(trained: Path, work: Path, algo: str, seed: int, preset: str, extra: lis
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def table(rows: list[dict], machine: str) -> str:
     by = {a: [r for r in rows if r["algorithm"] == a] for a in ALGORITHMS}
     by = {a: rs for a, rs in by.items() if rs}
@@ -110,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="tiny-cpu")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every alignment stage")
     ap.add_argument("--update", action="store_true", help="rewrite the algorithms-cpu section of BENCHMARKS.md")
+    ap.add_argument("--note", default="", help="a sentence added under the table (e.g. the machine's load)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--with", dest="more", type=Path, nargs="*", default=[],
                     help="rows of earlier runs (their --json files) to tabulate with these")
@@ -120,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             for algo in a.algorithms:
                 rows.append(one(a.run, Path(work), algo, seed, a.preset, a.set))
                 print(json.dumps(rows[-1]), flush=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU"
-    md = table(rows, machine)
+    machine = f"a {os.cpu_count()}-core {cpu_name()} VM, no GPU"
+    md = table(rows, machine) + (f"\n\n{a.note}" if a.note else "")
     print(md)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

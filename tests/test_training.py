@@ -133,7 +133,10 @@ def test_ppo_raises_the_reward_on_held_out_prompts(ppo_run):
     assert ev["aligned_win_rate"] > 0.5, ev
     assert 0 <= ev["kl_aligned_sft"] < 20, ev  # moved, but stayed near the SFT policy
     ppo = stage_result(ppo_run, "ppo")["metrics"]
-    assert ppo["reward_last"] > ppo["reward_first"], ppo
+    # Not reward_last > reward_first: each iteration's 32 training prompts differ in how well
+    # they can score (a 2026-12-01 run: 5.20 -> 5.14 with a held-out gain of +0.99, 7 standard
+    # errors); the held-out gain above is the measure. The policy did move from the reference:
+    assert ppo["kl_last"] > ppo["kl_first"] + 1.0, ppo
     samples = json.loads((ppo_run.stage("evaluate") / "samples.json").read_text())
     assert len(samples) == ev["prompts"] and {"prompt", "sft_answer", "ppo_answer"} <= set(samples[0])
 
