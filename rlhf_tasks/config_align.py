@@ -180,6 +180,13 @@ class DPOConfig(SupervisedConfig):
     sft_coef: Annotated[Float, Field(ge=0)] = 0.0
     """Weight of the chosen answers' per-token NLL added to the loss (RPO, Pang et al. 2024): DPO
     alone can lower the chosen answers' likelihood too, and with it what the policy generates"""
+    pairs: Literal["dataset", "generated"] = "dataset"
+    """dataset: the third phase's labelled pairs; generated: the SFT actor's own answers to those
+    prompts, the reward model's best of `candidates` against its worst (on-policy pairs)"""
+    candidates: Annotated[Int, Field(ge=2, le=64)] = 4
+    """pairs=generated: answers sampled per prompt (with the ppo section's sampling settings)"""
+    generated_prompts: Annotated[Int, Field(ge=1)] | None = None
+    """pairs=generated: how many of the third phase's training prompts are answered (none: all)"""
 
     @model_validator(mode="after")
     def _check_dpo(self) -> DPOConfig:

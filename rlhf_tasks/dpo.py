@@ -1,7 +1,9 @@
 """Step 3 with ``algorithm: dpo``: direct preference optimisation of the SFT actor on the
-third phase's preference pairs, without rollouts, critic or reward model.
+third phase's preference pairs, without rollouts or critic (and, on the dataset's pairs, without the reward model).
 
-1. load the SFT actor (LoRA adapters on it when ``dpo.lora_dim``);
+1. load the SFT actor (LoRA adapters on it when ``dpo.lora_dim``); with ``dpo.pairs:
+   generated`` the training pairs are instead its own answers to the third phase's prompts,
+   ranked by the reward model, made once before training (rlhf_tasks/dpo_generated.py);
 2. the reference pass: before any update, the model's log-probs of every chosen and
    rejected answer, train and held-out, are computed once and stored as dataset columns.
    The policy at that moment *is* the reference (fresh LoRA adapters add exactly 0), so no
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader
 from . import loop
 from .config import DPOConfig
 from .data import DPOCollator
+from .dpo_generated import generated_pairs
 from .dpo_losses import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
 from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
@@ -154,6 +157,10 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
                          cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, dpo_pairs, tok, "pairs", "DPO (third)")
     model = load_policy(ctx)
+    generated: dict[str, float] = {}
+    if d.pairs == "generated":  # held-out pairs stay the labelled ones: reward_accuracy is the people's
+        train_ds, generated = generated_pairs(ctx, model, tok)
+        ctx.log_metrics(generated, 0)
     flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
     collate, average = DPOCollator(tok.pad_token_id), d.loss_type == "ipo"
 
@@ -184,7 +191,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     ctx.log_metrics(memory, 0)
     metrics = {**out.metrics, **{f"{k}_before": out.history[k][0][1] for k in ("reward_accuracy", "eval_margin")},
                "train_pairs": len(train_ds), "eval_pairs": len(eval_ds), "global_step": out.global_step,
-               "reference_s": reference_s, **out.throughput, **_pair_speed(out.throughput, d, ctx.world_size),
+               "reference_s": reference_s, **generated, **out.throughput, **_pair_speed(out.throughput, d, ctx.world_size),
                **memory}
     log.info("dpo: held-out reward accuracy %.3f -> %.3f, margin %.3f -> %.3f", metrics["reward_accuracy_before"],
              metrics["reward_accuracy"], metrics["eval_margin_before"], metrics["eval_margin"])

@@ -42,13 +42,12 @@ def test_alignment_raises_the_held_out_reward(aligned):
     samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
     assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
     if stage == "dpo":
-        # DPO learns the held-out preferences (its implicit reward ranks them), and evaluate
-        # scores its actor like any other; but on tiny-cpu it does not raise the reward model's
-        # held-out score beyond noise (measured, README: +0.24 +- 0.16 at best of six settings),
-        # so that is not asserted.
-        assert m["reward_accuracy"] > m["reward_accuracy_before"] + 0.2, m
-        assert e["prompts"] > 0 and 0 < e["kl_aligned_sft"] < 50, e
-        return
+        # tiny-cpu's DPO trains on generated pairs (dpo.pairs: generated): the SFT actor's best
+        # and worst of 4 answers by the reward model; the held-out pairs stay the labelled ones,
+        # whose implicit-reward ranking rises too.
+        assert m["generated_pairs"] > 1000 and m["generated_chosen_reward"] > m["generated_rejected_reward"] + 1, m
+        assert m["reward_accuracy"] > m["reward_accuracy_before"] + 0.05, m
+        assert any(run.stage("dpo").glob("generated_pairs-*/dataset_info.json"))  # kept for a resumed attempt
     # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
     # several standard errors wide (not sampling luck), and it stayed near the SFT policy.
     assert e["reward_gain"] > 3 * e["reward_gain_se"] and e["reward_gain"] > 0.3, e
@@ -57,7 +56,8 @@ def test_alignment_raises_the_held_out_reward(aligned):
     # (Not the training rollouts' reward_first < reward_last: each iteration's 8 prompts differ
     # in how well they can score, which the group baseline removes from the update, not from
     # the logged mean.)
-    assert m["iterations"] == 40 and m["prompts_per_s"] > 0
+    if stage != "dpo":
+        assert m["iterations"] == 40 and m["prompts_per_s"] > 0
 
 
 def test_alignment_holds_fewer_models_than_ppo(aligned, ppo_run):

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.data import DPOCollator
 from rlhf_tasks.dpo import pair_log_probs
+from rlhf_tasks.dpo_generated import best_and_worst, pair_rows
 from rlhf_tasks.dpo_losses import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
+from rlhf_tasks.ppo.generation import Rollout
 from rlhf_tasks.ppo.policy import model_bytes
 from rlhf_tasks.storage import RunDir
 from tests.runs import fork_run, result_of, run_cli
@@ -183,6 +185,40 @@ def test_fresh_lora_adapters_leave_the_reference_unchanged(tiny_model_dir):
     assert 0 < model_bytes(model) - plain_bytes < 0.2 * plain_bytes  # the adapters only
 
 
+# --- generated pairs: each prompt's best answer against its worst ---------------------------------
+
+def _rollout(rows: list[list[int]], prompt_len: int, pad: int = 0) -> Rollout:
+    """Left-padded prompts then answers (pad 0 on both sides), masks as generate() makes them."""
+    seqs = torch.tensor(rows)
+    mask = (seqs != pad).long()
+    return Rollout(sequences=seqs, attention_mask=mask, action_mask=mask[:, 1:], prompt_len=prompt_len)
+
+
+def test_best_and_worst_index_rows_of_each_prompts_group():
+    # Two prompts, three answers each: rewards (1, 3, 2) and (0, -1, 5).
+    best, worst = best_and_worst(torch.tensor([1.0, 3.0, 2.0, 0.0, -1.0, 5.0]), 3)
+    assert best.tolist() == [1, 5] and worst.tolist() == [0, 4]
+
+
+def test_pair_rows_strip_padding_and_skip_pairs_that_teach_nothing():
+    # Prompt of width 3 (the first prompt has one pad on the left), answers of width 2.
+    ro = _rollout([[0, 7, 8, 5, 2], [0, 7, 8, 6, 0],     # prompt 1: answers (5, 2) and (6)
+                   [9, 9, 9, 4, 0], [9, 9, 9, 3, 0],     # prompt 2: equal rewards
+                   [9, 8, 7, 4, 0], [9, 8, 7, 4, 0]], 3)  # prompt 3: the same answer twice
+    rows = pair_rows(ro, torch.tensor([1.0, 2.0, 0.5, 0.5, 1.0, 0.0]), 2)
+    assert rows["chosen_input_ids"] == [[7, 8, 6]] and rows["rejected_input_ids"] == [[7, 8, 5, 2]]
+    assert rows["chosen_prompt_len"] == [2] and rows["length"] == [4]
+    assert rows["chosen_reward"] == [2.0] and rows["rejected_reward"] == [1.0]
+
+
+def test_generated_pairs_batch_like_the_dataset_pairs():
+    # The collator's answer mask starts after the (unpadded) prompt, for chosen and rejected alike.
+    ro = _rollout([[0, 7, 8, 5, 2], [0, 7, 8, 6, 0]], 3)
+    rows = pair_rows(ro, torch.tensor([0.0, 1.0]), 2)
+    batch = DPOCollator(0)([{k: v[0] for k, v in rows.items()}])
+    assert batch["answer_mask"].tolist() == [[0, 0, 1, 0], [0, 0, 1, 1]]
+
+
 # --- settings ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, field, allowed", [
@@ -192,6 +228,8 @@ def test_fresh_lora_adapters_leave_the_reference_unchanged(tiny_model_dir):
     ("dpo.label_smoothing=-0.1", "dpo.label_smoothing", "[0, 0.5)"),
     ("dpo.loss_type=hinge", "dpo.loss_type", "'sigmoid', 'ipo'"),
     ("algorithm=ddpo", "algorithm", "'ppo', 'grpo', 'rloo', 'dpo'"),
+    ("dpo.pairs=mixed", "dpo.pairs", "'dataset', 'generated'"),
+    ("dpo.candidates=1", "dpo.candidates", "an integer in [2, 64]"),
 ])
 def test_bad_settings_name_the_field(override, field, allowed):
     with pytest.raises(ConfigError) as e:
@@ -242,7 +280,7 @@ def test_cli_refuses_a_run_without_sft(storage, tmp_path):
 # One dataset (its third phase: 1200 training and 160 held-out pairs), a short SFT and a short
 # DPO run with a checkpoint every 10 steps and a log line every step (the kill test reads them).
 DPO_STEPS, DPO_INTERVAL = 30, 10
-SHORT = ["algorithm=dpo", "data.datasets=[sample:Dahoas/rm-static]", "data.max_eval_samples=160", "tracking.system_metrics=false",
+SHORT = ["algorithm=dpo", "dpo.pairs=dataset", "data.datasets=[sample:Dahoas/rm-static]", "data.max_eval_samples=160", "tracking.system_metrics=false",
          "sft.epochs=1", "sft.log_every_steps=20", "dpo.num_warmup_steps=0", "dpo.learning_rate=3e-4",
          f"dpo.max_steps={DPO_STEPS}", f"dpo.checkpoint_every_steps={DPO_INTERVAL}", "dpo.log_every_steps=1"]
 
