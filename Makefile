@@ -32,8 +32,13 @@ system-deps:
 	  else echo "note:$$missing not installed: the browser/compose tests will be skipped"; fi; \
 	fi
 
+# Two pytest-xdist workers: much of the suite waits (Airflow scheduling, servers, a browser)
+# while the other half computes. Tests sharing a trained run or the topology stay on one
+# worker (tests/conftest.py: HEAVY_FIXTURES); TEST_WORKERS=0 runs them all in this process.
+TEST_WORKERS ?= 2
+
 test: venv system-deps
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"

@@ -16,6 +16,11 @@ os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFL
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # The tests' MLflow servers start no job runner: its consumer processes cost CPU the tests need.
 os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+# Under pytest-xdist (`make test` runs two workers) each worker and every process it starts
+# computes on one thread: two workers of two threads each on 2 cores would spin against each
+# other (OpenMP's busy wait), far slower than one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 # Light (no torch): the helpers for tests that run stages, importable from here as well.
 from rlhf_tasks.storage import RunDir  # noqa: E402
@@ -34,6 +39,19 @@ def load_dag_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Session fixtures that train or start servers, and the xdist group of the tests that use
+# them: each group runs on one worker, so that each is made once per test run (a worker is a
+# session of its own). Other tests go to whichever worker is free.
+HEAVY_FIXTURES = {"pipeline_run": "trained-run", "topology": "topology", "fault_reference": "fault-reference"}
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    for item in items:
+        groups = [g for f, g in HEAVY_FIXTURES.items() if f in item.fixturenames]
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import keep_artifact
-from tests.e2e.test_browser import UI_TIMEOUT_MS, browser  # noqa: F401 – the shared Chromium fixture
+from tests.e2e.conftest import UI_TIMEOUT_MS, keep_artifact
 from tests.e2e.topology import ApiError, Topology, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -76,7 +75,7 @@ def dags(topology: Topology) -> Topology:
 
 
 @pytest.fixture(scope="module")
-def labelling(dags: Topology, browser, tmp_path_factory, artifacts_dir) -> dict:  # noqa: F811
+def labelling(dags: Topology, browser, tmp_path_factory, artifacts_dir) -> dict:
     """One labelling run: answered over REST by alice and bob, one request in the browser."""
     topo, t0 = dags, time.monotonic()
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -100,7 +99,7 @@ def labelling(dags: Topology, browser, tmp_path_factory, artifacts_dir) -> dict:
     return out
 
 
-def label_in_browser(topo: Topology, browser, run_id: str, map_index: int, user: str, req: dict,  # noqa: F811
+def label_in_browser(topo: Topology, browser, run_id: str, map_index: int, user: str, req: dict,
                      shots_dir: Path, artifacts_dir: Path) -> dict:
     from playwright.sync_api import expect
 

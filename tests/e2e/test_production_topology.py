@@ -1,16 +1,13 @@
-"""The pipeline through the production topology, natively: triggered through Airflow's
-REST API, scheduled by the CeleryExecutor onto a "GPU" worker (queue ``gpu``) and a CPU
-worker (queue ``default``) over Redis, metadata in PostgreSQL, tracked by an MLflow server
-on PostgreSQL. Checked through the same APIs a person or a client would use."""
+"""The pipeline through the production topology, natively: triggered in the Airflow UI
+(tests/e2e/conftest.py: ``ui_run``, the topology's one pipeline run; the REST API triggers
+the human-feedback DAGs' runs in test_human_feedback.py and an ingest run in
+test_make_ui.py), scheduled by the CeleryExecutor onto a "GPU" worker (queue ``gpu``) and a
+CPU worker (queue ``default``) over Redis, metadata in PostgreSQL, tracked by an MLflow
+server on PostgreSQL. Checked through the same APIs a person or a client would use."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-
-from tests.e2e.conftest import RUN_TIMEOUT_S, SHORT_RUN, SHORT_RUN_OVERRIDES, e2e_conf
-from tests.e2e.topology import Topology
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,27 +21,8 @@ STAGE_METRICS = {
 EVERY_STAGE = ["time/wall_clock_s", "cost/usd"]
 
 
-@pytest.fixture(scope="module")
-def rest_run(topology: Topology) -> dict:
-    t0 = time.monotonic()
-    # This run checks the topology (queues, pools, workers, PostgreSQL, MLflow), not learning:
-    # the short recipe, as the browser's run has.
-    conf = e2e_conf(**SHORT_RUN)
-    conf["overrides"] = [*SHORT_RUN_OVERRIDES, *conf["overrides"]]
-    run_id = topology.trigger(conf, run_id=f"e2e_rest_{time.strftime('%Y%m%dT%H%M%S')}")
-    run = topology.wait_for_run(run_id, RUN_TIMEOUT_S)
-    elapsed = time.monotonic() - t0
-    print(f"\nREST-triggered pipeline run {run_id}: {run['state']} in {elapsed:.0f} s")
-    return {"run_id": run_id, "run": run, "elapsed": elapsed}
-
-
-def test_pipeline_run_triggered_through_the_rest_api_succeeds(topology, rest_run):
-    assert rest_run["run"]["state"] == "success", topology.run_report(rest_run["run_id"])
-    assert rest_run["run"]["conf"]["preset"] == "tiny-cpu"
-
-
-def test_gpu_stages_ran_on_the_gpu_worker_and_register_on_the_cpu_worker(topology, rest_run):
-    tis = topology.task_instances(rest_run["run_id"])
+def test_gpu_stages_ran_on_the_gpu_worker_and_register_on_the_cpu_worker(topology, ui_run):
+    tis = topology.task_instances(ui_run["run_id"])
     for task in GPU_TASKS:
         ti = tis[task]
         assert ti["state"] == "success", (task, ti["state"])
@@ -57,13 +35,13 @@ def test_gpu_stages_ran_on_the_gpu_worker_and_register_on_the_cpu_worker(topolog
         assert ti["queue"] == "default" and ti["hostname"] == "cpu-worker", (task, ti["queue"], ti["hostname"])
 
 
-def test_mlflow_holds_the_parent_run_and_a_child_run_per_stage(topology, rest_run):
+def test_mlflow_holds_the_parent_run_and_a_child_run_per_stage(topology, ui_run):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(topology.mlflow_url)
     experiment = client.get_experiment_by_name("rlhf-tiny-cpu")
     assert experiment is not None, [e.name for e in client.search_experiments()]
-    run_id = rest_run["run_id"]
+    run_id = ui_run["run_id"]
     parents = client.search_runs([experiment.experiment_id],
                                  f"tags.`rlhf.kind` = 'pipeline' and tags.`airflow.run_id` = '{run_id}'")
     assert len(parents) == 1, f"expected one parent run tagged with {run_id}, got {len(parents)}"
