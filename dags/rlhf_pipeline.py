@@ -86,7 +86,8 @@ FORM = {
                             "grpo.kl_coef", "grpo.kl_penalty", "grpo.scale_rewards", "grpo.loss_aggregation",
                             "grpo.actor.learning_rate", "rloo.max_steps", "rloo.group_size", "rloo.kl_coef",
                             "rloo.actor.learning_rate"],
-    "Step 3: DPO": ["dpo.epochs", "dpo.max_steps", "dpo.beta", "dpo.loss_type", "dpo.learning_rate", "dpo.lora_dim"],
+    "Step 3: DPO": ["dpo.pairs", "dpo.candidates", "dpo.generated_prompts", "dpo.epochs", "dpo.max_steps", "dpo.beta",
+                    "dpo.loss_type", "dpo.learning_rate", "dpo.lora_dim"],
     "Reward terms": ["reward_terms.length_coef", "reward_terms.repetition_coef"],
     "Hardware": ["resources.num_gpus", "resources.gpu_hourly_usd"],
 }
