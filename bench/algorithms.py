@@ -65,6 +65,7 @@ def one(trained: Path, work: Path, algo: str, seed: int, preset: str, extra: lis
         d = yaml.safe_load((run / "config.yaml").read_text())["dpo"]
         pairs_per_step = d["per_device_train_batch_size"] * d["gradient_accumulation_steps"]
         out["s_per_pair"] = m["train_timed_s"] / max(m["train_timed_steps"], 1) / pairs_per_step
+        out["generate_s"] = m.get("generate_s", 0.0)  # dpo.pairs=generated: making the pairs, once
     else:
         per_iter = sum(m.get(k, 0.0) for k in ("generation_s", "scoring_s", "training_s"))
         out.update(s_per_iteration=per_iter, prompts_per_s=m["prompts_per_s"],
@@ -103,6 +104,8 @@ def table(rows: list[dict], machine: str) -> str:
             speed = f"{statistics.mean(r['s_per_pair'] for r in rs) * 1e3:.1f} ms/pair"
             if ppo_per_prompt:
                 speed += f" (PPO: {ppo_per_prompt * 1e3:.1f} ms/prompt)"
+            if any(r.get("generate_s") for r in rs):
+                speed += f", after {statistics.mean(r.get('generate_s', 0.0) for r in rs):.0f} s making generated pairs"
         else:
             speed = (f"{statistics.mean(r['s_per_iteration'] for r in rs):.2f} s/iteration "
                      f"({statistics.mean(r['generation_share'] for r in rs):.0%} generating)")

@@ -88,3 +88,34 @@ def test_lora_reference_is_the_actor_with_adapters_off(stage, trained_run, tmp_p
     assert m["kl_last"] != 0, m  # after an update they differ
     weights = load_file(str(run.final(stage) / "model.safetensors"))
     assert not any("lora" in k for k in weights)  # saved merged, as a plain model
+
+
+def test_generated_pairs_are_made_once_and_read_back(trained_run, tmp_path, caplog):
+    """dpo.pairs=generated: a second attempt (a resumed stage) trains on the very pairs the
+    first made, read back from the stage directory; other settings make other pairs."""
+    import logging
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.dpo_generated import generated_pairs
+    from rlhf_tasks.models import load_causal_lm, load_tokenizer
+
+    run = fork(trained_run, tmp_path, "dpo", "dpo.pairs=generated", "dpo.candidates=2", "dpo.generated_prompts=24")
+    cfg = PipelineConfig.load(run.config_path)
+    tok = load_tokenizer(str(run.final("sft")))
+    model = load_causal_lm(str(run.final("sft"))).eval()
+
+    def ctx(cfg):
+        return SimpleNamespace(name="dpo", cfg=cfg, run=run, device=torch.device("cpu"), rank=0, world_size=1,
+                               is_main=True, stage_dir=run.stage("dpo"))
+
+    first, m = generated_pairs(ctx(cfg), model, tok)
+    assert 0 < m["generated_pairs"] == len(first) <= 24
+    assert all(c > r for c, r in zip(first["chosen_reward"], first["rejected_reward"], strict=True))
+    with caplog.at_level(logging.INFO, logger="rlhf_tasks"):
+        again, _ = generated_pairs(ctx(cfg), model, tok)
+    assert "read back" in caplog.text and again.to_dict() == first.to_dict()
+    other, _ = generated_pairs(ctx(PipelineConfig.load(run.config_path, ["dpo.candidates=3"])), model, tok)
+    assert len(list(run.stage("dpo").glob("generated_pairs-*"))) == 2 and len(other) > 0
