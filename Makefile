@@ -34,11 +34,11 @@ system-deps:
 
 # Two pytest-xdist workers: much of the suite waits (Airflow scheduling, servers, a browser)
 # while the other half computes. Tests sharing a trained run or the topology stay on one
-# worker (tests/conftest.py: HEAVY_FIXTURES); TEST_WORKERS=0 runs them all in this process.
+# worker (tests/conftest.py: GROUP_FILES); TEST_WORKERS=0 runs them all in this process.
 TEST_WORKERS ?= 2
 
 test: venv system-deps
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not e2e"

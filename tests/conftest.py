@@ -41,17 +41,41 @@ def load_dag_module(name: str):
     return module
 
 
-# Session fixtures that train or start servers, and the xdist group of the tests that use
-# them: each group runs on one worker, so that each is made once per test run (a worker is a
-# session of its own). Other tests go to whichever worker is free.
+# Under `make test` two pytest-xdist workers share the tests, each worker a session of its
+# own: the tests that share a session fixture which trains or starts servers run on one
+# worker, so that it is made once per test run (the other tests go to whichever worker is
+# free). xdist's own `loadgroup` cannot do it under pytest 9 (it renames test ids through an
+# attribute pytest 9 no longer reads), so the grouping is this scheduler's, by file.
 HEAVY_FIXTURES = {"pipeline_run": "trained-run", "topology": "topology", "fault_reference": "fault-reference"}
+GROUP_FILES = {
+    "trained-run": ("tests/e2e/test_pipeline.py", "tests/test_training.py", "tests/test_alignment.py"),
+    "topology": ("tests/e2e/test_browser.py", "tests/e2e/test_production_topology.py",
+                 "tests/e2e/test_human_feedback.py"),
+    "fault-reference": ("tests/faults/test_kill_resume.py",),
+}
+GROUP_OF = {f: g for g, files in GROUP_FILES.items() for f in files}
 
 
-def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
-    for item in items:
-        groups = [g for f, g in HEAVY_FIXTURES.items() if f in item.fixturenames]
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(groups[0]))
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        """One work unit per group of GROUP_FILES (the largest first), one per other test."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return GROUP_OF.get(nodeid.split("::", 1)[0], nodeid)
+
+    return SharedFixtureScheduling(config, log)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that asks for a heavy fixture from a file outside its group would make the
+    fixture a second time on another worker: refused at collection."""
+    path = item.nodeid.split("::", 1)[0]
+    for fixture, group in HEAVY_FIXTURES.items():
+        if fixture in getattr(item, "fixturenames", ()) and GROUP_OF.get(path) != group:
+            raise pytest.UsageError(f"{item.nodeid} uses {fixture}: add {path} to GROUP_FILES[{group!r}] "
+                                    "in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")
