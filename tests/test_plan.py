@@ -140,8 +140,16 @@ def test_ppo_family_stages(tiny):
     assert not {"critic_update", "critic_step"} & set(grpo.phases)
     assert grpo.phases["generation"]["kv_cache"] == 4 * kv
     assert grpo.phases["actor_update"]["weights"] < ppo.phases["actor_update"]["weights"]  # no critic
-    dpo = plan_stage(with_changes(cfg, {"algorithm": "dpo"}), configs, "dpo")
+    dpo = plan_stage(with_changes(cfg, {"algorithm": "dpo", "dpo.pairs": "dataset"}), configs, "dpo")
     assert dpo.parts["frozen_models"] == 0 and dpo.parts["kv_cache"] == 0 and dpo.parts["activations"] > 0
+    assert set(dpo.phases) == {"policy_update", "optimizer_step"}
+    # Generated pairs: before training, the policy and the reward model whole, and the cache of
+    # one batch of answers (64 // 4 prompts x 4 candidates, the answers of per_device_eval_batch_size).
+    gen_cfg = with_changes(cfg, {"algorithm": "dpo", "dpo.pairs": "generated", "dpo.candidates": 4,
+                                 "dpo.per_device_eval_batch_size": 64, "dpo.dtype": "fp32"})
+    gen = plan_stage(gen_cfg, configs, "dpo").phases["pair_generation"]
+    assert gen["weights"] == 4 * actor and gen["frozen_models"] == 4 * rm
+    assert gen["kv_cache"] == kv // cfg.ppo.per_device_generation_batch_size * 64
 
 
 def test_cli_json(storage, capsys):

@@ -147,8 +147,10 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
         actor = Trained("actor", actor_sec, dtype, "policy", 2 * micro, gas)
         tr = trace("actor", configs["actor"], _spec(cfg, actor))
         resident, training, step = trained_parts(cfg, actor, tr)
-        return StagePlan(alg, {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)},
-                         traced=tr.traced)
+        phases = {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)}
+        if sec.pairs == "generated":
+            phases["pair_generation"] = _pair_generation(cfg, configs, sec, actor, dtype)
+        return StagePlan(alg, phases, traced=tr.traced)
     group = getattr(sec, "group_size", 1) if alg in ("grpo", "rloo") else 1
     rollout = _get(sec, cfg, "per_device_generation_batch_size") * group
     actor = Trained("actor", actor_sec, dtype, "policy", micro, gas)
@@ -185,6 +187,23 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
                                                   attn=cfg.model.attn_implementation))
     phases["scoring"] = {"activations": max(score_lm.activations, score_v.activations)}
     return StagePlan(alg, {k: _add(resident, v) for k, v in phases.items()}, traced=traced)
+
+
+def _pair_generation(cfg, configs: dict, sec, actor: Trained, dtype: str) -> dict[str, int]:
+    """dpo.pairs=generated, before the engine exists: the loaded policy and the reward model
+    whole, the KV cache of one batch of answers (dpo_generated.py: per_device_eval_batch_size
+    // candidates prompts x candidates) and the larger of their forward passes."""
+    answers = max(1, sec.per_device_eval_batch_size // sec.candidates) * sec.candidates
+    world = world_size(cfg)
+    policy = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts
+    rm = trace("rm", configs["rm"], StepSpec("forward_value", 1, 8, dtype)).counts
+    prefill = trace("actor", configs["actor"], _spec(cfg, actor, "forward_lm", answers, cfg.data.max_prompt_seq_len))
+    score = trace("rm", configs["rm"], StepSpec("forward_value", answers, cfg.data.max_seq_len, dtype,
+                                                attn=cfg.model.attn_implementation))
+    return {"weights": frozen_weights(policy, dtype, False, False, world),
+            "frozen_models": frozen_weights(rm, dtype, False, False, world),
+            "kv_cache": kv_cache(arch_numbers(configs["actor"]), answers, cfg.data.max_seq_len, dtype),
+            "activations": max(prefill.activations, score.activations)}
 
 
 def stage_names(cfg) -> list[str]:
