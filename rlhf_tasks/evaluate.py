@@ -11,7 +11,11 @@ lengths, and a side-by-side sample table.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -25,7 +29,7 @@ from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, generate
 from .ppo.policy import actor_log_probs
 from .stage import StageContext, stage
-from .storage import write_json
+from .storage import storage_root, write_json
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -43,6 +47,38 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
         texts += tok.batch_decode(ro.sequences[:, ro.prompt_len:], skip_special_tokens=True)
         rollouts.append(ro)
     return torch.cat(rewards), torch.cat(lengths).float(), texts, rollouts
+
+
+def _fingerprint(model_dir: Path) -> list:
+    """What identifies a saved model without reading its weights: each weight file's name,
+    size and modification time (kept by copies that preserve metadata, e.g. shutil.copytree)."""
+    return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob("*.safetensors"))
+
+
+def sft_answers(ctx: StageContext, sft, reward, batches, gen: GenerationSettings, tok, identity: tuple):
+    """SFT's rewards, lengths and texts on the held-out prompts. They depend only on the SFT
+    and reward models, the prompts, the sampling settings and the seed, not on the aligned
+    actor: evaluating a second algorithm trained from the same SFT (bench/algorithms.py)
+    reads them back from the storage's cache instead of generating them again."""
+    cfg, p = ctx.cfg, ctx.cfg.ppo
+    sft_dir, rm_dir, n_prompts = identity
+    key = hashlib.sha256(json.dumps([_fingerprint(sft_dir), _fingerprint(rm_dir), n_prompts,
+                                     cfg.data.model_dump(mode="json"), p.eval_prompts, p.clip_reward_value,
+                                     dataclasses.asdict(gen), cfg.seed, p.per_device_generation_batch_size,
+                                     str(ctx.device)]).encode()).hexdigest()[:16]
+    cached = storage_root() / "cache" / "evaluate" / f"sft-{key}.pt"
+    if cached.is_file():
+        got = torch.load(cached)
+        log.info("evaluate: SFT's answers to the %d prompts read back from %s", n_prompts, cached)
+        return got["rewards"], got["lengths"], got["texts"]
+    rewards, lengths, texts, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device, p.clip_reward_value,
+                                                  cfg.seed)
+    if ctx.is_main:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
+        torch.save({"rewards": rewards, "lengths": lengths, "texts": texts}, tmp)
+        tmp.replace(cached)
+    return rewards, lengths, texts
 
 
 @stage("evaluate")
@@ -66,8 +102,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     gen = GenerationSettings.from_config(cfg)
     batches = list(DataLoader(prompts, batch_size=p.per_device_generation_batch_size,
                               collate_fn=PromptCollator(tok.pad_token_id)))
-    r_sft, len_sft, txt_sft, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device,
-                                                  p.clip_reward_value, cfg.seed)
+    r_sft, len_sft, txt_sft = sft_answers(ctx, sft, reward, batches, gen, tok, (sft_dir, rm_dir, len(prompts)))
     r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(ppo, reward, batches, gen, tok, ctx.device,
                                                        p.clip_reward_value, cfg.seed)
     kls = []

@@ -36,16 +36,20 @@ def aligned(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, Ru
     return stage, res, ev, run
 
 
-def test_alignment_raises_the_held_out_reward(aligned):
+def test_alignment_raises_the_held_out_reward(aligned, ppo_run, storage):
     stage, res, ev, run = aligned
     m, e = res["metrics"], ev["metrics"]
+    # SFT's side is the pipeline's own (same SFT, prompts and seed): generated once in this
+    # storage, then read back from its cache by the next evaluations.
+    assert e["sft_reward"] == pytest.approx(stage_result(ppo_run, "evaluate")["metrics"]["sft_reward"], abs=1e-4)
+    assert list((storage / "cache" / "evaluate").glob("sft-*.pt"))
     samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
     assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
     if stage == "dpo":
         # tiny-cpu's DPO trains on generated pairs (dpo.pairs: generated): the SFT actor's best
         # and worst of 4 answers by the reward model; the held-out pairs stay the labelled ones,
         # whose implicit-reward ranking rises too.
-        assert m["generated_pairs"] > 1000 and m["generated_chosen_reward"] > m["generated_rejected_reward"] + 1, m
+        assert m["generated_pairs"] > 500 and m["generated_chosen_reward"] > m["generated_rejected_reward"] + 1, m
         assert m["reward_accuracy"] > m["reward_accuracy_before"] + 0.05, m
         assert any(run.stage("dpo").glob("generated_pairs-*/dataset_info.json"))  # kept for a resumed attempt
     # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
