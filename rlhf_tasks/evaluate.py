@@ -65,7 +65,7 @@ def sft_answers(ctx: StageContext, sft, reward, batches, gen: GenerationSettings
     key = hashlib.sha256(json.dumps([_fingerprint(sft_dir), _fingerprint(rm_dir), n_prompts,
                                      cfg.data.model_dump(mode="json"), p.eval_prompts, p.clip_reward_value,
                                      dataclasses.asdict(gen), cfg.seed, p.per_device_generation_batch_size,
-                                     str(ctx.device)]).encode()).hexdigest()[:16]
+                                     p.dtype, cfg.model.attn_implementation, str(ctx.device)]).encode()).hexdigest()[:16]
     cached = storage_root() / "cache" / "evaluate" / f"sft-{key}.pt"
     if cached.is_file():
         got = torch.load(cached)
