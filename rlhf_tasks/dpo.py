@@ -35,7 +35,7 @@ from .engine import torch_dtype
 from .models import apply_lora, eval_mode, load_causal_lm, load_tokenizer, unwrap_for_saving
 from .phases import dpo_pairs
 from .ppo.losses import log_probs_from_logits
-from .ppo.policy import memory_report
+from .ppo.policy import memory_report, require_outputs
 from .stage import StageContext, stage
 
 log = logging.getLogger("rlhf_tasks")
@@ -153,6 +153,7 @@ def load_policy(ctx: StageContext) -> torch.nn.Module:
 @stage("dpo")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, d = ctx.cfg, ctx.cfg.dpo
+    require_outputs(ctx, "sft", *(("rm",) if d.pairs == "generated" else ()))  # before any data or model loads
     tok = load_tokenizer(str(ctx.run.final("sft")) if ctx.run.final("sft").is_dir() else cfg.model.actor,
                          cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, dpo_pairs, tok, "pairs", "DPO (third)")

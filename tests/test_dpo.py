@@ -343,3 +343,11 @@ def test_dpo_killed_mid_stage_resumes_to_the_same_result(dpo_run, sft_run, tmp_p
         assert got[k] == pytest.approx(want[k], rel=1e-3, abs=1e-5), (k, got[k], want[k])
     a, b = load_file(str(run.final("dpo") / "model.safetensors")), load_file(str(ref_run.final("dpo") / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-4
+
+
+def test_cli_refuses_generated_pairs_without_a_reward_model(storage, tmp_path):
+    run = tmp_path / "run"
+    (run / "sft" / "final").mkdir(parents=True)  # an SFT output, no RM: refused before anything loads
+    proc = _cli("dpo", "--preset", "tiny-cpu", "--set", "dpo.pairs=generated", "--output", str(run))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dpo needs the rm stage's output" in proc.stderr and str(run / "rm" / "final") in proc.stderr
