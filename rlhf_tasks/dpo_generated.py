@@ -20,9 +20,7 @@ import gc
 import hashlib
 import json
 import logging
-import shutil
 import time
-from pathlib import Path
 
 import datasets
 import torch
@@ -34,6 +32,7 @@ from .ppo.generation import GenerationSettings, Rollout, generate
 from .ppo.policy import load_reward_model, require_outputs
 from .ppo.rewards import RewardTerms
 from .stage import StageContext, stage_seed
+from .storage import atomic_dir
 
 log = logging.getLogger("rlhf_tasks")
 COLUMNS = ("chosen_input_ids", "rejected_input_ids", "chosen_prompt_len", "length", "chosen_reward",
@@ -134,7 +133,8 @@ def generated_pairs(ctx: StageContext, model, tok) -> tuple[datasets.Dataset, di
                  len(prompts))
         ds = datasets.Dataset.from_dict(_gather(_answer_and_rank(ctx, model, tok, prompts, gen), ctx.world_size))
         if ctx.is_main:
-            _save(ds, where)
+            with atomic_dir(where) as tmp:  # a reader never sees half a dataset; a full disk says so
+                ds.save_to_disk(str(tmp))
     if len(ds) == 0:
         raise ValueError(f"dpo: no generated pair had two answers that scored differently (of {len(prompts)} "
                          "prompts): raise dpo.candidates or ppo.temperature")
@@ -143,11 +143,3 @@ def generated_pairs(ctx: StageContext, model, tok) -> tuple[datasets.Dataset, di
                "generate_s": time.perf_counter() - t0}
     log.info("dpo: %d generated pairs, reward of chosen %.3f vs rejected %.3f", len(ds), chosen, rejected)
     return ds, metrics
-
-
-def _save(ds: datasets.Dataset, where: Path) -> None:
-    """Written beside, then renamed: a reader never sees half a dataset."""
-    tmp = where.with_name(f".{where.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed attempt's
-    ds.save_to_disk(str(tmp))
-    tmp.rename(where)
