@@ -55,6 +55,14 @@ def prepare_environment() -> str | None:
     # cache. One cache per environment: two virtualenvs sharing ~/.cache would rebuild the op
     # in turn, each time behind a lock file that a killed process leaves behind for good.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # ... and builds with the first `ninja` on PATH. Two ninja versions (this environment's,
+    # a dependency of deepspeed, and the system's) each read the other's build log as stale:
+    # a stage started by Airflow (venv first on PATH) and one started from a shell rebuilt the
+    # op in turn, 20-40 s each time. This environment's ninja, whoever started the process.
+    env_bin = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(env_bin, "ninja")):
+        path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != env_bin]
+        os.environ["PATH"] = os.pathsep.join([env_bin, *path])
     # Tests and the embedded default run on CPU: tell DeepSpeed so instead of letting it
     # probe for accelerators (and warn) in every process.
     if os.environ.get("RLHF_DEVICE") == "cpu":

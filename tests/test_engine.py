@@ -1,12 +1,21 @@
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from rlhf_tasks.config import EngineConfig
-from rlhf_tasks.engine import Batching, deepspeed_config, normalise_cuda_arch_list, param_groups
+from rlhf_tasks.engine import (
+    Batching,
+    deepspeed_config,
+    normalise_cuda_arch_list,
+    param_groups,
+    prepare_environment,
+)
 from rlhf_tasks.launch import launch_argv
 
 
@@ -25,6 +34,20 @@ def test_cuda_arch_list_is_normalised_for_deepspeed(value, expected):
     for entry in expected.split(";"):
         int(entry.replace("+PTX", "").replace(".", ""))
     assert normalise_cuda_arch_list({}) is None
+
+
+@pytest.mark.skipif(not (Path(sys.executable).parent / "ninja").is_file(), reason="no ninja in this environment")
+def test_ops_build_with_this_environments_ninja_whoever_started_the_stage(monkeypatch):
+    """A shell's PATH puts the system's ninja first, Airflow's the venv's: each read the
+    other's build log as stale and DeepSpeed's CPU op was rebuilt (20-40 s) by every stage
+    that followed a stage started the other way."""
+    env_bin = str(Path(sys.executable).parent)
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", env_bin]))
+    prepare_environment()
+    assert shutil.which("ninja") == os.path.join(env_bin, "ninja")
+    assert os.environ["PATH"].split(os.pathsep) == [env_bin, "/usr/bin", "/bin"]
+    prepare_environment()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep) == [env_bin, "/usr/bin", "/bin"]
 
 
 def test_deepspeed_config():
