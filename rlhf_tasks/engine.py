@@ -9,6 +9,7 @@ stand-in.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import sys
@@ -94,10 +95,21 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if "RANK" not in os.environ:  # started by plain python, not by the deepspeed launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if device.type == "cpu" and os.environ.get("WORLD_SIZE") == "1":
+            _no_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _no_shared_memory_allreduce() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory allreduce (a C++ op: 20-40 s on 2
+    cores, and a compiler needed) whenever it makes a process group, even a group of one
+    process, which has nothing to reduce across. For one process, DeepSpeed's own path for a
+    platform without the op: torch.distributed's collectives (tests/test_engine.py)."""
+    # By module name: the package's attribute `deepspeed.comm.torch` is torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 @dataclass(frozen=True)

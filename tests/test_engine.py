@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -76,3 +77,24 @@ def test_launch_argv():
     argv = launch_argv("ppo", ["--output", "d"], num_gpus=8, num_nodes=2, hostfile="/etc/hosts.ds")
     assert argv[:7] == ["deepspeed", "--hostfile", "/etc/hosts.ds", "--num_nodes", "2", "--num_gpus", "8"]
     assert argv[-5:] == ["--module", "rlhf_tasks", "ppo", "--output", "d"]
+
+
+def test_one_cpu_process_builds_no_shared_memory_allreduce(tmp_path):
+    """A single-process CPU stage makes its process group without compiling DeepSpeed's
+    shared-memory allreduce (it would take 20-40 s on 2 cores, and a compiler), and its
+    collectives still work."""
+    code = """
+import torch
+from deepspeed.comm import comm as ds_dist
+from rlhf_tasks.engine import init_distributed
+print(init_distributed(torch.device("cpu")))
+t = torch.ones(3)
+ds_dist.all_reduce(t)
+print(t.tolist(), ds_dist.cdb.shm_comm_op)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["(0, 1)", "[1.0, 1.0, 1.0] None"], proc.stdout
+    assert not (tmp_path / "ext").exists()
