@@ -58,8 +58,9 @@ def prepare_environment() -> str | None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     # ... and builds with the first `ninja` on PATH. Two ninja versions (this environment's,
     # a dependency of deepspeed, and the system's) each read the other's build log as stale:
-    # a stage started by Airflow (venv first on PATH) and one started from a shell rebuilt the
-    # op in turn, 20-40 s each time. This environment's ninja, whoever started the process.
+    # stages started by Airflow (venv first on PATH) and from a shell rebuilt an op in turn
+    # (on CPU its allreduce, 20-40 s; on a GPU FusedAdam & co., minutes of nvcc). This
+    # environment's ninja, whoever started the process.
     env_bin = os.path.dirname(sys.executable)
     if os.path.isfile(os.path.join(env_bin, "ninja")):
         path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != env_bin]

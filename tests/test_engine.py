@@ -40,8 +40,8 @@ def test_cuda_arch_list_is_normalised_for_deepspeed(value, expected):
 @pytest.mark.skipif(not (Path(sys.executable).parent / "ninja").is_file(), reason="no ninja in this environment")
 def test_ops_build_with_this_environments_ninja_whoever_started_the_stage(monkeypatch):
     """A shell's PATH puts the system's ninja first, Airflow's the venv's: each read the
-    other's build log as stale and DeepSpeed's CPU op was rebuilt (20-40 s) by every stage
-    that followed a stage started the other way."""
+    other's build log as stale, and a DeepSpeed op was rebuilt by every stage that followed
+    a stage started the other way (ten times in one test run, 20-40 s each)."""
     env_bin = str(Path(sys.executable).parent)
     monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", "/bin", env_bin]))
     prepare_environment()
