@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 from functools import cache
 from pathlib import Path
@@ -315,7 +316,9 @@ def test_airflow_image_has_no_cuda():
 
 @pytest.fixture
 def fake_gpus(tmp_path) -> dict[str, str]:
-    """A host with two GPUs, as far as the entry point can tell (a stub nvidia-smi)."""
+    """A host with two GPUs, as far as the entry point can tell (a stub nvidia-smi), and the
+    image's PATH: its virtualenv first, whose ``python`` the entry point runs (a plain shell
+    may have only ``python3``)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
@@ -325,7 +328,8 @@ def fake_gpus(tmp_path) -> dict[str, str]:
         echo "1, GPU-22222222-bbbb"
         """))
     smi.chmod(0o755)
-    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RLHF_GPU_LOCK_DIR": str(tmp_path / "locks"),
+    return {"PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "RLHF_GPU_LOCK_DIR": str(tmp_path / "locks"),
             "AIRFLOW_HOME": str(tmp_path / "airflow")}
 
 
