@@ -3,8 +3,7 @@
 Per case (stage, seed), on the tiny-cpu preset with a checkpoint every few steps:
 
 1. two processes are started on the same run directory at once: the stage lock admits
-   one and refuses the other (exit 3, naming the holder's pid and the directory); for SFT
-   and PPO, the lock being the stage runner's for every stage;
+   one and refuses the other (exit 3, naming the holder's pid and the directory);
 2. the admitted one is SIGKILLed at a step drawn from the seed (mid-interval);
 3. a second attempt resumes and is SIGKILLed *inside* a checkpoint write (the files
    written, the COMPLETE marker not yet: ``paused_stage.py`` holds it there), at a
@@ -48,7 +47,6 @@ pytestmark = pytest.mark.slow
 
 CASES = [("sft", s) for s in fault_seeds([1])] + [("rm", s) for s in fault_seeds([2])] + \
         [("ppo", s) for s in fault_seeds([9])] + [("grpo", s) for s in fault_seeds([5])]
-LOCK_CHECKED = ("sft", "ppo")
 PAUSED_STAGE = str(Path(__file__).with_name("paused_stage.py"))
 METRIC_RTOL = 1e-3
 WEIGHT_ATOL = 1e-4
@@ -88,9 +86,8 @@ def test_sigkill_twice_then_resume(stage, seed, fault_reference, tmp_path):
         args = ["--preset", "tiny-cpu", "--set", *FAST]
     report: dict = {"stage": stage, "seed": seed, "interval": interval, "total": total}
 
-    # 1-2: the lock admits one of two (the lock is the stage runner's, the same for every
-    # stage: checked on one supervised and one RL stage); SIGKILL it at a seeded step.
-    first = _start_two_at_once(stage, run, args) if stage in LOCK_CHECKED else StageProc(stage, run.path, *args)
+    # 1-2: the lock admits one of two; SIGKILL it at a seeded step.
+    first = _start_two_at_once(stage, run, args)
     with first:
         k1 = rng.randint(1, total - interval - 1)
         assert first.wait_step(k1), f"{stage} ended before step {k1}:\n{first.tail()}"
