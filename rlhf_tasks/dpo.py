@@ -136,10 +136,7 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def load_policy(ctx: StageContext) -> torch.nn.Module:
     cfg, d = ctx.cfg, ctx.cfg.dpo
-    sft = ctx.run.final("sft")
-    if not sft.is_dir():
-        raise FileNotFoundError(f"dpo needs the sft stage's output {sft}: run `sft` first")
-    model = load_causal_lm(str(sft), dtype=torch_dtype("fp32"), dropout=d.dropout,
+    model = load_causal_lm(str(ctx.run.final("sft")), dtype=torch_dtype("fp32"), dropout=d.dropout,
                            trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation,
                            gradient_checkpointing=d.gradient_checkpointing)
@@ -154,8 +151,7 @@ def load_policy(ctx: StageContext) -> torch.nn.Module:
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, d = ctx.cfg, ctx.cfg.dpo
     require_outputs(ctx, "sft", *(("rm",) if d.pairs == "generated" else ()))  # before any data or model loads
-    tok = load_tokenizer(str(ctx.run.final("sft")) if ctx.run.final("sft").is_dir() else cfg.model.actor,
-                         cfg.model.trust_remote_code)
+    tok = load_tokenizer(str(ctx.run.final("sft")), cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, dpo_pairs, tok, "pairs", "DPO (third)")
     model = load_policy(ctx)
     generated: dict[str, float] = {}

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from .data import PromptCollator
 from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, Rollout, generate
-from .ppo.policy import load_reward_model, require_outputs
+from .ppo.policy import load_reward_model
 from .ppo.rewards import RewardTerms
 from .stage import StageContext, stage_seed
 from .storage import atomic_dir
@@ -118,7 +118,6 @@ def generated_pairs(ctx: StageContext, model, tok) -> tuple[datasets.Dataset, di
     """The training pairs of ``dpo.pairs: generated`` (made once, then read back), and
     what they look like: how many, the mean reward of the chosen and rejected answers."""
     cfg, d = ctx.cfg, ctx.cfg.dpo
-    require_outputs(ctx, "rm")
     prompts, _ = ppo_prompts(cfg, tok, "train")
     if d.generated_prompts and len(prompts) > d.generated_prompts:
         prompts = prompts.shuffle(seed=stage_seed(ctx.name, cfg)).select(range(d.generated_prompts))
