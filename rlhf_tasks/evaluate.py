@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -29,7 +28,7 @@ from .phases import ppo_prompts
 from .ppo.generation import GenerationSettings, generate
 from .ppo.policy import actor_log_probs
 from .stage import StageContext, stage
-from .storage import storage_root, write_json
+from .storage import atomic_file, storage_root, write_json
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -74,10 +73,8 @@ def sft_answers(ctx: StageContext, sft, reward, batches, gen: GenerationSettings
     rewards, lengths, texts, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device, p.clip_reward_value,
                                                   cfg.seed)
     if ctx.is_main:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.{os.getpid()}")
-        torch.save({"rewards": rewards, "lengths": lengths, "texts": texts}, tmp)
-        tmp.replace(cached)
+        with atomic_file(cached) as tmp:
+            torch.save({"rewards": rewards, "lengths": lengths, "texts": texts}, tmp)
     return rewards, lengths, texts
 
 

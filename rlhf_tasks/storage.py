@@ -165,18 +165,27 @@ def storage_full_error(exc: BaseException, path: Path, what: str, keep_note: str
                                           f"volume, then run the stage again")
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write; renamed to ``path`` when the block ends, so
+    a reader sees the old file or the whole new one. On an error it is removed, and a full
+    disk raises :class:`StorageFullError`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+        yield tmp
         tmp.replace(path)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
         tmp.unlink(missing_ok=True)
         if (full := storage_full_error(exc, path, str(path))) is not None:
             raise full from exc
         raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from rlhf_tasks.storage import (
     RunDir,
     StageResult,
     atomic_dir,
+    atomic_file,
     complete_checkpoints,
     latest_checkpoint,
     mark_complete,
@@ -32,6 +33,17 @@ def test_atomic_dir_publishes_only_on_success(tmp_path):
         (tmp / "model.safetensors").write_text("v2")
     assert (target / "model.safetensors").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    target = tmp_path / "cache" / "sft.pt"
+    with atomic_file(target) as tmp:
+        tmp.write_text("v1")
+    assert target.read_text() == "v1"
+    with pytest.raises(RuntimeError), atomic_file(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-save")
+    assert target.read_text() == "v1" and [p.name for p in target.parent.iterdir()] == ["sft.pt"]
 
 
 def test_only_marked_checkpoints_count_and_pruning(tmp_path):
