@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-lock.txt
 	touch $(STAMP)
 
 run: venv
-	$(BIN)/python -m rlhf_tasks.local run
+	$(BIN)/python -m rlhf_tasks.pipeline.local run
 
 # The end-to-end tests drive Debian's chromium and validate docker-compose.yml with Debian's
 # docker-compose; PostgreSQL and Redis must be running on loopback (see docs/production.md).
@@ -50,7 +50,7 @@ lint: venv
 # Other ports: make ui AIRFLOW_PORT=8081 MLFLOW_PORT=5001 (defaults 8080 and 5000). One line without
 # shell syntax, so that make runs python itself (no shell between) and forwards its SIGTERM to it.
 ui: venv
-	$(BIN)/python -m rlhf_tasks.local ui $(if $(AIRFLOW_PORT),--airflow-port $(AIRFLOW_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+	$(BIN)/python -m rlhf_tasks.pipeline.local ui $(if $(AIRFLOW_PORT),--airflow-port $(AIRFLOW_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
 
 clean:
 	rm -rf .rlhf

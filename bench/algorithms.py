@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import replace_section  # noqa: E402
 
-from rlhf_tasks.launch import RESULT_PREFIX  # noqa: E402
+from rlhf_tasks.pipeline.launch import RESULT_PREFIX  # noqa: E402
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
 

@@ -1,6 +1,6 @@
 """Rollout generation speed: our ``static`` backend vs HF ``generate()``, side by side in one run.
 
-Both backends go through ``rlhf_tasks.ppo.generation.generate`` (the function PPO calls) on
+Both backends go through ``rlhf_tasks.algorithms.rl.generation.generate`` (the function PPO calls) on
 the same random-init model, the same prompts and the same sampling settings (PPO's
 defaults: temperature 1, no top-k/top-p). A model is an OPT size of bench/throughput.py
 (``tiny``, ``opt-125m``, ...) or any architecture the static backend is checked on, by its
@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import SIZES, build, sync  # noqa: E402
 
-from rlhf_tasks.ppo import static_decode  # noqa: E402
-from rlhf_tasks.ppo.generation import GenerationSettings, generate  # noqa: E402
+from rlhf_tasks.algorithms.rl import static_decode  # noqa: E402
+from rlhf_tasks.algorithms.rl.generation import GenerationSettings, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = {"tiny": 8192}  # the tiny model's vocabulary is the bundled tokenizer's order of size; others OPT's

@@ -8,7 +8,7 @@ matmul peak that MFU is relative to.
     python bench/gpu_suite.py --tiny --out DIR # CPU smoke run of every part (tests/test_bench.py)
 
 Parts, in order: environment, matmul peak, rollout generation (OPT-1.3B, batch 32, prompt
-256 + 256 new tokens: HF ``generate()`` vs ``rlhf_tasks.ppo.generation.generate`` through
+256 + 256 new tokens: HF ``generate()`` vs ``rlhf_tasks.algorithms.rl.generation.generate`` through
 each backend), model directories (random init, saved with ``save_pretrained``, tokenizer
 trained on the bundled samples), synthetic preference data with seed-like lengths, then
 ``python -m rlhf_tasks sft|reward|ppo`` (the opt-1.3b preset, bf16, bounded by ``max_steps``),
@@ -51,7 +51,7 @@ for _p in (str(REPO), str(BENCH)):
 
 import throughput  # noqa: E402  (bench/throughput.py: model sizes, timing helpers)
 
-from rlhf_tasks.launch import RESULT_PREFIX  # noqa: E402
+from rlhf_tasks.pipeline.launch import RESULT_PREFIX  # noqa: E402
 from rlhf_tasks.tracking import git_commit  # noqa: E402
 
 MARKERS = {"gpu": ("<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"),
@@ -143,7 +143,7 @@ class Suite:
 
     @property
     def dtype(self) -> torch.dtype:
-        from rlhf_tasks.engine import torch_dtype
+        from rlhf_tasks.runtime.engine import torch_dtype
 
         return torch_dtype(self.plan.dtype)
 
@@ -215,7 +215,7 @@ class Suite:
 
     def generation(self) -> None:
         """Rollout generation at the issue's shape, HF first, then ours through each backend."""
-        from rlhf_tasks.ppo import generation as G
+        from rlhf_tasks.algorithms.rl import generation as G
 
         p = self.plan
         torch.manual_seed(0)
@@ -288,7 +288,7 @@ class Suite:
         return self.work / "run"
 
     def overrides(self) -> list[str]:
-        from rlhf_tasks.config import PPOConfig
+        from rlhf_tasks.config.algorithms import PPOConfig
 
         p, m = self.plan, self.R["models"]
         o = [f"device={self.device.type}", f"model.actor={m['actor']['dir']}", f"model.rm={m['reward']['dir']}",
@@ -371,10 +371,11 @@ class Suite:
         """The plain loop on the micro-batches the stage trained on, in the same order."""
         from torch.utils.data import DataLoader
 
-        from rlhf_tasks import loop, phases
+        from rlhf_tasks.algorithms.maths.preference import pairwise_loss
         from rlhf_tasks.config import PipelineConfig
-        from rlhf_tasks.data import LengthGroupedBatchSampler, PairCollator, SFTCollator
-        from rlhf_tasks.models import RewardModel, load_causal_lm, load_tokenizer, pairwise_loss, read_score
+        from rlhf_tasks.data import LengthGroupedBatchSampler, PairCollator, SFTCollator, phases
+        from rlhf_tasks.runtime import loop
+        from rlhf_tasks.runtime.models import RewardModel, load_causal_lm, load_tokenizer, read_score
 
         cfg = PipelineConfig.load(self.run_dir / "config.yaml")
         tok = load_tokenizer(cfg.model.actor)

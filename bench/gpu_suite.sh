@@ -16,7 +16,7 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Hopper images set TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's op builder cannot parse;
-# rlhf_tasks.engine normalises it too, this covers anything that builds an op before.
+# rlhf_tasks.runtime.engine normalises it too, this covers anything that builds an op before.
 if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST="$(echo "$TORCH_CUDA_ARCH_LIST" | sed -E 's/([0-9]+\.[0-9]+)[a-z]/\1/g')"
 fi

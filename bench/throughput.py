@@ -1,7 +1,7 @@
 """Training and generation throughput of our engine setup on random-init OPT models.
 
 Measures what ``../shared/gpu/README.md`` reports for DeepSpeed-Chat and TRL, through the
-same code the stages use (``rlhf_tasks.engine.initialize``, ``ppo.generation.generate``):
+same code the stages use (``rlhf_tasks.runtime.engine.initialize``, ``ppo.generation.generate``):
 
     python bench/throughput.py --model opt-1.3b --dtype bf16 --zero 0 --steps 30
     python bench/throughput.py --model opt-350m --generate --batch 32
@@ -87,7 +87,7 @@ def plain_train(model: torch.nn.Module, batches, loss_fn, *, steps: int, accumul
     ``accumulation`` micro-batches per optimizer step. ``batches`` yields the same collated
     micro-batches our stage trains on; ``loss_fn(model, batch)`` -> loss. The first optimizer
     step is warm-up; real (non-padding) tokens/s are counted over the others."""
-    from rlhf_tasks.engine import torch_dtype
+    from rlhf_tasks.runtime.engine import torch_dtype
 
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +126,7 @@ def plain_train(model: torch.nn.Module, batches, loss_fn, *, steps: int, accumul
 def hf_generate(model, prompts: torch.Tensor, mask: torch.Tensor, new_tokens: int, eos: int, pad: int) -> torch.Tensor:
     """Plain HF ``generate()`` (sampling, its default dynamic cache) with the sampling settings our
     rollouts use (temperature 1, no top-k/top-p): (B, P) -> number of answer tokens up to EOS."""
-    from rlhf_tasks.ppo.generation import answer_mask
+    from rlhf_tasks.algorithms.rl.generation import answer_mask
 
     out = model.generate(input_ids=prompts, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                          top_p=1.0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True)
@@ -150,8 +150,8 @@ def time_generation(fn, prompts: torch.Tensor, mask: torch.Tensor, new_tokens: i
 
 def bench_train(a, device) -> dict:
     from rlhf_tasks.config import EngineConfig
-    from rlhf_tasks.engine import Batching, init_distributed, initialize
-    from rlhf_tasks.loop import flops_per_token
+    from rlhf_tasks.runtime.engine import Batching, init_distributed, initialize
+    from rlhf_tasks.runtime.loop import flops_per_token
 
     _, world = init_distributed(device)
     model = build(a.model, a.vocab, a.attn)
@@ -181,8 +181,8 @@ def bench_train(a, device) -> dict:
 
 @torch.no_grad()
 def bench_generate(a, device) -> dict:
-    from rlhf_tasks.engine import torch_dtype
-    from rlhf_tasks.ppo.generation import GenerationSettings, generate
+    from rlhf_tasks.algorithms.rl.generation import GenerationSettings, generate
+    from rlhf_tasks.runtime.engine import torch_dtype
 
     model = build(a.model, a.vocab, a.attn, device).to(torch_dtype(a.dtype)).eval()
     eos = 2
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=256)
     a = ap.parse_args(argv)
-    from rlhf_tasks.engine import resolve_device
+    from rlhf_tasks.runtime.engine import resolve_device
 
     device = resolve_device(os.environ.get("RLHF_DEVICE", "auto"))
     print(json.dumps(bench_generate(a, device) if a.generate else bench_train(a, device)), flush=True)

@@ -53,7 +53,7 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def summarise() -> dict:
         """The request: candidate vs champion vs SFT, a few answers side by side."""
-        from rlhf_tasks.approval import request
+        from rlhf_tasks.pipeline.approval import request
         from rlhf_tasks.storage import RunDir, run_dir_for
 
         run = RunDir(run_dir_for(get_current_context()["params"]["pipeline_run_id"]))
@@ -66,7 +66,7 @@ with DAG(
     @task(retries=2, retry_delay=timedelta(seconds=30))
     def apply_decision(summary: dict) -> dict:
         """Move the alias (Promote) or not; the decision, who and when into tags and report."""
-        from rlhf_tasks.approval import apply
+        from rlhf_tasks.pipeline.approval import apply
         from rlhf_tasks.storage import RunDir
 
         ctx = get_current_context()

@@ -1,5 +1,5 @@
 """
-# RLHF pipeline: SFT → reward model → PPO | GRPO | RLOO | DPO → evaluate → register
+# RLHF pipeline: SFT → reward model → step 3 (the form's `algorithm`) → evaluate → register
 
 Three-step RLHF in the spirit of DeepSpeed-Chat, on DeepSpeed and Hugging Face, with the
 alignment step chosen by the form's `algorithm` field.
@@ -9,10 +9,8 @@ alignment step chosen by the form's `algorithm` field.
 | `install` | checks the worker (packages, torch/CUDA, DeepSpeed ops, disk), resolves the config, validates and caches models and data, opens the MLflow parent run | `gpu` queue |
 | `sft` | step 1: supervised fine-tuning of the actor (perplexity) | `gpu` queue, `gpu` pool |
 | `rm` | step 2: reward model on preference pairs (accuracy, chosen/rejected scores) | `gpu` queue, `gpu` pool |
-| `algorithm` | picks step 3 from the config's `algorithm`; the other three are skipped | default queue |
-| `ppo` | step 3: PPO of the actor against the reward model, with a critic (average reward, KL) | `gpu` queue, `gpu` pool |
-| `grpo` / `rloo` | step 3 without a critic: several answers per prompt, the group as baseline | `gpu` queue, `gpu` pool |
-| `dpo` | step 3 without rollouts: DPO on the third phase's preference pairs | `gpu` queue, `gpu` pool |
+| `algorithm` | picks step 3 from the config's `algorithm`; the other step-3 tasks are skipped | default queue |
+| one task per algorithm | step 3 (the algorithms below, from rlhf_tasks/config/algorithms.py) | `gpu` queue, `gpu` pool |
 | `evaluate` | SFT vs the aligned actor on held-out prompts (the RM scores), samples side by side | `gpu` queue, `gpu` pool |
 | `register` | run report (time, cost, metrics per step), MLflow model version, `champion` alias if better | default queue |
 | `request_approval` | with `tracking.champion_approval: human` only: triggers `rlhf_champion_approval`, where a person promotes or rejects the candidate; this run ends at once | default queue |
@@ -39,7 +37,6 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import (
@@ -52,15 +49,15 @@ from airflow.sdk import (
     task,
 )
 
-import rlhf_tasks  # light: the package __init__ imports nothing heavy
-from rlhf_tasks.config import form_schema  # light: pydantic and yaml, which Airflow loads anyway
+# Light: pydantic and yaml, which Airflow loads anyway; the algorithm table is plain data.
+from rlhf_tasks.config import ALGORITHMS, form_schema, list_presets
 
 GPU_QUEUE = os.environ.get("RLHF_GPU_QUEUE", "gpu")
 GPU_POOL = os.environ.get("RLHF_GPU_POOL", "gpu")
 STAGE_TIMEOUT = timedelta(hours=float(os.environ.get("RLHF_STAGE_TIMEOUT_H", "24")))
 RETRIES = int(os.environ.get("RLHF_STAGE_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("RLHF_RETRY_DELAY_S", "60")))
-PRESETS = sorted(p.stem for p in (Path(rlhf_tasks.__file__).parent / "presets").glob("*.yaml"))
+PRESETS = list_presets()
 
 preference_data = Asset(name="rlhf_preference_data",
                         uri=os.environ.get("RLHF_PREFERENCE_DATA_URI", "file:///rlhf/preference-data"))
@@ -69,8 +66,9 @@ schedule = (AssetOrTimeSchedule(timetable=CronTriggerTimetable(_cron, timezone="
             if _cron else [preference_data])
 
 
-# The form's fields: config paths by form section. Types, bounds, enums and descriptions come
-# from the config models (rlhf_tasks/config.py), so the form cannot drift from the config.
+# The form's fields: config paths by form section, step 3's from the algorithm table. Types,
+# bounds, enums and descriptions come from the config models (rlhf_tasks/config/), so the
+# form cannot drift from the config.
 FORM = {
     "Recipe": ["algorithm"],
     "Models": ["model.actor", "model.rm"],
@@ -79,16 +77,8 @@ FORM = {
                     "sft.zero_stage", "sft.dtype"],
     "Step 2: reward model": ["rm.epochs", "rm.per_device_train_batch_size", "rm.learning_rate", "rm.zero_stage",
                              "rm.dtype"],
-    "Step 3: PPO": ["ppo.epochs", "ppo.max_steps", "ppo.per_device_generation_batch_size", "ppo.kl_coef",
-                    "ppo.actor.learning_rate", "ppo.critic.learning_rate", "ppo.actor.lora_dim",
-                    "ppo.actor.zero_stage", "ppo.critic.zero_stage", "ppo.dtype"],
-    "Step 3: GRPO / RLOO": ["grpo.max_steps", "grpo.group_size", "grpo.per_device_generation_batch_size",
-                            "grpo.kl_coef", "grpo.kl_penalty", "grpo.scale_rewards", "grpo.loss_aggregation",
-                            "grpo.actor.learning_rate", "rloo.max_steps", "rloo.group_size", "rloo.kl_coef",
-                            "rloo.actor.learning_rate"],
-    "Step 3: DPO": ["dpo.pairs", "dpo.candidates", "dpo.generated_prompts", "dpo.epochs", "dpo.max_steps", "dpo.beta",
-                    "dpo.loss_type", "dpo.learning_rate", "dpo.lora_dim"],
-    "Reward terms": ["reward_terms.length_coef", "reward_terms.repetition_coef"],
+    **{f"Step 3: {a.title}": [f"{a.name}.{k}" for k in a.form] for a in ALGORITHMS.values()},
+    "Reward": ["reward.length_coef", "reward.repetition_coef", "reward.overlong_buffer"],
     "Hardware": ["resources.num_gpus", "resources.gpu_hourly_usd"],
 }
 
@@ -122,7 +112,7 @@ def _labelled_by_people(ctx) -> bool:
 def _run(stage: str, run_dir: str, **kw) -> dict:
     import logging
 
-    from rlhf_tasks.launch import run_stage
+    from rlhf_tasks.pipeline.launch import run_stage
 
     ctx = get_current_context()
     ti, dag_run = ctx["ti"], ctx["dag_run"]
@@ -138,7 +128,8 @@ gpu_task = dict(queue=GPU_QUEUE, pool=GPU_POOL, retries=RETRIES, retry_delay=RET
 
 with DAG(
     dag_id="rlhf_pipeline",
-    doc_md=__doc__,
+    doc_md=__doc__ + "\n**Step 3** (`algorithm`):\n\n" + "\n".join(
+        f"- `{a.name}`: {a.summary}" for a in ALGORITHMS.values()),
     schedule=schedule,
     start_date=None,
     catchup=False,
@@ -154,7 +145,7 @@ with DAG(
         from airflow.sdk.exceptions import AirflowFailException
 
         from rlhf_tasks.config import ConfigError, PipelineConfig
-        from rlhf_tasks.run_config import resolve_run_config
+        from rlhf_tasks.runtime.run_config import resolve_run_config
         from rlhf_tasks.storage import run_dir_for
 
         ctx = get_current_context()
@@ -189,25 +180,14 @@ with DAG(
         """Step 3 is the config's algorithm (resolved by install: the form, or the preset's)."""
         return prep["algorithm"]
 
-    @task(**gpu_task)
-    def ppo(prep: dict) -> dict:
-        """Step 3: PPO (actor, critic, reference, reward model)."""
-        return _run("ppo", prep["run_dir"])
-
-    @task(**gpu_task)
-    def grpo(prep: dict) -> dict:
-        """Step 3: GRPO, no critic."""
-        return _run("grpo", prep["run_dir"])
-
-    @task(**gpu_task)
-    def rloo(prep: dict) -> dict:
-        """Step 3: RLOO, no critic."""
-        return _run("rloo", prep["run_dir"])
-
-    @task(**gpu_task)
-    def dpo(prep: dict) -> dict:
-        """Step 3: DPO on preference pairs, no rollouts."""
-        return _run("dpo", prep["run_dir"])
+    def step3(a) -> object:
+        """The step-3 task of one algorithm of the table; it runs when the branch picks it,
+        after SFT and the reward model (or with the reward model skipped: the run needs none)."""
+        @task(task_id=a.name, doc_md=f"Step 3: {a.title}: {a.summary}", trigger_rule="none_failed_min_one_success",
+              **gpu_task)
+        def step(prep: dict) -> dict:
+            return _run(a.name, prep["run_dir"])
+        return step
 
     @task(**gpu_task, trigger_rule="none_failed_min_one_success")
     def evaluate(prep: dict) -> dict:
@@ -231,15 +211,11 @@ with DAG(
     prep = install()
     trained = [sft(prep), rm(prep)]
     choice = algorithm(prep)
-    steps = [ppo(prep), grpo(prep), rloo(prep), dpo(prep)]
+    steps = [step3(a)(prep) for a in ALGORITHMS.values()]
     for step in steps:
-        choice >> step
-        trained[0] >> step
-    for step in steps[:3]:  # the RL steps score rollouts with the reward model; DPO needs only SFT
-        trained[1] >> step
+        [choice, *trained] >> step
     done = evaluate(prep)
-    steps >> done
-    trained[1] >> done
+    [*steps, trained[1]] >> done
     registered = register(prep, done)
     # The decision waits in a run of its own: this run (max_active_runs=1) finishes, the
     # next retraining can start, and no GPU slot is held while a person thinks.

@@ -18,7 +18,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu130
 ARG AIRFLOW_UID=50000
 # Ampere (A100, 8.0) and Hopper (H100/H200, 9.0). Plain "9.0", not "9.0a": DeepSpeed's op
-# builder cannot parse the arch-suffixed form (rlhf_tasks.engine normalises it anyway).
+# builder cannot parse the arch-suffixed form (rlhf_tasks.runtime.engine normalises it anyway).
 # Add 8.6/8.9 for RTX/L4/L40 cards, 10.0 for Blackwell.
 ARG TORCH_CUDA_ARCH_LIST="8.0;9.0"
 

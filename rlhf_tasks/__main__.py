@@ -22,11 +22,10 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, PipelineConfig, list_presets
-from .launch import RESULT_PREFIX
-from .run_config import resolve_run_config
+from .config import ALGORITHMS, ConfigError, PipelineConfig, list_presets
+from .pipeline.launch import RESULT_PREFIX
+from .runtime.run_config import resolve_run_config
 from .storage import (
-    STAGES,
     RunDir,
     RunDirBusy,
     StorageFullError,
@@ -36,10 +35,11 @@ from .storage import (
 )
 
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
-# Stage -> "module:entry point" (``run(cfg, run_dir)`` unless named).
-STAGE_MODULES = {"prepare": "prepare", **dict(zip(STAGES, ("sft", "reward", "ppo.trainer", "ppo.group:run_grpo",
-                                                          "ppo.group:run_rloo", "dpo", "evaluate"), strict=True)),
-                 "register": "register"}
+# Stage -> "module:entry point", called run(cfg, run_dir) (step 3's, from the algorithm table,
+# run(cfg, run_dir, name=<algorithm>)).
+STAGE_MODULES = {"prepare": "rlhf_tasks.pipeline.prepare:run", "sft": "rlhf_tasks.algorithms.sft:run",
+                 "rm": "rlhf_tasks.algorithms.reward:run", **{a.name: a.stage for a in ALGORITHMS.values()},
+                 "evaluate": "rlhf_tasks.pipeline.evaluate:run", "register": "rlhf_tasks.pipeline.register:run"}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="default: the run's ppo.dtype on a GPU, fp32 on CPU")
+                   help="default: the run's evaluate.dtype on a GPU, fp32 on CPU")
     p.add_argument("--attn-implementation", choices=["sdpa", "eager", "flash_attention_2"], default=None,
                    help="default: the run's model.attn_implementation (eager where the model has no sdpa)")
     return ap
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(list_presets()))
             return 0
         if args.command == "chat":
-            from .chat import main as chat_main
+            from .pipeline.chat import main as chat_main
 
             return chat_main(args)
         cfg = resolve(args)
@@ -129,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if run.path.exists() and not run.path.is_dir():
             raise ConfigError(f"--output {run.path} is a file, not a run directory")
         with stage_lock(run.path, args.command):
-            from . import preflight
+            from .pipeline import preflight
             cfg = resolve_run_config(run.path, cfg)
             preflight.check(args.command, cfg, run)
             module, _, entry = STAGE_MODULES[args.command].partition(":")
-            result = getattr(importlib.import_module(f"rlhf_tasks.{module}"), entry or "run")(cfg, run)
+            fn = getattr(importlib.import_module(module), entry)
+            # Step 3's entry points may serve several algorithms (the RL loop): they are told which.
+            result = fn(cfg, run, name=args.command) if args.command in ALGORITHMS else fn(cfg, run)
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY

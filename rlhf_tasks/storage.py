@@ -38,11 +38,6 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "COMPLETE"
-# The stages of a run, in order: each has a directory of its own in the run, a CLI command, a
-# DAG task. Named once here (a rename is this one line; the modules keep their file names).
-STAGES = (SFT, RM, PPO, GRPO, RLOO, DPO, EVALUATE) = ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "evaluate")
-# The alignment steps (step 3): the config's ``algorithm`` picks one; evaluate compares it with SFT.
-ALIGNMENT_STAGES = (PPO, GRPO, RLOO, DPO)
 
 
 def storage_root() -> Path:

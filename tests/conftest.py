@@ -90,7 +90,7 @@ def storage(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(storage) -> Path:
-    from rlhf_tasks.models import resolve_model_path
+    from rlhf_tasks.runtime.models import resolve_model_path
 
     return Path(resolve_model_path("builtin:tiny-opt"))
 

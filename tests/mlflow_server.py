@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from rlhf_tasks.launch import free_port
+from rlhf_tasks.runtime.ranks import free_port
 
 # Cold start of `mlflow server` (imports, SQLite migrations) is ~5-15 s on 2 CPU cores.
 START_TIMEOUT_S = 90.0

@@ -108,7 +108,7 @@ def pipeline_through_airflow(h: Path) -> Iterator[PipelineRun]:
     up until the context ends, for the tests that read it back). While SFT trains, its
     process is SIGKILLed right after its first complete checkpoint: Airflow retries the task,
     which must resume from that checkpoint."""
-    from rlhf_tasks import local
+    from rlhf_tasks.pipeline import local
 
     env = local.airflow_env(h)
     env["RLHF_HOME"] = str(h)

@@ -85,7 +85,7 @@ def test_lora_reference_is_the_actor_with_adapters_off(stage, trained_run, tmp_p
     disabled: no copy on the device (0 bytes), and at the first rollout, before any
     update, the policy and its reference are the same function (KL exactly 0)."""
     run = fork(trained_run, tmp_path, stage, f"{stage}.max_steps=2", f"{stage}.actor.lora_dim=8",
-               f"{stage}.actor.only_optimize_lora=true", "ppo.eval_prompts=8")
+               f"{stage}.actor.only_optimize_lora=true", "evaluate.prompts=8")
     m = align(run, stage)["metrics"]
     assert m["memory/reference_bytes"] == 0 and m["memory/actor_bytes"] > 0, m
     # kl_first: the mean over the first 20% of iterations, here the first one alone.
@@ -103,9 +103,9 @@ def test_generated_pairs_are_made_once_and_read_back(trained_run, tmp_path, capl
 
     import torch
 
+    from rlhf_tasks.algorithms.dpo_pairs import generated_pairs
     from rlhf_tasks.config import PipelineConfig
-    from rlhf_tasks.dpo_generated import generated_pairs
-    from rlhf_tasks.models import load_causal_lm, load_tokenizer
+    from rlhf_tasks.runtime.models import load_causal_lm, load_tokenizer
 
     run = fork(trained_run, tmp_path, "dpo", "dpo.pairs=generated", "dpo.candidates=2", "dpo.generated_prompts=24")
     cfg = PipelineConfig.load(run.config_path)

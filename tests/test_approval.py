@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from rlhf_tasks import approval
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.data import HUB_DATASETS, load_pairs, resolve_spec
 from rlhf_tasks.feedback import labels as L
 from rlhf_tasks.feedback.store import write_batch
+from rlhf_tasks.pipeline import approval
 
 CANDIDATE = {"aligned_reward": 2.5, "sft_reward": 1.25, "kl_aligned_sft": 3.0, "aligned_win_rate": 0.75, "cost_usd": 0.5}
 CHAMPION = {"version": "4", "tags": {"eval/aligned_reward": "2.0", "eval/kl_aligned_sft": "1.5",

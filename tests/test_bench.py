@@ -154,8 +154,8 @@ def test_replace_section_rewrites_only_its_markers(tmp_path):
 def test_rl_speed_leaves_out_the_first_iteration(monkeypatch):
     """One way to measure speed (iteration.Speed): phase times per iteration, the first
     iteration (warm-up) left out, evaluation/checkpoint pauses not counted."""
-    from rlhf_tasks import iteration
-    from rlhf_tasks.ppo.trainer import rl_speed
+    from rlhf_tasks.algorithms.rl.loop import rl_speed
+    from rlhf_tasks.runtime import iteration
 
     clock = [0.0]
     monkeypatch.setattr(iteration.time, "perf_counter", lambda: clock[0])

@@ -1,4 +1,4 @@
-"""The checkpoint helper shared by the SFT/RM loop and PPO (``rlhf_tasks.checkpoint``), with
+"""The checkpoint helper shared by the SFT/RM loop and PPO (``rlhf_tasks.runtime.checkpoint``), with
 stand-in engines: the on-disk layout, pruning, resume (half-written checkpoints removed,
 state and wall-clock restored, resume.json) and the RNG restore."""
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_tasks.checkpoint import Checkpointer
-from rlhf_tasks.stage import StageContext
+from rlhf_tasks.runtime.checkpoint import Checkpointer
+from rlhf_tasks.runtime.stage import StageContext
 from rlhf_tasks.storage import MARKER, RunDir
 
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_tasks.config import ConfigError, PipelineConfig, apply_override, list_presets
+from rlhf_tasks.config import ConfigError, PipelineConfig, list_presets
+from rlhf_tasks.config.load import apply_override
 
 
 def test_presets_resolve_and_validate():
@@ -49,7 +50,11 @@ def test_overrides_are_typed():
     ("sft.adam_betas=[0.9]", "sft.adam_betas=[0.9] is invalid: two numbers in [0, 1)"),
     # renamed keys name their new place
     ("cost.num_gpus=2", "unknown config key 'cost' (renamed: use 'resources')"),
-    ("reward.epochs=2", "unknown config key 'reward' (renamed: use 'rm')"),
+    ("reward_terms.length_coef=1.0", "unknown config key 'reward_terms' (renamed: use 'reward')"),
+    ("ppo.eval_prompts=8", "renamed: use 'evaluate.prompts'"),
+    ("grpo.scale_rewards=false", "renamed: use 'grpo.advantage (group_norm: scaled by the group's std; "
+                                 "group_mean: not, Dr. GRPO)'"),
+    ("ppo.clip_reward_value=3.0", "renamed: use 'reward.clip_reward_value'"),
     ("ppo.actor_learning_rate=1e-5", "renamed: use 'ppo.actor.learning_rate'"),
     ("ppo.per_device_training_batch_size=4", "renamed: use 'ppo.per_device_train_batch_size'"),
     ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
@@ -102,7 +107,7 @@ def test_typed_values_by_path_and_ppo_engine_defaults():
 
 
 def test_run_config_is_written_once_and_guarded(tmp_path):
-    from rlhf_tasks.config import resolve_run_config
+    from rlhf_tasks.runtime.run_config import resolve_run_config
 
     a = PipelineConfig.load("tiny-cpu")
     assert resolve_run_config(tmp_path, a) == a and (tmp_path / "config.yaml").is_file()

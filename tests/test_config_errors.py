@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from rlhf_tasks.config import ConfigError, PipelineConfig, flatten, form_schema
-from rlhf_tasks.config_errors import describe, schema_at
-from rlhf_tasks.config_load import parse_yaml
+from rlhf_tasks.config.errors import describe, schema_at
+from rlhf_tasks.config.load import parse_yaml
 
 
 @pytest.mark.parametrize("prop, words", [

@@ -47,7 +47,9 @@ def test_task_graph(dag):
         "ppo": ["algorithm", "install", "rm", "sft"],
         "grpo": ["algorithm", "install", "rm", "sft"],
         "rloo": ["algorithm", "install", "rm", "sft"],
-        "dpo": ["algorithm", "install", "sft"],  # DPO needs no reward model to train
+        # DPO ranks its generated pairs with the reward model; on the dataset's pairs it needs none, but
+        # evaluate does: every step-3 task waits for rm, which skips itself in a run that needs no RM.
+        "dpo": ["algorithm", "install", "rm", "sft"],
         "evaluate": ["dpo", "grpo", "install", "ppo", "rloo", "rm"],
         "register": ["evaluate", "install"],
         "approval_conf": ["register"],
@@ -55,6 +57,11 @@ def test_task_graph(dag):
     }
     # One alignment step runs; evaluate runs after it although the other three were skipped.
     assert dag.task_dict["evaluate"].trigger_rule == "none_failed_min_one_success"
+    # The step-3 tasks are the algorithm table's rows.
+    from rlhf_tasks.config import ALGORITHMS
+
+    assert set(ALGORITHMS) <= set(dag.task_dict)
+    assert all(dag.task_dict[a].trigger_rule == "none_failed_min_one_success" for a in ALGORITHMS)
     # A champion waiting for a person waits in a run of its own, on no GPU queue or pool.
     trigger = dag.task_dict["request_approval"]
     assert trigger.trigger_dag_id == "rlhf_champion_approval" and not trigger.wait_for_completion

@@ -35,7 +35,7 @@ def test_collators_build_what_transformers_collators_build(multiple):
     the DataLoader's collation on the training loop's path; measured 2026-11-26)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
-    from rlhf_tasks.models import load_tokenizer
+    from rlhf_tasks.runtime.models import load_tokenizer
 
     tok = load_tokenizer("builtin:tiny-opt")
     rng = np.random.default_rng(0)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from rlhf_tasks.algorithms.dpo import pair_log_probs
+from rlhf_tasks.algorithms.dpo_pairs import best_and_worst, pair_rows
+from rlhf_tasks.algorithms.maths.preference import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
+from rlhf_tasks.algorithms.rl.generation import Rollout
+from rlhf_tasks.algorithms.rl.models import model_bytes
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.data import DPOCollator
-from rlhf_tasks.dpo import pair_log_probs
-from rlhf_tasks.dpo_generated import best_and_worst, pair_rows
-from rlhf_tasks.dpo_losses import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
-from rlhf_tasks.ppo.generation import Rollout
-from rlhf_tasks.ppo.policy import model_bytes
 from rlhf_tasks.storage import RunDir
 from tests.runs import fork_run, result_of, run_cli
 
@@ -171,8 +171,9 @@ def test_fresh_lora_adapters_leave_the_reference_unchanged(tiny_model_dir):
     peft starts them at 0, so its log-probs are the SFT model's, and no copy is needed."""
     import datasets
 
-    from rlhf_tasks.dpo import reference_log_probs
-    from rlhf_tasks.models import apply_lora, load_causal_lm
+    from rlhf_tasks.algorithms.dpo import reference_log_probs
+    from rlhf_tasks.runtime.lora import apply_lora
+    from rlhf_tasks.runtime.models import load_causal_lm
 
     ds = datasets.Dataset.from_list([{k: v for k, v in r.items() if "ref" not in k} for r in ROWS])
     model = load_causal_lm(str(tiny_model_dir))

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from rlhf_tasks.config import EngineConfig
-from rlhf_tasks.engine import (
+from rlhf_tasks.pipeline.launch import launch_argv
+from rlhf_tasks.runtime.engine import (
     Batching,
     deepspeed_config,
     normalise_cuda_arch_list,
     param_groups,
     prepare_environment,
 )
-from rlhf_tasks.launch import launch_argv
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -86,7 +86,7 @@ def test_one_cpu_process_builds_no_shared_memory_allreduce(tmp_path):
     code = """
 import torch
 from deepspeed.comm import comm as ds_dist
-from rlhf_tasks.engine import init_distributed
+from rlhf_tasks.runtime.engine import init_distributed
 print(init_distributed(torch.device("cpu")))
 t = torch.ones(3)
 ds_dist.all_reduce(t)

@@ -9,16 +9,18 @@ import sys
 import pytest
 import torch
 
-from rlhf_tasks.config import ConfigError, PipelineConfig, RewardTermsConfig
-from rlhf_tasks.ppo.advantages import group_advantages, leave_one_out_advantages, sequence_kl
-from rlhf_tasks.ppo.losses import aggregate, kl_k3, policy_loss
-from rlhf_tasks.ppo.rewards import (
+from rlhf_tasks.algorithms.maths.advantages import group_advantages, leave_one_out_advantages, sequence_kl
+from rlhf_tasks.algorithms.maths.policy import POLICY_LOSSES, LossSpec, kl_k3
+from rlhf_tasks.algorithms.maths.tokens import aggregate
+from rlhf_tasks.algorithms.rl.rewards import (
     ALLOW_REWARD_FUNCTION_ENV,
     RewardTerms,
     length_term,
     load_function,
     repetition_term,
 )
+from rlhf_tasks.config import ConfigError, PipelineConfig
+from rlhf_tasks.config.sections import RewardConfig
 
 
 def t(*rows) -> torch.Tensor:
@@ -64,15 +66,16 @@ def test_kl_estimators():
 
 def test_token_and_sequence_aggregation():
     x, mask = t([1.0, 2.0, 3.0], [4.0, 99.0, 99.0]), t([1, 1, 1], [1, 0, 0])
-    assert close(aggregate(x, mask, "token"), 2.5)  # (1 + 2 + 3 + 4) / 4
-    assert close(aggregate(x, mask, "sequence"), 3.0)  # mean(2, 4)
+    assert close(aggregate(x, mask, "token-mean"), 2.5)  # (1 + 2 + 3 + 4) / 4
+    assert close(aggregate(x, mask, "seq-mean-token-mean"), 3.0)  # mean(2, 4)
     with pytest.raises(ValueError):
         aggregate(x, mask, "batch")
-    # At ratio 1 the clipped surrogate is -A, aggregated the same way.
+    # At ratio 1 the clipped surrogate is -A, aggregated the same way: ppo a token mean, grpo per answer.
     lp = torch.zeros(2, 3, dtype=torch.float64)
     adv = t([1.0, 1.0, 1.0], [-2.0, 0.0, 0.0])
-    assert close(policy_loss(lp, lp, adv, mask, 0.2, "token")[0], -(3 - 2) / 4)
-    assert close(policy_loss(lp, lp, adv, mask, 0.2, "sequence")[0], -(1 - 2) / 2)
+    assert close(POLICY_LOSSES["ppo"].fn(lp, lp, adv, mask, LossSpec(aggregation="token-mean"))[0], -(3 - 2) / 4)
+    assert close(POLICY_LOSSES["grpo"].fn(lp, lp, adv, mask, LossSpec(aggregation="seq-mean-token-mean"))[0],
+                 -(1 - 2) / 2)
 
 
 def test_reward_terms():
@@ -82,7 +85,7 @@ def test_reward_terms():
     amask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
     # Row 0: 3-grams 123, 231, 312, 123 -> 1 of 4 repeats; row 1: 444, 444 -> 1 of 2.
     assert close(repetition_term(answers, amask, 3), [0.25, 0.5])
-    terms = RewardTerms(RewardTermsConfig(length_coef=-1.0, repetition_coef=-2.0), max_new_tokens=6)
+    terms = RewardTerms(RewardConfig(length_coef=-1.0, repetition_coef=-2.0), max_new_tokens=6)
     seq = torch.cat([torch.tensor([[9], [9]]), answers], dim=1)  # prompt of 1 token, then the answers
     action_mask = amask.float()  # (B, T-1): position t predicts token t+1, so answers start at position 0
     total, parts = terms.total(torch.tensor([1.0, 1.0]), seq, action_mask, prompt_len=1)
@@ -117,5 +120,5 @@ def test_group_configs_refuse_critic_settings_and_bad_values():
         PipelineConfig.load("tiny-cpu", {"algorithm": "a2c"})
     with pytest.raises(ConfigError, match="grpo.kl_penalty"):
         PipelineConfig.load("tiny-cpu", {"grpo.kl_penalty": "both"})
-    with pytest.raises(ConfigError, match="reward_terms.function"):
-        PipelineConfig.load("tiny-cpu", {"reward_terms.function": "os.system"})
+    with pytest.raises(ConfigError, match="reward.function"):
+        PipelineConfig.load("tiny-cpu", {"reward.function": "os.system"})

@@ -1,4 +1,4 @@
-"""The stage launcher (``rlhf_tasks.launch``): what every Airflow task calls.
+"""The stage launcher (``rlhf_tasks.pipeline.launch``): what every Airflow task calls.
 
 ``run_stage`` always runs ``python -m rlhf_tasks <stage>``; to control the child, the
 tests swap ``launch_argv`` for a small ``python -c`` script. Signal handlers are only
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_tasks import launch
-from rlhf_tasks.launch import StageFailed, launch_argv, run_stage
+from rlhf_tasks.pipeline import launch
+from rlhf_tasks.pipeline.launch import StageFailed, launch_argv, run_stage
 from tests.conftest import REPO, load_dag_module
 
 
@@ -310,7 +310,7 @@ time.sleep(30)
 # The parent: what an Airflow task process does, with the child swapped in.
 PARENT = """
 import sys
-from rlhf_tasks import launch
+from rlhf_tasks.pipeline import launch
 out, signum = sys.argv[1], sys.argv[2]
 launch.launch_argv = lambda *a, **k: [sys.executable, "-c", {child!r}, out, signum]
 try:

@@ -6,16 +6,9 @@ import pytest
 import torch
 from transformers import OPTConfig, OPTModel
 
-from rlhf_tasks.models import (
-    RewardModel,
-    apply_lora,
-    last_token_index,
-    merge_lora,
-    pairwise_loss,
-    plain_state_dict,
-    positions_from_mask,
-    read_score,
-)
+from rlhf_tasks.algorithms.maths.preference import pairwise_loss
+from rlhf_tasks.runtime.lora import apply_lora, merge_lora, plain_state_dict
+from rlhf_tasks.runtime.models import RewardModel, last_token_index, positions_from_mask, read_score
 
 
 def test_score_is_read_at_last_real_token_for_both_padding_sides():
@@ -91,7 +84,7 @@ def test_seed_recipe_models_load_from_local_directories(tmp_path, tiny_model_dir
     from transformers import AutoTokenizer, OPTConfig
 
     from rlhf_tasks.config import PipelineConfig
-    from rlhf_tasks.prepare import check_models
+    from rlhf_tasks.pipeline.prepare import check_models
 
     dims = {"opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                              word_embed_proj_dim=2048),
@@ -141,7 +134,7 @@ def test_lora_default_targets_every_block_projection(arch, head):
     from transformers import AutoModel, AutoModelForCausalLM
 
     from rlhf_tasks.config import PipelineConfig
-    from rlhf_tasks.models import lora_targets
+    from rlhf_tasks.runtime.lora import lora_targets
 
     cfg = PipelineConfig.load("tiny-cpu")
     assert cfg.sft.lora_module_name == cfg.ppo.actor.lora_module_name == cfg.ppo.critic.lora_module_name == "auto"
@@ -177,10 +170,10 @@ def test_attention_falls_back_to_eager_only_where_sdpa_is_missing(arch, tmp_path
     a warning naming the directory); Llama keeps sdpa."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_tasks.models import load_causal_lm
+    from rlhf_tasks.runtime.models import load_causal_lm
 
     AutoModelForCausalLM.from_config(_tiny_config(arch)).save_pretrained(tmp_path / arch)
-    with caplog.at_level("WARNING", logger="rlhf_tasks.models"):
+    with caplog.at_level("WARNING", logger="rlhf_tasks.runtime.models"):
         lm = load_causal_lm(str(tmp_path / arch), attn_implementation="sdpa")
         rm = RewardModel.from_pretrained(str(tmp_path / arch), attn_implementation="sdpa")
     want = "eager" if arch == "bloom" else "sdpa"
@@ -194,7 +187,7 @@ def test_attention_falls_back_to_eager_only_where_sdpa_is_missing(arch, tmp_path
 
 
 def test_other_attention_errors_are_not_swallowed(tmp_path):
-    from rlhf_tasks.models import load_causal_lm
+    from rlhf_tasks.runtime.models import load_causal_lm
 
     with pytest.raises(OSError):
         load_causal_lm(str(tmp_path / "missing-model"), attn_implementation="sdpa")

@@ -199,7 +199,7 @@ def test_an_untraceable_architecture_warns_and_falls_back(tmp_path, caplog, caps
 def test_run_report_sets_the_plan_beside_the_measured_peak(tmp_path, monkeypatch):
     """report.md gains a Memory plan table: the install task's plan.json per stage, and the
     peak each stage measured (on CUDA; "–" where none was measured)."""
-    from rlhf_tasks import register
+    from rlhf_tasks.pipeline import register
     from tests.test_register import make_run, md_table
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -10,9 +10,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from rlhf_tasks.ppo import static_decode
-from rlhf_tasks.ppo.generation import GenerationSettings, answer_mask, generate
-from rlhf_tasks.ppo.static_decode import ban_repeated_ngrams, choose_tokens
+from rlhf_tasks.algorithms.rl import static_decode
+from rlhf_tasks.algorithms.rl.generation import GenerationSettings, answer_mask, generate
+from rlhf_tasks.algorithms.rl.static_decode import ban_repeated_ngrams, choose_tokens
 
 EOS, PAD = 2, 1
 # A small vocabulary, so that the rows of a batch share tokens and one EOS id ends them at
@@ -222,7 +222,7 @@ def test_ngram_ban_matches_hf_processor(n):
 
 @pytest.mark.parametrize("arch", sorted(static_decode.HF_ONLY_MODEL_TYPES))
 def test_hf_only_architecture_falls_back_to_hf(arch, caplog, monkeypatch):
-    from rlhf_tasks.ppo import generation
+    from rlhf_tasks.algorithms.rl import generation
 
     monkeypatch.setattr(generation, "_fallback_logged", set())
     model = tiny_lm(arch)
@@ -300,7 +300,7 @@ def test_group_sampling_rollout_on_the_static_backend(monkeypatch):
     """GRPO / RLOO: P prompts, each repeated G times with its copies adjacent, in one batch.
     Sampling gives G different answers per prompt, and the rollout has the shapes the group
     trainer reshapes to (P, G): sequences (P*G, T), action_mask (P*G, T-1)."""
-    from rlhf_tasks.ppo import generation
+    from rlhf_tasks.algorithms.rl import generation
 
     def no_hf(*args, **kwargs):
         raise AssertionError("the group rollout fell back to HF generate()")

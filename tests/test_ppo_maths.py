@@ -7,15 +7,27 @@ import math
 import pytest
 import torch
 
-from rlhf_tasks.ppo.advantages import (
+from rlhf_tasks.algorithms.maths.advantages import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
     compute_rewards,
     whiten,
 )
-from rlhf_tasks.ppo.experience import Experience
-from rlhf_tasks.ppo.losses import log_probs_from_logits, masked_mean, policy_loss, value_loss
+from rlhf_tasks.algorithms.maths.policy import POLICY_LOSSES, LossSpec, value_loss
+from rlhf_tasks.algorithms.maths.tokens import log_probs_from_logits, masked_mean
+from rlhf_tasks.algorithms.rl.experience import Experience
+
+
+def policy_loss(logp, old, adv, mask, eps):
+    """PPO's registered loss as (loss, clip fraction, approx. KL)."""
+    loss, m = POLICY_LOSSES["ppo"].fn(logp, old, adv, mask, LossSpec(eps, eps))
+    return loss, m["clip_fraction"], m["approx_kl"]
+
+
+def value_loss_(values, old, returns, mask, eps):
+    loss, m = value_loss(values, old, returns, mask, eps)
+    return loss, m["clip_fraction"]
 
 
 def t(*rows) -> torch.Tensor:
@@ -145,13 +157,13 @@ def test_losses_ignore_garbage_at_masked_positions(junk):
     assert torch.equal(g1, g0) and (g1[dirty] == 0).all()
 
     values = t([0.0, 1.0, 2.0, 0.5, 0.0], [0.3, -0.2, 0.0, 0.0, 0.0])
-    clean = value_loss(values, values - 0.1, values + 0.3, mask, eps)
+    clean = value_loss_(values, values - 0.1, values + 0.3, mask, eps)
     v = values.clone()
     v[dirty] = junk
     v.requires_grad_(True)
     ret = values + 0.3
     ret[dirty] = junk
-    loss, clip_frac = value_loss(v, v.detach() - 0.1, ret, mask, eps)
+    loss, clip_frac = value_loss_(v, v.detach() - 0.1, ret, mask, eps)
     loss.backward()
     assert close(loss.detach(), clean[0].item()) and close(clip_frac, clean[1].item())
     assert torch.isfinite(v.grad).all() and (v.grad[dirty] == 0).all()
@@ -164,7 +176,7 @@ def test_value_loss_clipping():
     new = t([1.5, 1.5, 0.9, -5.0])
     ret = t([2.0, 1.0, 0.0, 0.0])
     mask = t([1, 1, 1, 0])
-    loss, clip_frac = value_loss(new, old, ret, mask, eps)
+    loss, clip_frac = value_loss_(new, old, ret, mask, eps)
     # a) clipped V = 1 + 0.2 = 1.2: (1.5-2)^2 = 0.25, (1.2-2)^2 = 0.64 -> 0.64 (clipped is larger)
     # b) clipped V = 1.2:           (1.5-1)^2 = 0.25, (1.2-1)^2 = 0.04 -> 0.25
     # c) 0.9 within 0.2 of 1:       (0.9-0)^2 = 0.81 both             -> 0.81
@@ -220,8 +232,8 @@ def test_adaptive_kl_controller_moves_towards_target():
 
 def make_experience(B: int = 5, T: int = 4) -> Experience:
     per_action = {k: torch.arange(B * (T - 1), dtype=torch.float32).view(B, T - 1) + i
-                  for i, k in enumerate(("action_mask", "action_log_probs", "ref_log_probs", "values", "rewards",
-                                         "advantages", "returns"))}
+                  for i, k in enumerate(("action_mask", "action_log_probs", "ref_log_probs", "values", "advantages",
+                                         "returns"))}
     return Experience(sequences=torch.arange(B * T).view(B, T), attention_mask=torch.ones(B, T, dtype=torch.long),
                       scores=torch.arange(B, dtype=torch.float32), prompt_len=2, **per_action)
 

@@ -113,7 +113,7 @@ def test_cpu_run_on_a_gpu_worker_ignores_the_gpu_count(monkeypatch):
     device=cuda run asking for 2 GPUs there must."""
     import torch
 
-    from rlhf_tasks import prepare as prepare_mod
+    from rlhf_tasks.pipeline import prepare as prepare_mod
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

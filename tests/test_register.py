@@ -1,4 +1,4 @@
-"""The register stage's report (``rlhf_tasks.register``) without MLflow.
+"""The register stage's report (``rlhf_tasks.pipeline.register``) without MLflow.
 
 A fake run directory holds the ``result.json`` of each stage (and the ``final/`` dir
 that makes it count as finished); ``register.run`` must turn them into the seed guide's
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_tasks import register
 from rlhf_tasks.config import PipelineConfig
+from rlhf_tasks.pipeline import register
 from rlhf_tasks.storage import RunDir, StageResult
 
 PRICE, GPUS = 2.5, 2

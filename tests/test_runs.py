@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from rlhf_tasks.config import PipelineConfig, resolve_run_config
+from rlhf_tasks.config import PipelineConfig
+from rlhf_tasks.runtime.run_config import resolve_run_config
 from rlhf_tasks.storage import RunDir, StageResult
 from tests.runs import fork_run
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import datasets
 
+from ..storage import storage_root
 from .formats import GENERIC, HUB_DATASETS, HUMAN, SCHEMAS, SEED_DATASETS, TRANSCRIPTS, Schema, normalise
 from .split import split_indices
 
@@ -115,14 +116,28 @@ def _local(spec: str, location: str, schema: str) -> DatasetSpec:
     return DatasetSpec(schema, str(path.resolve()), True, spec)
 
 
+# Where people's labels are kept (the feedback package writes them, the ``human`` spec reads them).
+HUMAN_STORE = Path("preferences") / "human"
+
+
+def human_store_dir(root: Path | None = None) -> Path:
+    return (root or storage_root()) / HUMAN_STORE
+
+
+def with_human_store(datasets: list[str]) -> list[str]:
+    """``datasets`` plus the store (``human``) unless a ``human`` spec is already there:
+    a retraining run started by a labelling batch trains on the labels."""
+    specs = list(datasets)
+    named = any(s.strip() == HUMAN or s.strip().startswith(HUMAN_PREFIX) for s in specs)
+    return specs if named else [*specs, HUMAN]
+
+
 def human_batches(location: str | Path) -> list[Path]:
     """The labelled batches of a preference store directory, by name."""
     return sorted(p for p in Path(location).glob("*.jsonl") if p.is_file() and p.stat().st_size > 0)
 
 
 def _human(spec: str) -> DatasetSpec:
-    from ..feedback.store import human_store_dir
-
     where = spec.removeprefix(HUMAN).removeprefix(":").strip()
     path = Path(where).expanduser() if where else human_store_dir()
     if not human_batches(path):

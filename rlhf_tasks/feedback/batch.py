@@ -96,7 +96,7 @@ def prepare(params: Mapping[str, Any], run_id: str, tracking_uri: str | None) ->
     second = first if form.compare_with == SELF else resolve_model(form.compare_with, cfg, tracking_uri, cache)
     if second.path == first.path:
         second = ModelRef(f"{first.label} (2nd sample)", first.path, first.version)
-    from ..engine import resolve_device
+    from ..runtime.engine import resolve_device
 
     pairs, identical = make_pairs(prompts, (first, second), max_new_tokens=int(form.max_new_tokens), seed=cfg.seed,
                                   run_id=run_id, device=str(resolve_device(cfg.device)))

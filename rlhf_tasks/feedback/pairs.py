@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..chat import format_turn
 from ..config import PipelineConfig
+from ..data.chat import format_turn
 from .labels import LabelRequest, shown_order
 
 log = logging.getLogger("rlhf_tasks")
@@ -82,7 +82,7 @@ def held_out_prompts(cfg: PipelineConfig) -> list[str]:
 
 def resolve_model(ref: str, cfg: PipelineConfig, tracking_uri: str | None, cache: Path) -> ModelRef:
     """A model directory, ``builtin:...``, or a registry reference -> a local directory."""
-    from ..models import BUILTIN_PREFIX, resolve_model_path
+    from ..runtime.models import BUILTIN_PREFIX, resolve_model_path
 
     if ref.startswith(BUILTIN_PREFIX) or Path(ref).expanduser().is_dir():
         return ModelRef(ref, resolve_model_path(ref))
@@ -122,8 +122,8 @@ def _answer(model: ModelRef, prompts: list[str], max_new_tokens: int, temperatur
             device: str, batch_size: int = 16) -> list[str]:
     import torch
 
-    from ..models import load_causal_lm, load_tokenizer
-    from ..ppo.generation import GenerationSettings, generate
+    from ..algorithms.rl.generation import GenerationSettings, generate
+    from ..runtime.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model.path)
     lm = load_causal_lm(model.path).to(device).eval()

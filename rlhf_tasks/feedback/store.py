@@ -18,24 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..storage import run_dir_for, storage_root, write_json
-
-HUMAN_STORE = Path("preferences") / "human"
-
-
-def human_store_dir(root: Path | None = None) -> Path:
-    return (root or storage_root()) / HUMAN_STORE
-
-
-def with_human_store(datasets: Sequence[str]) -> list[str]:
-    """``datasets`` plus the store (``human``) unless a ``human`` spec is already there:
-    a retraining run started by a labelling batch trains on the labels."""
-    from ..data.formats import HUMAN
-    from ..data.loading import HUMAN_PREFIX
-
-    specs = list(datasets)
-    named = any(s.strip() == HUMAN or s.strip().startswith(HUMAN_PREFIX) for s in specs)
-    return specs if named else [*specs, HUMAN]
+from ..data.loading import HUMAN_STORE, human_store_dir, with_human_store  # noqa: F401 - the store's API
+from ..storage import run_dir_for, write_json
 
 
 def batch_name(dag_run_id: str) -> str:

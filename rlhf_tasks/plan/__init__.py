@@ -56,7 +56,7 @@ def model_config(name: str, trust_remote_code: bool = False, download: bool = Fa
     """The config of ``model.actor``/``model.rm`` as models.py resolves the name: a local
     directory, ``builtin:tiny-opt`` (built on first use), or a hub id whose config.json is
     in the Hugging Face cache (or downloaded when ``download``, as prepare does)."""
-    from ..models import resolve_model_path
+    from ..runtime.models import resolve_model_path
 
     path = resolve_model_path(name)
     if Path(path).exists():

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from ..config import ConfigError, PipelineConfig, set_path
-from .stages import StagePlan, _rl_settings, plan_stage
+from ..config import ALGORITHMS, ConfigError, PipelineConfig
+from ..config.load import set_path
+from .stages import StagePlan, plan_stage, rl_sections
 
 LORA_DIM = 128  # the seed recipe's LoRA dim
 MAX_BATCH = 4096
@@ -44,16 +45,16 @@ def candidates(cfg: PipelineConfig, stage: str) -> list[tuple[str, dict]]:
                 f"{stage}.per_device_train_batch_size": sec.per_device_train_batch_size // 2,
                 f"{stage}.gradient_accumulation_steps": sec.gradient_accumulation_steps * 2}))
         return out + list(_offload(stage, sec))
-    sec, actor, actor_path = _rl_settings(cfg, stage)
-    section = actor_path.rsplit(".", 1)[0] if actor_path.endswith(".actor") else actor_path
-    engines = [(actor_path, actor)] + ([("ppo.critic", cfg.ppo.critic)] if stage == "ppo" else [])
+    sec, actor, actor_path = rl_sections(cfg, stage)
+    critic = getattr(sec, "critic_section", None)
+    engines = [(actor_path, actor)] + ([(f"{stage}.critic", critic)] if critic is not None else [])
     out = [c for path, s in engines for c in _engine_changes(path, s)]
     if (b := getattr(sec, "per_device_train_batch_size", 1)) > 1:
-        out.append(("half the training micro-batch", {f"{section}.per_device_train_batch_size": b // 2}))
+        out.append(("half the training micro-batch", {f"{stage}.per_device_train_batch_size": b // 2}))
     if (g := getattr(sec, "per_device_generation_batch_size", 1)) > 1:
-        out.append(("half the generation batch", {f"{section}.per_device_generation_batch_size": g // 2}))
-    if stage != "dpo" and not getattr(sec, "offload_reference_model", True):
-        out.append(("offload the reference model", {f"{section}.offload_reference_model": True}))
+        out.append(("half the generation batch", {f"{stage}.per_device_generation_batch_size": g // 2}))
+    if not getattr(sec, "offload_reference_model", True):
+        out.append(("offload the reference model", {f"{stage}.offload_reference_model": True}))
     return out + [c for path, s in engines for c in _offload(path, s)]
 
 
@@ -86,10 +87,8 @@ def batch_paths(cfg: PipelineConfig, stage: str) -> list[str]:
     batches together, equal as in the seed recipe)."""
     if stage in ("sft", "rm"):
         return [f"{stage}.per_device_train_batch_size"]
-    sec, _, _ = _rl_settings(cfg, stage)
-    name = stage if sec is not cfg.ppo else "ppo"
-    keys = ["per_device_train_batch_size"] + ([] if stage == "dpo" else ["per_device_generation_batch_size"])
-    return [f"{name}.{k}" for k in keys]
+    keys = ["per_device_train_batch_size"] + (["per_device_generation_batch_size"] if ALGORITHMS[stage].rollouts else [])
+    return [f"{stage}.{k}" for k in keys]
 
 
 def _peak_at(cfg: PipelineConfig, configs: dict, stage: str) -> Callable[[int], int | None]:

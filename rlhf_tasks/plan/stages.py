@@ -13,13 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ALGORITHMS
 from .states import Engine, deepspeed_buffers, frozen_weights, kv_cache, model_states
 from .trace import StepSpec, Traced, arch_numbers, trace
 
 GB = 1e9  # decimal, as the stages' measured peak_memory_gb (torch.cuda.max_memory_allocated / 1e9)
 PARTS = ("weights", "gradients", "optimizer_states", "master_weights", "activations", "kv_cache",
          "frozen_models", "deepspeed_buffers")
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
 
 
 @dataclass
@@ -120,62 +120,56 @@ def supervised(cfg, configs: dict, stage: str) -> StagePlan:
                      traced=tr.traced)
 
 
-def _rl_settings(cfg, alg: str) -> tuple[Any, Any, str]:
-    """(the algorithm's section, the actor's EngineConfig, its config path): a grpo/rloo/dpo
-    section where the config has one, else PPO's settings."""
-    sec = getattr(cfg, alg, None) or cfg.ppo
+def rl_sections(cfg, alg: str) -> tuple[Any, Any, str]:
+    """(the algorithm's section, the actor's EngineConfig, the actor's config path): the
+    offline algorithms' section is itself the policy's engine."""
+    sec = getattr(cfg, alg)
     if hasattr(sec, "actor"):
-        return sec, sec.actor, f"{alg if sec is not cfg.ppo else 'ppo'}.actor"
-    if hasattr(sec, "zero_stage"):
-        return sec, sec, alg
-    return sec, cfg.ppo.actor, "ppo.actor"
-
-
-def _get(sec, cfg, name: str):
-    return getattr(sec, name, None) if getattr(sec, name, None) is not None else getattr(cfg.ppo, name)
+        return sec, sec.actor, f"{alg}.actor"
+    return sec, sec, alg
 
 
 def rl(cfg, configs: dict, alg: str) -> StagePlan:
-    """PPO (actor, critic, frozen reference and reward model), GRPO/RLOO (no critic, G
-    answers per prompt), or DPO (the policy on chosen + rejected rows; reference log-probs
-    precomputed, so neither the reference nor the reward model is resident)."""
-    sec, actor_sec, _ = _rl_settings(cfg, alg)
-    dtype, world = _get(sec, cfg, "dtype"), world_size(cfg)
-    micro = _get(sec, cfg, "per_device_train_batch_size")
-    gas = _get(sec, cfg, "gradient_accumulation_steps")
-    if alg == "dpo":
+    """Step 3 by the table's row: an RL algorithm holds its actor, a frozen reference and
+    reward model, and a critic when its section has one (PPO), and samples
+    ``answers_per_prompt`` answers per prompt; an offline one (DPO) trains the policy on
+    chosen + rejected rows, its reference log-probs precomputed, so neither the reference
+    nor the reward model is resident."""
+    sec, actor_sec, _ = rl_sections(cfg, alg)
+    dtype, world = sec.dtype, world_size(cfg)
+    micro, gas = sec.per_device_train_batch_size, sec.gradient_accumulation_steps
+    if not ALGORITHMS[alg].rollouts:
         actor = Trained("actor", actor_sec, dtype, "policy", 2 * micro, gas)
         tr = trace("actor", configs["actor"], _spec(cfg, actor))
         resident, training, step = trained_parts(cfg, actor, tr)
         phases = {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)}
-        if sec.pairs == "generated":
+        if getattr(sec, "pairs", None) == "generated":
             phases["pair_generation"] = _pair_generation(cfg, configs, sec, actor, dtype)
         return StagePlan(alg, phases, traced=tr.traced)
-    group = getattr(sec, "group_size", 1) if alg in ("grpo", "rloo") else 1
-    rollout = _get(sec, cfg, "per_device_generation_batch_size") * group
+    rollout = sec.per_device_generation_batch_size * sec.answers_per_prompt
     actor = Trained("actor", actor_sec, dtype, "policy", micro, gas)
     a_tr = trace("actor", configs["actor"], _spec(cfg, actor))
     a_res, a_trans, a_step = trained_parts(cfg, actor, a_tr)
     traced = a_tr.traced
     base_actor = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts
     rm_counts = trace("rm", configs["rm"], StepSpec("forward_value", 1, 8, dtype)).counts
-    offload_ref = _get(sec, cfg, "offload_reference_model")
-    # LoRA training only the adapters: the reference is the actor with its adapters off (ppo/policy.py).
+    offload_ref = sec.offload_reference_model
+    # LoRA training only the adapters: the reference is the actor with its adapters off (rl/models.py).
     shared_ref = bool(actor_sec.lora_dim) and actor_sec.only_optimize_lora
     frozen = 0 if shared_ref else frozen_weights(base_actor, dtype, offload_ref or actor_sec.zero_stage == 3,
                                                  offload_ref, world)
     resident = dict(a_res)
     phases: dict[str, dict[str, int]] = {}
-    critic_zero3 = actor_sec.zero_stage == 3
-    if alg == "ppo":
-        critic = Trained("rm", cfg.ppo.critic, dtype, "value", micro, gas)
+    reward_zero3 = actor_sec.zero_stage == 3
+    if (critic_sec := sec.critic_section) is not None:
+        critic = Trained("rm", critic_sec, dtype, "value", micro, gas)
         c_tr = trace("rm", configs["rm"], _spec(cfg, critic))
         c_res, c_trans, c_step = trained_parts(cfg, critic, c_tr)
         resident = _add(resident, c_res)
         traced = traced and c_tr.traced
-        critic_zero3 = cfg.ppo.critic.zero_stage == 3
+        reward_zero3 = reward_zero3 or critic_sec.zero_stage == 3
         phases.update(critic_update=c_trans, critic_step=c_step)
-    frozen += frozen_weights(rm_counts, dtype, critic_zero3, False, world)
+    frozen += frozen_weights(rm_counts, dtype, reward_zero3, False, world)
     resident["frozen_models"] = frozen
     phases.update(actor_update=a_trans, actor_step=a_step)
     arch = arch_numbers(configs["actor"])
@@ -207,10 +201,7 @@ def _pair_generation(cfg, configs: dict, sec, actor: Trained, dtype: str) -> dic
 
 
 def stage_names(cfg) -> list[str]:
-    alg = getattr(cfg, "algorithm", "ppo") or "ppo"
-    if alg not in ALGORITHMS:
-        raise ValueError(f"algorithm={alg!r}: the planner knows {ALGORITHMS}")
-    return ["sft", "rm", alg]
+    return ["sft", *(["rm"] if cfg.needs_reward_model() else []), cfg.algorithm]
 
 
 def plan_stage(cfg, configs: dict, stage: str) -> StagePlan:

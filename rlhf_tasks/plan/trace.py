@@ -96,7 +96,8 @@ def _adapters_in_place():
 def _build(config, spec: StepSpec):
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from ..models import RewardModel, _set_dropout, apply_lora
+    from ..runtime.lora import apply_lora
+    from ..runtime.models import RewardModel, _set_dropout
 
     config = copy.deepcopy(config)
     _set_dropout(config, spec.dropout)
@@ -134,9 +135,10 @@ def count(model: torch.nn.Module) -> Counts:
 
 def _step(model, spec: StepSpec, vocab: int) -> None:
     """The stage's own forward and loss on a (batch, seq_len) batch, then backward."""
-    from ..models import pairwise_loss, read_score
-    from ..ppo.losses import policy_loss, value_loss
-    from ..ppo.trainer import actor_log_probs
+    from ..algorithms.maths.policy import clipped_surrogate, value_loss
+    from ..algorithms.maths.preference import pairwise_loss
+    from ..algorithms.rl.models import actor_log_probs
+    from ..runtime.models import read_score
 
     B, T = spec.batch, spec.seq_len
     ids = torch.randint(0, vocab, (B, T))
@@ -157,7 +159,7 @@ def _step(model, spec: StepSpec, vocab: int) -> None:
     elif spec.kind == "policy":
         logp = actor_log_probs(model, ids, mask).float()
         amask = torch.ones(B, T - 1)
-        loss = policy_loss(logp, torch.zeros(B, T - 1), torch.ones(B, T - 1), amask, 0.2)[0]
+        loss = clipped_surrogate(logp, torch.zeros(B, T - 1), torch.ones(B, T - 1), amask)[0]
     else:
         values = model(ids, mask)[:, :-1].float()
         amask = torch.ones(B, T - 1)

@@ -18,7 +18,6 @@ registered, matplotlib when a plot is made.
 from __future__ import annotations
 
 from ..config import flatten
-from ..cost import cost_usd, gpu_hours  # the one cost formula, importable from here as before
 from .calls import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -36,5 +35,5 @@ from .runs import airflow_tags, ensure_parent_run, git_commit, open_stage_tracke
 
 __all__ = ["CHAMPION_ALIAS", "EXPERIMENT_KIND", "EXPERIMENT_KIND_TAG", "MAX_KEY_CHARS", "MAX_METRICS_PER_BATCH",
            "MAX_PARAMS_PER_BATCH", "MAX_PARAM_VALUE_CHARS", "MAX_TAG_VALUE_CHARS", "NullTracker", "Tracker",
-           "TrackerLike", "airflow_tags", "cost_usd", "ensure_parent_run", "flatten", "git_commit", "gpu_hours",
+           "TrackerLike", "airflow_tags", "ensure_parent_run", "flatten", "git_commit",
            "open_stage_tracker", "plot_curves", "plot_score_histogram", "register_model", "tracking_uri"]

@@ -26,7 +26,7 @@ RUN_TIMEOUT_S = float(os.environ.get("RLHF_E2E_RUN_TIMEOUT_S", "900"))
 # the session's full tiny-cpu run): a few steps of each stage, small evaluation sets. PPO
 # keeps the 12 iterations the MLflow UI test was shown to chart.
 SHORT_RUN = {"sft.epochs": 1, "rm.epochs": 1, "ppo.max_steps": 12}
-SHORT_RUN_OVERRIDES = ["sft.max_steps=20", "rm.max_steps=20", "data.max_eval_samples=32", "ppo.eval_prompts=32"]
+SHORT_RUN_OVERRIDES = ["sft.max_steps=20", "rm.max_steps=20", "data.max_eval_samples=32", "evaluate.prompts=32"]
 
 
 def e2e_overrides() -> list[str]:

@@ -242,8 +242,8 @@ def test_training_reads_the_labels_and_mlflow_counts_them(labelling, dags, tmp_p
 def candidate_run(topo: Topology, name: str, ppo_reward: float, timeout_min: float, model_dir: Path) -> str:
     """A run directory as evaluate leaves it (the built-in model as SFT and PPO actor,
     metrics set here), registered by the real register stage with human approval."""
-    from rlhf_tasks import register
     from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.pipeline import register
     from rlhf_tasks.storage import RunDir, StageResult, run_dir_for
 
     run = RunDir(run_dir_for(name, topo.storage))

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from rlhf_tasks.launch import free_port
+from rlhf_tasks.runtime.ranks import free_port
 from tests.e2e.topology import REPO, ApiError, http_json, tail, wait_until
 
 DAG_ID = "ingest_preferences"
@@ -237,7 +237,7 @@ def test_sigterm_to_make_stops_every_process(make_ui):
 _ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from rlhf_tasks import local
+from rlhf_tasks.pipeline import local
 
 local.become_subreaper()
 log = Path(sys.argv[1])

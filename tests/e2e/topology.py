@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.launch import free_port
+from rlhf_tasks.runtime.ranks import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "rlhf_pipeline"

@@ -39,7 +39,7 @@ OVERRIDES = [
     "sft.epochs=1", "sft.max_steps=40", "sft.checkpoint_every_steps=0", "sft.num_warmup_steps=4",
     "rm.epochs=1", "rm.max_steps=60", "rm.checkpoint_every_steps=0", "rm.num_warmup_steps=4",
     "ppo.max_steps=3", "ppo.per_device_generation_batch_size=8", "ppo.per_device_train_batch_size=8",
-    "ppo.checkpoint_every_steps=0", "ppo.eval_prompts=16",
+    "ppo.checkpoint_every_steps=0", "evaluate.prompts=16",
     "ppo.actor.lora_dim=4", "ppo.critic.lora_dim=4",
 ]
 
@@ -110,20 +110,22 @@ def finite(*values: float) -> bool:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_stage_on_a_tiny_random_init_model(arch, model_dirs, storage, tmp_path, caplog):
-    from rlhf_tasks import evaluate, reward, sft
     from rlhf_tasks.__main__ import main as cli
-    from rlhf_tasks.config import PipelineConfig, resolve_run_config
-    from rlhf_tasks.ppo import trainer
+    from rlhf_tasks.algorithms import reward, sft
+    from rlhf_tasks.algorithms.rl import loop
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.pipeline import evaluate
+    from rlhf_tasks.runtime.run_config import resolve_run_config
     from rlhf_tasks.storage import RunDir
 
     model = str(model_dirs[arch])
     run = RunDir(tmp_path / "run")
     cfg = resolve_run_config(run.path, PipelineConfig.load("tiny-cpu", [f"model.actor={model}", f"model.rm={model}",
                                                                 *OVERRIDES]))
-    with caplog.at_level("WARNING", logger="rlhf_tasks.models"):
+    with caplog.at_level("WARNING", logger="rlhf_tasks.runtime.models"):
         s = sft.run(cfg, run).metrics
         r = reward.run(cfg, run).metrics
-        p = trainer.run(cfg, run).metrics
+        p = loop.run(cfg, run, name="ppo").metrics
         e = evaluate.run(cfg, run).metrics
         # Chat through the CLI entry point: the run's saved config gives the attention
         # kernel, the dtype and the answer length (16 tokens here).

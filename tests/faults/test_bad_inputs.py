@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_tasks import __main__ as cli
-from rlhf_tasks import stage as stage_module
+from rlhf_tasks.runtime import stage as stage_module
 from rlhf_tasks.storage import run_dir_for
 from tests.conftest import load_dag_module
 
@@ -221,8 +221,9 @@ def test_hostile_overrides_never_reach_a_shell(dag, storage, tmp_path):
     """Values the form lets through (free strings) go into the run's config.yaml verbatim, as
     the install task writes it, and are refused by the stage's own checks; nothing they spell
     out is executed."""
-    from rlhf_tasks.config import PipelineConfig, resolve_run_config
-    from rlhf_tasks.launch import StageFailed, run_stage
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.pipeline.launch import StageFailed, run_stage
+    from rlhf_tasks.runtime.run_config import resolve_run_config
 
     canary = tmp_path / CANARY
     hostile = {"model.actor": f"x; touch {canary}", "data.datasets": [f"$(touch {canary}).jsonl"],
@@ -255,8 +256,8 @@ def test_remote_code_runs_only_with_both_switches(storage, tmp_path, monkeypatch
     """The evil model's code runs only when the config *and* the operator allow it (here
     it then fails to build, having written its canary: proof that the gate was the only
     thing in the way)."""
-    from rlhf_tasks import preflight
     from rlhf_tasks.config import ConfigError, PipelineConfig
+    from rlhf_tasks.pipeline import preflight
 
     model = _evil_model(tmp_path)
     cfg = PipelineConfig.load("tiny-cpu", [f"model.actor={model}", "model.trust_remote_code=true"])

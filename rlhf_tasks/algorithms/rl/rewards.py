@@ -1,0 +1,113 @@
+"""The reward an RL step optimises (the config's ``reward`` section): the reward model's
+score plus weighted rule-based terms.
+
+Each term is a pure function of the rollout, logged on its own so that a reward hack
+shows (answers that grow or repeat because the reward model likes it):
+
+- ``length``: answer tokens / answer budget, in [0, 1];
+- ``repetition``: share of the answer's n-grams that repeat an earlier one, in [0, 1];
+- ``overlong``: DAPO's soft overlong penalty (Yu et al. 2025, eq. 13): 0 up to the last
+  ``overlong_buffer`` tokens of the budget, then falling linearly to -1 at the budget (an
+  answer cut off there without EOS gets -1);
+- ``function``: ``module:function`` installed on the worker, called as
+  ``f(prompts: list[str], answers: list[str]) -> list[float]``. Importing it runs code, so
+  it needs the worker's consent as remote model code does: ``RLHF_ALLOW_REWARD_FUNCTION=1``
+  in the worker's environment; a trigger-form value alone cannot make the worker run code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+from ...config import ConfigError
+from ...config.sections import RewardConfig
+
+ALLOW_REWARD_FUNCTION_ENV = "RLHF_ALLOW_REWARD_FUNCTION"
+
+
+def length_term(action_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    """(B, N) action mask -> (B,) answer length as a share of the budget."""
+    return action_mask.float().sum(-1) / max(max_new_tokens, 1)
+
+
+def overlong_term(action_mask: torch.Tensor, max_new_tokens: int, buffer: int) -> torch.Tensor:
+    """(B, N) action mask -> (B,) in [-1, 0]: ``((L - buffer) - length) / buffer`` over the
+    buffer's tokens, 0 before it (L the answer budget)."""
+    length = action_mask.float().sum(-1)
+    start = max_new_tokens - buffer
+    return ((start - length) / max(buffer, 1)).clamp(-1.0, 0.0)
+
+
+def repetition_term(answers: torch.Tensor, answer_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, A) answer ids, (B, A) mask -> (B,) share of the n-grams that occurred before in
+    the same answer (0 for an answer shorter than n + 1 tokens)."""
+    out = torch.zeros(answers.shape[0])
+    for i, (row, m) in enumerate(zip(answers.tolist(), answer_mask.tolist(), strict=True)):
+        ids = row[:int(sum(m))]
+        grams = [tuple(ids[j:j + n]) for j in range(len(ids) - n + 1)]
+        if grams:
+            out[i] = (len(grams) - len(set(grams))) / len(grams)
+    return out
+
+
+def function_allowed() -> bool:
+    return os.environ.get(ALLOW_REWARD_FUNCTION_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def load_function(spec: str, field: str = "reward.function") -> Callable[[list[str], list[str]], list[float]]:
+    """Import ``module:function``; refused (ConfigError, exit 2) without the worker's consent."""
+    if not function_allowed():
+        raise ConfigError(f"{field}={spec!r} is refused on this worker: a reward function is Python code run on "
+                          f"the worker, which needs the operator's consent ({ALLOW_REWARD_FUNCTION_ENV}=1 in the "
+                          "worker's environment)")
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{field}={spec!r} is invalid: cannot import it on this worker ({e})") from None
+    if not callable(fn):
+        raise ConfigError(f"{field}={spec!r} is invalid: {module}.{name} is not callable")
+    return fn
+
+
+class RewardTerms:
+    """``total(scores, rollout) -> (rewards, parts)``: the RM score plus the weighted terms;
+    ``parts`` holds each term's mean (before weighting) for the log."""
+
+    def __init__(self, t: RewardConfig, max_new_tokens: int, tokenizer=None):
+        self.t, self.max_new_tokens, self.tok = t, max_new_tokens, tokenizer
+        self.fn = load_function(t.function) if t.function else None
+
+    @property
+    def active(self) -> bool:
+        return bool(self.t.length_coef or self.t.repetition_coef or self.t.overlong_buffer or self.fn)
+
+    def total(self, scores: torch.Tensor, sequences: torch.Tensor, action_mask: torch.Tensor,
+              prompt_len: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(B,) RM scores -> (B,) rewards, and each term's per-answer values (B,)."""
+        t, parts = self.t, {}
+        rewards = scores
+        if t.length_coef:
+            parts["length"] = length_term(action_mask, self.max_new_tokens).to(scores)
+            rewards = rewards + t.length_coef * parts["length"]
+        if t.overlong_buffer:
+            parts["overlong"] = overlong_term(action_mask, self.max_new_tokens, t.overlong_buffer).to(scores)
+            rewards = rewards + t.overlong_coef * parts["overlong"]
+        if t.repetition_coef:
+            answers, amask = sequences[:, prompt_len:], action_mask[:, prompt_len - 1:]
+            parts["repetition"] = repetition_term(answers, amask, t.repetition_ngram).to(scores)
+            rewards = rewards + t.repetition_coef * parts["repetition"]
+        if self.fn is not None:
+            prompts = self.tok.batch_decode(sequences[:, :prompt_len], skip_special_tokens=True)
+            answers = [self.tok.decode(s[prompt_len:][m[prompt_len - 1:].bool()], skip_special_tokens=True)
+                       for s, m in zip(sequences, action_mask, strict=True)]
+            values = self.fn(prompts, answers)
+            if len(values) != len(answers):
+                raise ValueError(f"{t.function} returned {len(values)} rewards for {len(answers)} answers")
+            parts["function"] = torch.tensor([float(v) for v in values]).to(scores)
+            rewards = rewards + t.function_coef * parts["function"]
+        return rewards, parts
