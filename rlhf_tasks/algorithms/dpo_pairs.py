@@ -1,9 +1,10 @@
 """On-policy preference pairs for DPO (``dpo.pairs: generated``).
 
 The SFT actor answers the third phase's training prompts ``dpo.candidates`` times each
-(sampled with the ``sampling`` section's settings, as evaluate samples), the frozen reward model plus the
-reward terms the RL steps optimise scores every answer, and each prompt's best answer
-becomes ``chosen``, its worst ``rejected``. This is one round of iterative DPO with
+(sampled with the ``sampling`` section's settings, as evaluate samples), the run's reward
+(the frozen reward model, the verifier or both: ``reward.source``) plus the reward terms the
+RL steps optimise scores every answer, and each prompt's best answer becomes ``chosen``, its
+worst ``rejected`` (a prompt whose answers all score the same gives no pair). This is one round of iterative DPO with
 RM-ranked self-generated pairs (Xiong et al. 2024, "Iterative Preference Learning from
 Human Feedback"; Llama 3's post-training): DPO then learns what the reward model prefers
 among answers the policy actually gives, where the dataset's pairs were written by others.
@@ -81,7 +82,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     """This rank's share of the prompt batches, answered, scored and paired."""
     cfg, d = ctx.cfg, ctx.cfg.dpo
     k, clip = d.candidates, cfg.reward.clip_reward_value
-    reward = load_reward_model(ctx, cfg, d.dtype, zero3=False)
+    reward = load_reward_model(ctx, cfg, d.dtype, zero3=False) if cfg.needs_reward_model() else None
     terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok)
     per_batch = max(1, d.per_device_eval_batch_size // k)  # prompts per batch: k answers each
     batches = list(DataLoader(prompts, batch_size=per_batch, collate_fn=PromptCollator(tok.pad_token_id)))
@@ -91,7 +92,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     for i, b in enumerate(mine):
         ids, mask = (b[n].to(ctx.device).repeat_interleave(k, 0) for n in ("input_ids", "attention_mask"))
         ro = generate(model, ids, mask, gen, tok.eos_token_id, tok.pad_token_id)
-        scores = reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip)
+        scores = reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip) if reward else None
         total, _ = terms.total(scores, ro.sequences, ro.action_mask, ro.prompt_len)
         for key, values in pair_rows(ro, total.cpu(), k).items():
             rows[key] += values

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import datasets
 
+from .chat import Renderer
 from .loading import SHOW_BAD_ROWS, DatasetSpec, ValidationReport, load_pairs, resolve_spec
 from .split import blend, parse_data_split
 
@@ -35,10 +36,16 @@ PAIR_COLUMNS = ("chosen_input_ids", "rejected_input_ids", "chosen_prompt_len", "
 PROMPT_COLUMNS = ("prompt_input_ids", "length", "drop")
 
 
-def _encode(tok, prompts: list[str], answers: list[list[str]]) -> tuple[list[list[int]], list[list[list[int]]]]:
-    p = tok(prompts, add_special_tokens=True)["input_ids"]
-    a = [tok(texts, add_special_tokens=False)["input_ids"] for texts in answers]
-    return p, a
+def _encode(tok, prompts: list[str], answers: list[list[str]],
+            render: Renderer | None = None) -> tuple[list[list[int]], list[list[list[int]]]]:
+    if render is None or not render.template:
+        p = tok(prompts, add_special_tokens=True)["input_ids"]
+        a = [tok(texts, add_special_tokens=False)["input_ids"] for texts in answers]
+        return p, a
+    # A chat template: the prompt rendered with the generation prompt (its special tokens
+    # written by the template), the answer bare; the EOS appended later ends the turn.
+    return render.encode_prompts(prompts), [tok([render.answer(t) for t in texts], add_special_tokens=False)["input_ids"]
+                                            for texts in answers]
 
 
 def _fit_answer(ids: list[int], room: int, eos_id: int) -> list[int]:
@@ -74,14 +81,15 @@ def _check_tok(tok) -> None:
 
 
 def tokenize_sft(ds: datasets.Dataset, tok, max_seq_len: int, train_on_prompt: bool = False, *,
-                 name: str = "sft", split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                 name: str = "sft", split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + chosen -> ``input_ids``, ``labels`` (IGNORE_INDEX on the prompt unless
     ``train_on_prompt``), ``length``. A prompt that leaves no room for one answer token and
-    EOS is dropped."""
+    EOS is dropped. Under a chat template the prompt is the rendered conversation up to the
+    assistant's header, so the labels cover the assistant's answer and its end-of-turn only."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["chosen"]])
+        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["chosen"]], render)
         out: dict[str, list] = {c: [] for c in SFT_COLUMNS}
         for p, a in zip(prompts, answers, strict=True):
             room = max_seq_len - len(p)
@@ -100,14 +108,14 @@ def tokenize_sft(ds: datasets.Dataset, tok, max_seq_len: int, train_on_prompt: b
 
 
 def tokenize_pairs(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "pairs",
-                   split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                   split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + chosen / prompt + rejected -> ``chosen_input_ids``, ``rejected_input_ids``,
     ``chosen_prompt_len``, ``length`` (the longer of the two). Pairs that truncation makes
     identical teach nothing and are dropped too."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        prompts, (chosen, rejected) = _encode(tok, batch["prompt"], [batch["chosen"], batch["rejected"]])
+        prompts, (chosen, rejected) = _encode(tok, batch["prompt"], [batch["chosen"], batch["rejected"]], render)
         out: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
         for p, c, r in zip(prompts, chosen, rejected, strict=True):
             room = max_seq_len - len(p)
@@ -126,14 +134,15 @@ def tokenize_pairs(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "
 
 
 def tokenize_prompts(ds: datasets.Dataset, tok, max_prompt_seq_len: int, *, name: str = "prompts",
-                     split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                     split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt -> ``prompt_input_ids``, ``length``; the ``prompt`` and ``chosen`` texts are
     kept for reference (evaluation tables). Prompts over the limit are dropped: PPO
     generates ``max_seq_len - max_prompt_seq_len`` tokens after them."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        ids = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+        ids = (render.encode_prompts(batch["prompt"]) if render is not None and render.template
+               else tok(batch["prompt"], add_special_tokens=True)["input_ids"])
         return {"prompt_input_ids": ids, "length": [len(x) for x in ids],
                 "drop": [f"prompt over {max_prompt_seq_len} tokens" if len(x) > max_prompt_seq_len else ""
                          for x in ids]}
@@ -174,7 +183,7 @@ def cache_key(specs: Sequence[DatasetSpec], tok, **settings: Any) -> str:
 def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, split: Literal["train", "eval"],
                         data_split: str | Sequence[float], seed: int, max_seq_len: int, max_prompt_seq_len: int,
                         cache_dir: Path | None, train_on_prompt: bool = False,
-                        hf_cache_dir: str | Path | None = None) -> tuple[datasets.Dataset, list[ValidationReport]]:
+                        hf_cache_dir: str | Path | None = None, render: Renderer | None = None) -> tuple[datasets.Dataset, list[ValidationReport]]:
     """Load every spec, take its ``phase`` share of ``split``, blend, tokenise as ``kind``.
 
     With ``cache_dir`` the result is saved under ``cache_dir/<sha256 of every input>/``
@@ -192,6 +201,8 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
     settings = {"kind": kind, "phase": phase, "split": split, "data_split": str(data_split), "seed": seed,
                 "max_seq_len": max_seq_len, "max_prompt_seq_len": max_prompt_seq_len,
                 "train_on_prompt": bool(train_on_prompt) and kind == "sft"}
+    if render is not None and render.template:  # only then: an untemplated run keeps its cache key
+        settings["chat_template"] = render.tok.chat_template
     target = Path(cache_dir) / cache_key(resolved, tok, **settings) if cache_dir is not None else None
     if target is not None and (target / "reports.json").is_file():
         reports = [ValidationReport(**r) for r in json.loads((target / "reports.json").read_text())]
@@ -206,11 +217,11 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
     rows = blend(shares, data_split, phase, seed)
     name = ",".join(s.name for s in resolved)
     if kind == "sft":
-        ds, report = tokenize_sft(rows, tok, max_seq_len, train_on_prompt, name=name, split=split)
+        ds, report = tokenize_sft(rows, tok, max_seq_len, train_on_prompt, name=name, split=split, render=render)
     elif kind == "pairs":
-        ds, report = tokenize_pairs(rows, tok, max_seq_len, name=name, split=split)
+        ds, report = tokenize_pairs(rows, tok, max_seq_len, name=name, split=split, render=render)
     else:
-        ds, report = tokenize_prompts(rows, tok, max_prompt_seq_len, name=name, split=split)
+        ds, report = tokenize_prompts(rows, tok, max_prompt_seq_len, name=name, split=split, render=render)
     reports.append(report)
     if target is None:
         return ds, reports
