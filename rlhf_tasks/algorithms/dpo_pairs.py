@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import PromptCollator
+from ..data.chat import renderer
 from ..data.phases import ppo_prompts
 from ..runtime.stage import StageContext, stage_seed
 from ..storage import atomic_dir
@@ -83,7 +84,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     cfg, d = ctx.cfg, ctx.cfg.dpo
     k, clip = d.candidates, cfg.reward.clip_reward_value
     reward = load_reward_model(ctx, cfg, d.dtype, zero3=False) if cfg.needs_reward_model() else None
-    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok)
+    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok, renderer(tok, cfg.model.chat_template))
     per_batch = max(1, d.per_device_eval_batch_size // k)  # prompts per batch: k answers each
     batches = list(DataLoader(prompts, batch_size=per_batch, collate_fn=PromptCollator(tok.pad_token_id)))
     mine = batches[ctx.rank::ctx.world_size]

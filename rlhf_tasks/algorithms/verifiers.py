@@ -1,11 +1,13 @@
 """Verifiers: rules that say whether an answer is right, the reward a recipe can use instead
 of (or beside) a learned reward model, and the ground truth evaluate reports beside it.
 
-A verifier is ``f(prompts, answers) -> list[float | None]``: 1.0 right, 0.0 wrong, None when
-it cannot check the prompt. Built in: ``world``, the bundled sample world's checkable
+A verifier is ``f(questions, answers) -> list[float | None]``: 1.0 right, 0.0 wrong, None
+when it cannot check the question. A question is the conversation's last user turn (earlier
+turns may ask other things; rlhf_tasks/data/chat.py finds it in DeepSpeed-Chat text and in a
+chat template's rendering alike). Built in: ``world``, the bundled sample world's checkable
 questions (rlhf_tasks/data/samples/generate.py): additions, capitals, colours, opposites and
-animal sounds. The question is the last checkable one in the prompt (DeepSpeed-Chat text or a
-rendered chat template alike), and the answer must state the right answer and no rival:
+animal sounds (the last one asked in the turn: "Thanks! What is 3 plus 4?" is an addition).
+The answer must state the right answer and no rival:
 
 - addition: the numbers the answer states (digits or the words zero..eighteen), less one
   occurrence of each operand, must be non-empty and all equal the sum ("6 plus 6 is 12" is
@@ -65,7 +67,7 @@ def _question(category: str, m: re.Match) -> Question:
 
 
 def world_question(prompt: str) -> Question | None:
-    """The last checkable question of the bundled world in ``prompt``, or None."""
+    """The last checkable question of the bundled world in ``prompt`` (a user turn), or None."""
     best: tuple[int, str, re.Match] | None = None
     for category, pattern in _ASK:
         for m in pattern.finditer(prompt):
@@ -117,7 +119,7 @@ def world(prompts: Sequence[str], answers: Sequence[str]) -> list[float | None]:
 
 @dataclass(frozen=True)
 class Verifier:
-    """A loaded verifier: ``check(prompts, answers)`` and each prompt's ``category``."""
+    """A loaded verifier: ``check(questions, answers)`` and each question's ``category``."""
 
     name: str
     check: Callable[[list[str], list[str]], list[float | None]]
@@ -145,6 +147,9 @@ def load_verifier(spec: str) -> Verifier:
 
 
 def checkable(prompts, verifier: Verifier):
-    """The rows of a prompts dataset (a ``prompt`` text column) that ``verifier`` can check."""
-    keep = [i for i, p in enumerate(prompts["prompt"]) if verifier.category(p) is not None]
+    """The rows of a prompts dataset (a ``prompt`` column of DeepSpeed-Chat text) whose last
+    user turn ``verifier`` can check."""
+    from ..data.chat import last_user_text
+
+    keep = [i for i, p in enumerate(prompts["prompt"]) if verifier.category(last_user_text(p)) is not None]
     return prompts.select(keep)

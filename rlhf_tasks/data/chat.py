@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 HUMAN, ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
@@ -53,6 +54,16 @@ def parse_turns(text: str) -> list[dict[str, str]]:
     return messages
 
 
+def last_user_text(text: str) -> str:
+    """The last user turn of DeepSpeed-Chat text: the question a verifier checks (earlier
+    turns may hold other questions)."""
+    users = [m["content"] for m in parse_turns(text) if m["role"] == "user"]
+    return users[-1] if users else text.strip()
+
+
+_SENTINEL = "\u2063rlhf-user-text\u2063"
+
+
 @dataclass(frozen=True)
 class Renderer:
     """Text in the data's DeepSpeed-Chat format -> what the model is given.
@@ -86,6 +97,27 @@ class Renderer:
         """An answer as the data has it (one leading space, see formats.answer): as it is
         after DeepSpeed-Chat's ``Assistant:``, stripped after a template's assistant header."""
         return text.strip() if self.template else text
+
+    @cached_property
+    def _user_frame(self) -> tuple[str, str]:
+        """(what opens a user turn, what follows the last one up to the answer), read off the
+        template by rendering a sentinel message: ("user\\n", "<|im_end|>\\n<|im_start|>assistant\\n")
+        for ChatML."""
+        probe = self.tok.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+        head, _, tail = probe.partition(_SENTINEL)
+        at = head.rfind("user")
+        return (head[at:] if at >= 0 else head), tail
+
+    def user_text(self, prompt: str) -> str:
+        """The last user turn of a prompt as the model was given it (decoded with its special
+        tokens): what a verifier checks. DeepSpeed-Chat text: after the last ``Human:``."""
+        if not self.template:
+            return last_user_text(prompt)
+        header, tail = self._user_frame
+        start = prompt.rfind(header)
+        text = prompt[start + len(header):] if start >= 0 and header else prompt
+        return (text[:len(text) - len(tail)] if tail and text.endswith(tail) else text).strip()
 
     def encode_prompts(self, texts: list[str]) -> list[list[int]]:
         return self.tok([self.prompt(t) for t in texts], add_special_tokens=self.add_special_tokens)["input_ids"]

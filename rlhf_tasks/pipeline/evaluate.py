@@ -28,10 +28,10 @@ from torch.utils.data import DataLoader
 
 from ..algorithms.rl.generation import GenerationSettings, generate
 from ..algorithms.rl.models import actor_log_probs
-from ..algorithms.rl.rewards import verified
+from ..algorithms.rl.rewards import questions, verified
 from ..algorithms.verifiers import Verifier, checkable, load_verifier
 from ..data import PromptCollator
-from ..data.chat import renderer
+from ..data.chat import last_user_text, renderer
 from ..data.phases import ppo_prompts
 from ..runtime import loop
 from ..runtime.engine import torch_dtype
@@ -48,13 +48,14 @@ class Judge:
 
     def __init__(self, cfg, reward_model, verifier: Verifier, tok):
         self.r, self.rm, self.verifier, self.tok = cfg.reward, reward_model, verifier, tok
+        self.render = renderer(tok, cfg.model.chat_template)
 
     def __call__(self, ro, answers: list[str]) -> torch.Tensor:
         r, clip = self.r, self.r.clip_reward_value
         if r.source == "rm":
             return self.rm.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip).cpu()
-        prompts = self.tok.batch_decode(ro.sequences[:, :ro.prompt_len], skip_special_tokens=True)
-        total = r.verifier_coef * verified(self.verifier(prompts, answers))
+        asked = questions(self.tok, self.render, ro.sequences, ro.prompt_len)
+        total = r.verifier_coef * verified(self.verifier(asked, answers))
         if r.source == "both":
             total = total + r.rm_coef * self.rm.score(ro.sequences, ro.attention_mask).float().cpu()
         return total.clamp(-clip, clip)
@@ -77,11 +78,12 @@ def answer_and_score(actor, judge: Judge, batches, gen: GenerationSettings, tok,
 
 
 def accuracy(verifier: Verifier, prompts: list[str], sft: list[str], aligned: list[str]) -> tuple[dict, list]:
-    """The verifier's accuracy of both actors on the prompts it can check, overall and per
+    """``prompts`` in the data's DeepSpeed-Chat text. The verifier's accuracy of both actors on the prompts it can check, overall and per
     category, with the gain's standard error (paired: the same prompts). Also each prompt's
     (category, sft right, aligned right) for the sample table."""
-    cats = [verifier.category(p) for p in prompts]
-    right_sft, right_aligned = verifier(prompts, sft), verifier(prompts, aligned)
+    asked = [last_user_text(p) for p in prompts]
+    cats = [verifier.category(q) for q in asked]
+    right_sft, right_aligned = verifier(asked, sft), verifier(asked, aligned)
     rows = list(zip(cats, right_sft, right_aligned, strict=True))
     checked = [(c, a, b) for c, a, b in rows if c is not None and a is not None and b is not None]
     if not checked:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ...data import PromptCollator
+from ...data.chat import renderer
 from ...data.collate import LengthGroupedBatchSampler
 from ...data.phases import ppo_prompts
 from ...runtime import loop as supervised
@@ -112,8 +113,8 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     it = Iterations(ctx, prompts, PromptCollator(tok.pad_token_id), sampler, total, ckpt, speed=speed,
                     checkpoint_last=False)
     gen = GenerationSettings.from_section(sec, cfg.data)
-    scorer = Scorer(models, sec, gen, RewardTerms(cfg.reward, gen.max_new_tokens, tok), cfg.reward.clip_reward_value,
-                    tok, speed)
+    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok, renderer(tok, cfg.model.chat_template))
+    scorer = Scorer(models, sec, gen, terms, cfg.reward.clip_reward_value, tok, speed)
     kl_ctl = (AdaptiveKLController(sec.kl_coef, sec.kl_target, sec.kl_horizon) if getattr(sec, "adaptive_kl", False)
               else FixedKLController(sec.kl_coef))
     ema = EMA(models.actor.module, sec.ema_decay) if getattr(sec, "enable_ema", False) else None

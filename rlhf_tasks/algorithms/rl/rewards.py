@@ -26,6 +26,7 @@ import torch
 
 from ...config import ConfigError
 from ...config.sections import RewardConfig
+from ...data.chat import Renderer, renderer
 
 ALLOW_REWARD_FUNCTION_ENV = "RLHF_ALLOW_REWARD_FUNCTION"
 
@@ -75,6 +76,12 @@ def load_function(spec: str, field: str = "reward.function") -> Callable[[list[s
     return fn
 
 
+def questions(tok, render: Renderer, sequences: torch.Tensor, prompt_len: int) -> list[str]:
+    """(B, T) prompt + answer ids -> each conversation's last user turn, what a verifier
+    checks (decoded with the special tokens, so that a chat template's turns can be told apart)."""
+    return [render.user_text(p) for p in tok.batch_decode(sequences[:, :prompt_len], skip_special_tokens=False)]
+
+
 def verified(values: list[float | None]) -> torch.Tensor:
     """A verifier's values -> (B,) reward: an answer it cannot check earns nothing."""
     return torch.tensor([0.0 if v is None else v for v in values])
@@ -85,10 +92,11 @@ class RewardTerms:
     verifier's, or both weighted) plus the weighted terms; ``parts`` holds each term's
     per-answer values (before weighting) for the log."""
 
-    def __init__(self, t: RewardConfig, max_new_tokens: int, tokenizer=None):
+    def __init__(self, t: RewardConfig, max_new_tokens: int, tokenizer=None, render: Renderer | None = None):
         from ..verifiers import load_verifier
 
         self.t, self.max_new_tokens, self.tok = t, max_new_tokens, tokenizer
+        self.render = render if render is not None or tokenizer is None else renderer(tokenizer)
         self.fn = load_function(t.function) if t.function else None
         self.verifier = load_verifier(t.verifier) if t.source != "rm" else None
 
@@ -111,7 +119,8 @@ class RewardTerms:
         if t.source == "rm":
             rewards = scores
         else:
-            values = self.verifier(*self.texts(sequences, action_mask, prompt_len))
+            values = self.verifier(questions(self.tok, self.render, sequences, prompt_len),
+                                   self.texts(sequences, action_mask, prompt_len)[1])
             parts["verifier"] = verified(values).to(sequences.device)
             rewards = t.verifier_coef * parts["verifier"]
             if t.source == "both":
