@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from rlhf_tasks.algorithms.rl.rewards import RewardTerms
-from rlhf_tasks.algorithms.verifiers import Question, checkable, load_verifier, world, world_correct, world_question
+from rlhf_tasks.algorithms.verifiers import (
+    Question,
+    checkable,
+    load_verifier,
+    world,
+    world_correct,
+    world_question,
+)
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.config.sections import RewardConfig
 from rlhf_tasks.pipeline.evaluate import accuracy

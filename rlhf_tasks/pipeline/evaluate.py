@@ -189,10 +189,11 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     # The prompts as the actors saw them: a chat template's rendering with its special tokens.
     shown = tok.batch_decode([r["prompt_input_ids"] for r in prompts],
                              skip_special_tokens=not renderer(tok, cfg.model.chat_template).template)
-    rows = [{"prompt": pr, "sft_answer": a, "sft_reward": round(float(ra), 3), f"{algo}_answer": b,
-             f"{algo}_reward": round(float(rb), 3),
+    rows = [{"prompt": pr, "question": last_user_text(q), "sft_answer": a, "sft_reward": round(float(ra), 3),
+             f"{algo}_answer": b, f"{algo}_reward": round(float(rb), 3),
              "category": v[0], "sft_correct": v[1], f"{algo}_correct": v[2]}
-            for pr, a, ra, b, rb, v in zip(shown, txt_sft, r_sft, txt_ppo, r_ppo, verdicts, strict=True)]
+            for pr, q, a, ra, b, rb, v in zip(shown, prompts["prompt"], txt_sft, r_sft, txt_ppo, r_ppo, verdicts,
+                                               strict=True)]
     ctx.log_metrics(metrics, 0)
     out = ctx.stage_dir
     write_json(out / "samples.json", rows)
