@@ -124,3 +124,21 @@ def test_generated_pairs_are_made_once_and_read_back(trained_run, tmp_path, capl
     assert "read back" in caplog.text and again.to_dict() == first.to_dict()
     other, _ = generated_pairs(ctx(PipelineConfig.load(run.config_path, ["dpo.candidates=3"])), model, tok)
     assert len(list(run.stage("dpo").glob("generated_pairs-*"))) == 2 and len(other) > 0
+
+
+# The verifier recipe on tiny-cpu: GRPO rewarded by the built-in verifier alone (1 for a right
+# answer to a checkable question of the bundled world, else 0), so no reward model is loaded.
+VERIFIER_GRPO = ("algorithm=grpo", "reward.source=verifier", "grpo.group_size=8", "grpo.max_steps=60")
+
+
+def test_grpo_on_the_verifier_raises_held_out_accuracy_without_a_reward_model(trained_run, tmp_path):
+    run = fork_run(trained_run, tmp_path, *VERIFIER_GRPO, stages=("sft",))
+    m = align(run, "grpo")["metrics"]
+    e = result_of(run_cli("evaluate", "--output", str(run.path)))["metrics"]
+    assert not run.final("rm").exists() and m["memory/reward_bytes"] == 0, m
+    # Evaluate scores with the verifier too: the reward is the accuracy on checkable prompts.
+    assert e["checkable_prompts"] == e["prompts"] and e["aligned_reward"] == pytest.approx(e["aligned_accuracy"]), e
+    # Ground truth, not a proxy: more held-out questions answered right, by several standard
+    # errors of the paired difference.
+    assert e["accuracy_gain"] > 2.5 * e["accuracy_gain_se"] and e["accuracy_gain"] > 0.03, e
+    assert {"sft_accuracy_addition", "aligned_accuracy_sound"} <= set(e), e
