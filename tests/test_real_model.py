@@ -80,3 +80,6 @@ def test_every_stage_trains_a_few_steps_of_the_real_model(smollm2, tmp_path):
     assert (final / "model.safetensors").is_file() and (final / "chat_template.jinja").is_file()
     cfg = PipelineConfig.load(Path(run) / "config.yaml")
     assert cfg.model.actor == SPEC and cfg.sft.lora_dim and cfg.sft.gradient_checkpointing
+    # chat renders the question through the saved model's template, as it was trained.
+    proc = run_cli("chat", "--path", str(final), "--prompt", "What is the capital of France?", "--max-new-tokens", "16")
+    assert proc.returncode == 0 and proc.stdout.strip() and "<|im_" not in proc.stdout, proc.stderr[-2000:]

@@ -5,6 +5,10 @@ tokens (a BOS where the tokenizer adds one), the answer without, then EOS append
 tokenizers with and without an automatic BOS both give ``[BOS?] prompt answer EOS``, and
 the prompt length in tokens is known exactly, which prompt masking needs.
 
+Under a chat template (``render``, data/chat.py) the prompt is the rendered conversation up to
+the assistant's header, tokenised without adding special tokens (the template writes them),
+and the answer is the bare assistant text: the same ``prompt answer EOS`` shape.
+
 Prompts too long for their budget are dropped (and counted); answers are cut on the
 right to fit ``max_seq_len``, keeping the EOS, which the reward model reads its score at.
 """
