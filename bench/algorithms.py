@@ -111,7 +111,7 @@ def table(rows: list[dict], machine: str) -> str:
     by = {a: rs for a, rs in by.items() if rs}
     n = max(len(rs) for rs in by.values())
     accuracy = all("accuracy_gain" in r for r in rows)
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT + reward model, "
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT (+ reward model where the reward uses one), "
              f"{n} alignment seed(s) per variant (gain: held-out average reward of the aligned actor minus SFT's, "
              "mean ± standard deviation over the seeds"
              + ("; accuracy: the verifier's share of right answers on the held-out checkable prompts, SFT → aligned"
