@@ -99,6 +99,19 @@ class RLConfig(SamplingConfig):
     def trains_with_reward_model(self) -> bool:
         return True
 
+    @model_validator(mode="after")
+    def _whole_steps(self) -> RLConfig:
+        # DeepSpeed steps after every gradient_accumulation_steps micro-batches: a remainder
+        # would be stepped with the next iteration's first micro-batches, and the step-level
+        # token mean (rl/update.py) would be taken over the wrong tokens.
+        answers = self.per_device_generation_batch_size * self.answers_per_prompt
+        micro = -(-answers // self.per_device_train_batch_size)
+        if micro % self.gradient_accumulation_steps:
+            raise _rule("gradient_accumulation_steps", self.gradient_accumulation_steps,
+                        f"a divisor of the {micro} micro-batches of an iteration ({answers} answers per rollout, "
+                        f"per_device_train_batch_size {self.per_device_train_batch_size})")
+        return self
+
 
 class PPOConfig(RLConfig):
     """Step 3: PPO on the SFT actor against the reward model, with a critic initialised from
