@@ -142,6 +142,16 @@ def test_mismatched_pairs_give_each_prompt_another_prompts_answer():
     assert out[0][2:] in ([7, 0], [8, 0])  # prompt [1, 1] never gets its own pair's answers
 
 
+def test_generated_pairs_become_unpaired_answers():
+    from rlhf_tasks.data.unpaired import from_token_pairs
+
+    pairs = datasets.Dataset.from_dict({"chosen_input_ids": [[7, 8, 6]], "rejected_input_ids": [[7, 8, 5, 2]],
+                                        "chosen_prompt_len": [2], "length": [4]})
+    rows = from_token_pairs(pairs)
+    assert rows["input_ids"] == [[7, 8, 6], [7, 8, 5, 2]] and rows["prompt_len"] == [2, 2]
+    assert rows["desirable"] == [1, 0] and rows["length"] == [3, 4]
+
+
 def store_with_labels(tmp_path):
     """A preference store after one labelling batch: one pair preferred, one judged both bad."""
     store = tmp_path / "preferences" / "human"
@@ -256,7 +266,26 @@ def test_kto_is_a_row_of_the_table():
     a = ALGORITHMS["kto"]
     assert (a.learns_from, a.holds, a.rollouts, a.sequences_per_example) == ("answers", ("policy",), False, 1)
     assert ALGORITHMS["dpo"].sequences_per_example == 2
-    cfg = PipelineConfig.load("tiny-cpu", {"algorithm": "kto"})
+    cfg = PipelineConfig.load("tiny-cpu", {"algorithm": "kto", "kto.answers": "dataset"})
     assert stage_inputs("kto", cfg) == ("sft",) and stage_inputs("evaluate", cfg) == ("sft", "rm", "kto")
     assert set(cfg.engines()) == {"sft", "rm", "kto"}
+    # Its own answers ranked by the reward model: the RM is an input, and the plan has the generation phase.
+    generated = PipelineConfig.load("tiny-cpu", {"algorithm": "kto", "kto.answers": "generated"})
+    assert stage_inputs("kto", generated) == ("sft", "rm")
     assert rl.__doc__ and "KTO" in rl.__doc__
+
+
+def test_the_memory_plan_reads_the_row(storage):
+    from rlhf_tasks.plan import model_configs
+    from rlhf_tasks.plan.stages import plan_stage
+
+    same = {"per_device_train_batch_size": 16, "dtype": "fp32"}
+    cfg = PipelineConfig.load("tiny-cpu", {"algorithm": "kto", "kto.answers": "dataset", "dpo.pairs": "dataset",
+                                           **{f"{a}.{k}": v for a in ("dpo", "kto") for k, v in same.items()}})
+    configs = model_configs(cfg)
+    kto, dpo = plan_stage(cfg, configs, "kto"), plan_stage(cfg, configs, "dpo")
+    # A KTO example is one sequence, a DPO pair two: the same batch holds half the activations.
+    assert 0 < kto.phases["policy_update"]["activations"] < dpo.phases["policy_update"]["activations"]
+    assert "pair_generation" not in kto.phases and "pair_generation" not in dpo.phases
+    generated = PipelineConfig.load("tiny-cpu", {"algorithm": "kto"})  # tiny-cpu's: kto.answers=generated
+    assert "pair_generation" in plan_stage(generated, configs, "kto").phases

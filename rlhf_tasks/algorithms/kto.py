@@ -107,7 +107,8 @@ class ReferencePoint:
         rows = [self.walk[(start + k) % n] for k in range(self.per_step)]
         policy, ref = [], []
         for i in range(0, len(rows), self.micro):
-            batch = {k: v.to(self.ctx.device) for k, v in self.collate([self.ds[j] for j in rows[i:i + self.micro]]).items()}
+            batch = self.collate([self.ds[j] for j in rows[i:i + self.micro]])
+            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
             policy.append(pair_log_probs(model, batch, average=False))
             ref.append(batch["ref_log_probs"])
         return mean_log_ratio(torch.cat(policy), torch.cat(ref), sum_across_ranks).to(self.ctx.device)
@@ -236,8 +237,9 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     metrics = {**out.metrics, **before, "train_answers": len(train_ds), "train_desirable": desirable,
                "eval_answers": len(eval_ds), "global_step": out.global_step, "reference_s": reference_s,
                **generated, **out.throughput, **memory}
-    log.info("kto: held-out reward accuracy %.3f -> %.3f, margin %.3f -> %.3f, KL %.3f", metrics["reward_accuracy_before"],
-             metrics["reward_accuracy"], metrics["eval_margin_before"], metrics["eval_margin"], metrics["eval_kl"])
+    log.info("kto: held-out reward accuracy %.3f -> %.3f, margin %.3f -> %.3f, KL %.3f",
+             metrics["reward_accuracy_before"], metrics["reward_accuracy"], metrics["eval_margin_before"],
+             metrics["eval_margin"], metrics["eval_kl"])
     final = loop.save_final(ctx, unwrap_for_saving(out.engine.module), tok, metrics)
     ctx.log_history({**out.history, **rewards.history})
     return final, metrics
