@@ -54,8 +54,9 @@ def test_alignment_raises_the_held_out_reward(aligned, ppo_run, storage):
         assert m["generated_pairs"] > 500 and m["generated_chosen_reward"] > m["generated_rejected_reward"] + 1, m
         assert 0 <= m["reward_accuracy"] <= 1 and m["reward_accuracy_before"] == 0.5, m
         assert any(run.stage(stage).glob("generated_pairs-*/dataset_info.json"))  # kept for a resumed attempt
-    if stage == "kto":  # both answers of every pair, one desirable, one undesirable
-        assert m["train_answers"] == 2 * m["generated_pairs"] and m["train_desirable"] == m["generated_pairs"], m
+    if stage == "kto":  # both answers of every pair, one desirable, one undesirable (and the people's, if any)
+        assert m["train_answers"] == 2 * m["generated_pairs"] + m["human_answers"], m
+        assert m["train_desirable"] >= m["generated_pairs"], m
     # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
     # several standard errors wide (not sampling luck), and it stayed near the SFT policy.
     assert e["reward_gain"] > 3 * e["reward_gain_se"] and e["reward_gain"] > 0.3, e
