@@ -39,13 +39,15 @@ def run_dag(home: Path, preset: str, seed: int, extra: list[str]) -> tuple[Path,
     env = dict(os.environ, RLHF_HOME=str(home))
     argv = [sys.executable, "-m", "rlhf_tasks.pipeline.local", "run", "--preset", preset,
             "--set", f"alignment_seed={seed}", *(x for o in extra for x in ("--set", o))]
-    before = set((home / "storage" / "runs").glob("*")) if (home / "storage" / "runs").is_dir() else set()
+    runs = Path(os.environ.get("RLHF_STORAGE") or home / "storage") / "runs"  # as pipeline/local.py places it
+    before = set(runs.glob("*")) if runs.is_dir() else set()
     t0 = time.time()
+    home.mkdir(parents=True, exist_ok=True)
     log = home / f"seed-{seed}.log"
     with open(log, "w") as out:
         code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
     elapsed = time.time() - t0
-    new = sorted(set((home / "storage" / "runs").glob("*")) - before)
+    new = sorted(set(runs.glob("*")) - before)
     if code != 0 or not new:
         raise RuntimeError(f"seed {seed}: the DAG failed ({code}); see {log}")
     return new[-1], elapsed
