@@ -79,7 +79,8 @@ FORM = {
                              "rm.dtype"],
     **{f"Step 3: {a.title}": [f"{a.name}.{k}" for k in a.form] for a in ALGORITHMS.values()},
     "Reward": ["reward.length_coef", "reward.repetition_coef", "reward.overlong_buffer"],
-    "Hardware": ["resources.num_gpus", "resources.gpu_hourly_usd"],
+    "Hardware": ["resources.num_gpus", "resources.cpu_processes", "resources.gpu_hourly_usd",
+                 "resources.collective_timeout_minutes"],
 }
 
 params = {

@@ -23,6 +23,8 @@ from rlhf_tasks.pipeline import launch
 from rlhf_tasks.pipeline.launch import StageFailed, launch_argv, run_stage
 from tests.conftest import REPO, load_dag_module
 
+REAL_LAUNCH_ARGV = launch.launch_argv
+
 
 def use_child(monkeypatch, script: str, *extra: str) -> list[tuple]:
     """Make ``run_stage`` start ``python -c script extra...``; returns the recorded
@@ -51,8 +53,8 @@ def test_several_gpus_use_the_deepspeed_launcher():
     """More than one process: the ``deepspeed`` launcher in module mode, with the
     hostfile and node count only for several nodes."""
     argv = launch_argv("ppo", ["--output", "/r"], num_gpus=4, master_port=29511)
-    assert argv == ["deepspeed", "--num_gpus", "4", "--master_port", "29511", "--module", "rlhf_tasks", "ppo",
-                    "--output", "/r"]
+    assert argv == ["deepspeed", "--num_gpus", "4", "--master_port", "29511", "--no_local_rank", "--module",
+                    "rlhf_tasks", "ppo", "--output", "/r"]
     argv = launch_argv("sft", [], num_gpus=8, num_nodes=2, hostfile="/etc/hostfile")
     assert argv[:7] == ["deepspeed", "--hostfile", "/etc/hostfile", "--num_nodes", "2", "--num_gpus", "8"]
     assert argv[-3:] == ["--module", "rlhf_tasks", "sft"]
@@ -75,7 +77,7 @@ def test_run_stage_passes_only_the_run_directory(monkeypatch, tmp_path):
 def planned_argv(monkeypatch, stage: str, run_dir: Path, visible: str | None = None) -> list[str]:
     """The real command line ``run_stage`` would start for ``stage`` on ``run_dir``
     (computed by the real ``launch_argv``; a stub child runs instead)."""
-    real = launch.launch_argv
+    real = REAL_LAUNCH_ARGV
     seen: list[list[str]] = []
 
     def record(*a, **k):
@@ -108,10 +110,12 @@ def test_one_gpu_run_is_plain_python(monkeypatch, tmp_path):
 
 def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
     """``overrides: ["resources.num_gpus=4"]`` (or the form's field of that name) starts 4
-    processes, not just a higher price."""
+    processes, not just a higher price; on a port of their own (two stages side by side on
+    one worker would both take DeepSpeed's default 29500)."""
     run = resolved_run(tmp_path, "resources.num_gpus=4")
-    assert planned_argv(monkeypatch, "ppo", run) == ["deepspeed", "--num_gpus", "4", "--module", "rlhf_tasks", "ppo",
-                                                     "--output", str(run)]
+    argv = planned_argv(monkeypatch, "ppo", run)
+    assert argv[:3] == ["deepspeed", "--num_gpus", "4"] and argv[3] == "--master_port" and int(argv[4]) > 0
+    assert argv[5:] == ["--no_local_rank", "--module", "rlhf_tasks", "ppo", "--output", str(run)]
 
 
 def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
@@ -143,18 +147,59 @@ def test_hostfile_and_nodes_reach_the_launcher(monkeypatch, tmp_path):
     run = resolved_run(tmp_path, "resources.num_gpus=8", "resources.num_nodes=2", f"resources.hostfile={hostfile}")
     argv = planned_argv(monkeypatch, "sft", run, visible="0")  # the hostfile wins over local devices
     assert argv == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
-                    "--module", "rlhf_tasks", "sft", "--output", str(run)]
+                    "--no_local_rank", "--module", "rlhf_tasks", "sft", "--output", str(run)]
 
 
-@pytest.mark.parametrize("stage", ["prepare", "evaluate", "register"])
+@pytest.mark.parametrize("stage", ["prepare", "register"])
 def test_single_process_stages_ignore_the_gpu_count(monkeypatch, tmp_path, stage):
     run = resolved_run(tmp_path, "resources.num_gpus=4")
     assert planned_argv(monkeypatch, stage, run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
 
 
-def test_cpu_run_is_one_process_whatever_it_prices(monkeypatch, tmp_path):
+def test_cpu_run_counts_processes_not_gpus(monkeypatch, tmp_path):
+    """On CPU ``num_gpus`` only prices the run; ``resources.cpu_processes`` starts that many
+    ranks through DeepSpeed's launcher, the path a multi-GPU worker takes (its --num_gpus
+    counts processes on CPU), evaluate included."""
     run = resolved_run(tmp_path, "resources.num_gpus=4", preset="tiny-cpu")
     assert planned_argv(monkeypatch, "sft", run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
+    run2 = resolved_run(tmp_path / "b", "resources.cpu_processes=2", preset="tiny-cpu")
+    for stage in ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "evaluate"):
+        argv = planned_argv(monkeypatch, stage, run2, visible="5")  # CUDA_VISIBLE_DEVICES means nothing on CPU
+        assert argv[:4] == ["deepspeed", "--num_gpus", "2", "--master_port"], argv
+        assert argv[5:] == ["--no_local_rank", "--module", "rlhf_tasks", stage, "--output", str(run2)]
+    assert planned_argv(monkeypatch, "register", run2)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]
+
+
+def test_cpu_ranks_get_deepspeeds_cpu_accelerator_and_this_environments_launcher(monkeypatch, tmp_path):
+    from rlhf_tasks.pipeline.launch import Resources, stage_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    env = stage_env(Resources(2, cpu=True), {"X": "1"})
+    assert env["DS_ACCELERATOR"] == "cpu" and "CUDA_VISIBLE_DEVICES" not in env and env["X"] == "1"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    gpu = stage_env(Resources(2))
+    assert "DS_ACCELERATOR" not in gpu or gpu["DS_ACCELERATOR"] == os.environ.get("DS_ACCELERATOR")
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+def test_no_ssh_node_command(tmp_path):
+    """DeepSpeed's multi-node launch without ssh: every node starts its own launcher with its
+    node rank and node 0's address, on the run directory they all see."""
+    from rlhf_tasks.pipeline.launch import ResourceError, node_argv
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("host-a slots=2\nhost-b slots=2\n")
+    run = resolved_run(tmp_path, "resources.cpu_processes=2", "resources.num_nodes=2",
+                       f"resources.hostfile={hostfile}", preset="tiny-cpu")
+    assert node_argv("sft", run, 1, "10.1.0.1", 29555) == [
+        "deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "2", "--no_ssh", "--node_rank",
+        "1", "--master_addr", "10.1.0.1", "--master_port", "29555", "--no_local_rank", "--module", "rlhf_tasks",
+        "sft", "--output", str(run)]
+    with pytest.raises(ResourceError, match="outside resources.num_nodes=2"):
+        node_argv("sft", run, 2, "10.1.0.1", 29555)
+    with pytest.raises(ResourceError, match="resources.hostfile is not set"):
+        node_argv("sft", resolved_run(tmp_path / "c", preset="tiny-cpu"), 0, "10.1.0.1", 29555)
 
 
 @pytest.mark.parametrize("hostfile_text, nodes, gpus, message", [

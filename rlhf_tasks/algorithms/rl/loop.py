@@ -28,6 +28,7 @@ from ...runtime import loop as supervised
 from ...runtime.checkpoint import Checkpointer
 from ...runtime.iteration import Iterations, Speed
 from ...runtime.models import load_tokenizer, unwrap_for_saving
+from ...runtime.ranks import mean_across_ranks
 from ...runtime.stage import StageContext, stage, stage_seed
 from ..maths.advantages import AdaptiveKLController, FixedKLController
 from .generation import GenerationSettings
@@ -129,7 +130,8 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
         if getattr(sec, "dynamic_sampling", False):
             exp, sampled = dynamic_sample(lambda b: scorer(b, kl_ctl.value), first, batches, sec, ctx.device)
             stats = {**stats, **sampled}
-        stats = {k: float(v) for k, v in stats.items()}  # one sync per iteration, after the rollout's work
+        # Over every rank's rollouts; one collective and sync per iteration, after the rollout's work.
+        stats = mean_across_ranks(stats, ctx.device)
         with speed.phase("training"):
             if exp is not None:
                 stats.update(update(models, exp, sec, kl_ctl.value, gen.max_new_tokens, unsup))
