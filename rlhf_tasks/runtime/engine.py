@@ -229,12 +229,16 @@ def _unpartitioned_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norm weights (as DeepSpeed-Chat and nanoGPT do)."""
+    """No weight decay on biases and norm weights (as DeepSpeed-Chat and nanoGPT do).
+
+    A parameter's own shape: under ZeRO-3 ``p`` holds an empty 1-D placeholder and its shape
+    is ``ds_shape`` (by ``p.ndim`` every weight would look like a bias, and nothing decayed)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
