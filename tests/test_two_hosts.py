@@ -74,7 +74,7 @@ def two_hosts() -> Iterator[tuple[Host, Host]]:
 def test_one_stage_across_two_hosts(two_hosts, storage, tiny_model_dir, tmp_path):
     a, b = two_hosts
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text(f"# the nodes of the stage, node 0 first\nhost-a slots=1\nhost-b slots=1\n")
+    hostfile.write_text("# the nodes of the stage, node 0 first\nhost-a slots=1\nhost-b slots=1\n")
     run = RunDir(tmp_path / "run")
     PipelineConfig.load("tiny-cpu", [*BASE, "resources.cpu_processes=1", "resources.num_nodes=2",
                                      f"resources.hostfile={hostfile}", "sft.zero_stage=3"]).save(run.config_path)

@@ -90,7 +90,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     batches = list(DataLoader(prompts, batch_size=per_batch, collate_fn=PromptCollator(tok.pad_token_id)))
     rounds = -(-len(batches) // ctx.world_size)
     mine = [(b, True) for b in batches[ctx.rank::ctx.world_size]]
-    mine += [(batches[0], False)] * (rounds - len(mine))
+    mine += [(batches[0], False)] * (rounds - len(mine)) if batches else []
     torch.manual_seed(stage_seed(ctx.name, cfg) + ctx.rank)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
     for i, (b, real) in enumerate(mine):

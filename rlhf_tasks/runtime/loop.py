@@ -25,7 +25,7 @@ from .checkpoint import Checkpointer
 from .engine import Batching, initialize
 from .iteration import Iterations, Speed
 from .params import count_parameters, gathered_state_dict, is_partitioned
-from .stage import StageContext, stage_seed
+from .stage import StageContext, own_streams, stage_seed
 from .watchdog import beat, phase
 
 log = logging.getLogger("rlhf_tasks")
@@ -66,6 +66,7 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
     batching = Batching(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.dtype, total_steps)
     beat()  # the model is loaded (under ZeRO-3: partitioned, a collective per parameter)
     engine = initialize(model, t, batching, ctx.device, ctx.world_size)
+    own_streams(ctx)
     beat()
     if with_engine is not None:
         train_ds = with_engine(engine)
@@ -197,7 +198,7 @@ def shard_batches(lengths, batch_size: int, rank: int = 0, world_size: int = 1) 
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     mine = [(b, True) for b in batches[rank::world_size]]
     rounds = -(-len(batches) // world_size)
-    return mine + [(batches[0], False)] * (rounds - len(mine))
+    return mine + [(batches[0], False)] * (rounds - len(mine)) if batches else []
 
 
 def eval_batches(ds, batch_size: int, collate, rank: int = 0, world_size: int = 1) -> Iterator[tuple[dict, bool]]:

@@ -62,6 +62,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def own_streams(ctx: StageContext) -> None:
+    """From here on each rank draws its own random stream (dropout masks, sampled answers):
+    every rank starts from the same seed, so that the models they build are the same, and
+    would otherwise draw the same numbers for different batches. One process: unchanged."""
+    if ctx.world_size > 1:
+        seed_everything(stage_seed(ctx.name, ctx.cfg) + 1_000_003 * ctx.rank)
+
+
 @dataclass(frozen=True)
 class StageEnd:
     """How a stage ended, measured once: its time and cost (``time/wall_clock_s``,
