@@ -37,11 +37,15 @@ MACHINE = "2-core CPU VM, no GPU"
 RANKS = 2
 BATCH, SEQ, VOCAB = 4, 128, 4096
 STAGES = (1, 2, 3)
+# DeepSpeed's default buckets (reduce_bucket_size 500M elements: 4 GB of fp32 buffers per rank
+# at ZeRO-1/2, which hide everything else at this model size), then buckets of 1M elements,
+# where the partitioned weights, gradients and optimizer states make the peak.
+BUCKETS = (None, 1_000_000)
 
 
 def model_config():
-    """An OPT model with more weights than activations at this batch (8.3M parameters: 33
-    MB of fp32 weights, 66 MB of Adam states, partitioned by ZeRO; random init, dropout off)."""
+    """An OPT model whose states weigh as much as the step's activations (8.9M parameters: 35
+    MB of fp32 weights, 71 MB of Adam states, partitioned by ZeRO; random init, dropout off)."""
     import transformers as T
 
     return T.OPTConfig(hidden_size=320, word_embed_proj_dim=320, num_hidden_layers=6, num_attention_heads=5,
@@ -59,14 +63,36 @@ def config_for(zero: int):
                                             "model.attn_implementation=sdpa"])
 
 
-def planned(zero: int) -> dict[str, int]:
+def with_buckets(elements: int | None) -> None:
+    """DeepSpeed's reduce and ZeRO-3 prefetch buckets of ``elements`` (None: as the stages
+    set them), in the engine config and in the plan's layout alike."""
+    if elements is None:
+        return
+    from rlhf_tasks.plan import states
+    from rlhf_tasks.runtime import engine
+
+    zero_section = engine._zero_section
+
+    def small(o):
+        z = zero_section(o)
+        z["reduce_bucket_size"] = z["allgather_bucket_size"] = elements
+        if z["stage"] == 3:
+            z["stage3_prefetch_bucket_size"] = elements
+        return z
+
+    engine._zero_section = small
+    states.REDUCE_BUCKET_ELEMENTS = states.PREFETCH_BUCKET_ELEMENTS = elements
+
+
+def planned(zero: int, buckets: int | None) -> dict[str, int]:
     from rlhf_tasks.plan.stages import supervised
 
+    with_buckets(buckets)
     p = supervised(config_for(zero), {"actor": model_config()}, "sft")
     return {"peak": p.peak, **{k: v for k, v in p.parts.items() if v}}
 
 
-def rank_step(model_dir: str, zero: int, out: str) -> None:
+def rank_step(model_dir: str, zero: int, buckets: int | None, out: str) -> None:
     """One rank (started by DeepSpeed's launcher): the SFT stage's engine and step, the
     second step's peak bytes written to ``out``-rank<r>.json."""
     from torch.profiler import ProfilerActivity, profile
@@ -75,6 +101,7 @@ def rank_step(model_dir: str, zero: int, out: str) -> None:
     from rlhf_tasks.runtime.engine import Batching, init_distributed, initialize
     from rlhf_tasks.runtime.models import load_trainable
 
+    with_buckets(buckets)
     cfg = config_for(zero)
     device = torch.device("cpu")
     rank, world = init_distributed(device)
@@ -96,13 +123,13 @@ def rank_step(model_dir: str, zero: int, out: str) -> None:
                                                           "peak": max(sum(s) for s in sizes)}))
 
 
-def measured(model_dir: Path, zero: int, work: Path) -> list[dict]:
+def measured(model_dir: Path, zero: int, buckets: int | None, work: Path) -> list[dict]:
     """Start 2 ranks through DeepSpeed's launcher (as the stages are on CPU); their peaks."""
     from rlhf_tasks.pipeline.launch import Resources, free_port, stage_env
 
-    out = work / f"zero{zero}"
+    out = work / f"zero{zero}-{buckets}"
     cmd = ["deepspeed", "--num_gpus", str(RANKS), "--master_port", str(free_port()), "--no_local_rank",
-           str(Path(__file__).resolve()), "--rank-step", str(model_dir), str(zero), str(out)]
+           str(Path(__file__).resolve()), "--rank-step", str(model_dir), str(zero), str(buckets or 0), str(out)]
     env = stage_env(Resources(RANKS, cpu=True), {"PYTHONPATH": str(REPO), "RLHF_DEVICE": "cpu"})
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, timeout=1800)
     return [json.loads(Path(f"{out}-rank{r}.json").read_text()) for r in range(RANKS)]
@@ -119,32 +146,37 @@ def rows() -> list[dict]:
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(model_config()).save_pretrained(model_dir)
         PreTrainedTokenizerFast.from_pretrained(resolve_model_path("builtin:tiny-opt")).save_pretrained(model_dir)
-        for zero in STAGES:
-            plan, ranks = planned(zero), measured(model_dir, zero, Path(tmp))
-            for r in ranks:
-                out.append({"zero": zero, "rank": r["rank"], "planned": plan, "measured": r["peak"],
-                            "error": plan["peak"] / r["peak"] - 1})
-                print(f"[plan-ranks] ZeRO-{zero} rank {r['rank']}: peak {plan['peak'] / 1e6:.1f} planned vs "
-                      f"{r['peak'] / 1e6:.1f} MB measured ({out[-1]['error']:+.1%})", flush=True)
+        for buckets in BUCKETS:
+            for zero in STAGES:
+                plan, ranks = planned(zero, buckets), measured(model_dir, zero, buckets, Path(tmp))
+                for r in ranks:
+                    out.append({"zero": zero, "buckets": buckets, "rank": r["rank"], "planned": plan,
+                                "measured": r["peak"], "error": plan["peak"] / r["peak"] - 1})
+                    print(f"[plan-ranks] ZeRO-{zero} buckets {buckets or 'default'} rank {r['rank']}: peak "
+                          f"{plan['peak'] / 1e6:.1f} planned vs {r['peak'] / 1e6:.1f} MB measured "
+                          f"({out[-1]['error']:+.1%})", flush=True)
     return out
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| ZeRO | rank | planned parts (MB) | peak planned / measured (MB) | error |", "|---|---|---|---|---|"]
+    lines = ["| ZeRO | buckets (elements) | rank | planned parts (MB) | peak planned / measured (MB) | error |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in r["planned"].items() if k != "peak")
-        lines.append(f"| {r['zero']} | {r['rank']} | {parts} | {r['planned']['peak'] / 1e6:.1f} / "
-                     f"{r['measured'] / 1e6:.1f} | {r['error']:+.1%} |")
+        lines.append(f"| {r['zero']} | {r['buckets'] or 'default (500M)'} | {r['rank']} | {parts} | "
+                     f"{r['planned']['peak'] / 1e6:.1f} / {r['measured'] / 1e6:.1f} | {r['error']:+.1%} |")
     return "\n".join(lines)
 
 
 def section(results: list[dict]) -> str:
     return (f"{MARKERS[0]}\nMeasured on a {MACHINE} (torch {torch.__version__}, {platform.python_implementation()} "
             f"{platform.python_version()}), by `python bench/plan_ranks.py --update-benchmarks`: {RANKS} CPU ranks "
-            f"started by DeepSpeed's launcher (gloo), a 6-layer, 320-wide random-init OPT model (8.3M parameters, "
+            f"started by DeepSpeed's launcher (gloo), a 6-layer, 320-wide random-init OPT model (8.9M parameters, "
             f"vocabulary {VOCAB}), fp32, micro-batch {BATCH} x {SEQ} tokens, one SFT step through the stage's own "
             "engine; each rank's peak of the second step from torch's profiler memory accounting, against "
-            f"`plan` with `resources.cpu_processes={RANKS}`.\n\n" + table(results) + f"\n{MARKERS[1]}")
+            f"`plan` with `resources.cpu_processes={RANKS}`; with DeepSpeed's default buckets (as the stages run), "
+            "then with reduce and prefetch buckets of 1M elements (set in the engine and in the plan alike), "
+            "where the partitioned states, not 4 GB of buffers, make the peak.\n\n" + table(results) + f"\n{MARKERS[1]}")
 
 
 def update_benchmarks(path: Path, text: str) -> None:
@@ -161,11 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--update-benchmarks", action="store_true")
     ap.add_argument("--benchmarks", type=Path, default=REPO / "BENCHMARKS.md")
-    ap.add_argument("--rank-step", nargs=3, metavar=("MODEL_DIR", "ZERO", "OUT"), help=argparse.SUPPRESS)
+    ap.add_argument("--rank-step", nargs=4, metavar=("MODEL_DIR", "ZERO", "BUCKETS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.rank_step:
-        model_dir, zero, out = args.rank_step
-        rank_step(model_dir, int(zero), out)
+        model_dir, zero, buckets, out = args.rank_step
+        rank_step(model_dir, int(zero), int(buckets) or None, out)
         return 0
     os.environ.setdefault("RLHF_DEVICE", "cpu")
     text = section(rows())

@@ -28,7 +28,7 @@ from ..runtime import loop
 from ..runtime.engine import torch_dtype
 from ..runtime.models import RewardModel, load_causal_lm, load_tokenizer
 from ..runtime.stage import StageContext, stage
-from ..runtime.watchdog import phase
+from ..runtime.watchdog import beat, phase
 from ..storage import atomic_file, storage_root, write_json
 
 log = logging.getLogger("rlhf_tasks")
@@ -46,6 +46,7 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
         lengths.append(ro.answer_lengths.cpu())
         texts += tok.batch_decode(ro.sequences[:, ro.prompt_len:], skip_special_tokens=True)
         rollouts.append(ro)
+        beat()
     if not rollouts:  # a rank with no batch (fewer batches than ranks)
         return torch.zeros(0), torch.zeros(0), texts, rollouts
     return torch.cat(rewards), torch.cat(lengths).float(), texts, rollouts
