@@ -129,6 +129,19 @@ def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
     assert planned_argv(monkeypatch, "sft", run)[:3] == ["deepspeed", "--num_gpus", "2"]
 
 
+def test_form_cpu_processes_start_ranks_on_cpu(monkeypatch, tmp_path):
+    """The trigger form's ``resources.cpu_processes`` on the embedded default starts that many
+    CPU ranks through DeepSpeed's launcher, the path of a multi-GPU worker."""
+    from rlhf_tasks.config import PipelineConfig
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    module = load_dag_module("dag_for_cpu_ranks")
+    values = module.form_values({"resources.cpu_processes": 2, "overrides": []})
+    run = tmp_path / "run"
+    PipelineConfig.load("tiny-cpu", values).save(run / "config.yaml")
+    assert planned_argv(monkeypatch, "rm", run)[:3] == ["deepspeed", "--num_gpus", "2"]
+
+
 def test_worker_visible_devices_are_kept(monkeypatch, tmp_path):
     """A GPU worker that claimed GPUs 2,3 (CUDA_VISIBLE_DEVICES) starts its ranks on
     those, not on GPUs 0,1; asking for more than it sees is refused."""
