@@ -5,6 +5,12 @@ command line, streams the child's output into the task log line by line, forward
 SIGTERM/SIGINT (Airflow's way of stopping a task) to the whole process group, and parses
 the ``RLHF_RESULT`` line. Training happens in the child, where a crash cannot take the
 Airflow worker down with it.
+
+Several processes (``resources.num_gpus``, or ``resources.cpu_processes`` on CPU, times
+``num_nodes``) are started by DeepSpeed's launcher, on GPUs and on CPU alike.
+``python -m rlhf_tasks.pipeline.launch STAGE --output RUN`` does from a shell what the task
+does, and with ``--node-rank I --master-addr A`` starts node I's part of a multi-node
+launch without ssh (docs/production.md).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class Watchdog:
                 f"in phase '{self.current}' (bound: resources.collective_timeout_minutes="
                 f"{self.bound_s / 60:g}): it is waiting for another rank in a collective (under ZeRO-3 every "
                 "forward pass is one), or that rank died or hangs. Stopping the stage; a retry resumes from the "
-                "newest complete checkpoint. The ranks' Python stacks follow.")
+                "newest complete checkpoint. This rank's Python stacks follow.")
 
     def _watch(self) -> None:
         poll = min(max(self.bound_s / 20, 0.05), 5.0)
