@@ -53,16 +53,7 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
     is resumed (so on the weights training starts from), and returns the rows to train on
     (the same rows, e.g. with columns added: DPO's reference pass, which under ZeRO-3 needs
     the engine to gather the partitioned weights)."""
-    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size, seed=stage_seed(ctx.name, ctx.cfg),
-                                        rank=ctx.rank, world_size=ctx.world_size)
-    micro_per_epoch = len(sampler)
-    steps_per_epoch = max(micro_per_epoch // t.gradient_accumulation_steps, 1)
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-    total, trainable = count_parameters(model)
-    log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
-             ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
+    sampler, micro_per_epoch, total_steps = schedule(ctx, t, model, train_ds)
     batching = Batching(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.dtype, total_steps)
     beat()  # the model is loaded (under ZeRO-3: partitioned, a collective per parameter)
     engine = initialize(model, t, batching, ctx.device, ctx.world_size)
@@ -132,6 +123,21 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
         final = evaluate()
         it.record(final)
     return LoopOutput(engine=engine, metrics=final, history=it.history, global_step=it.step, throughput=throughput)
+
+
+def schedule(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_ds):
+    """This rank's walk over the training rows (length-grouped micro-batches, every rank
+    as many), its micro-batches per epoch and the stage's optimizer steps."""
+    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size,
+                                        seed=stage_seed(ctx.name, ctx.cfg), rank=ctx.rank, world_size=ctx.world_size)
+    micro_per_epoch = len(sampler)
+    total_steps = t.epochs * max(micro_per_epoch // t.gradient_accumulation_steps, 1)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    total, trainable = count_parameters(model)
+    log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
+             ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
+    return sampler, micro_per_epoch, total_steps
 
 
 def rank_mean(total: torch.Tensor, count: int, ctx: StageContext) -> float:
