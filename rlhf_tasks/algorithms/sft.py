@@ -29,9 +29,11 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
     with eval_mode(model):
         nll_t = torch.zeros((), device=device, dtype=torch.float64)
         tok_t = torch.zeros((), device=device, dtype=torch.float64)
-        for batch in loop.eval_loader(eval_ds, batch_size, collate, rank, world):
+        for batch, real in loop.eval_batches(eval_ds, batch_size, collate, rank, world):
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            if not real:  # a rank's padding pass (every rank runs as many forward passes)
+                continue
             labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at t-1
             nll_t += F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
             tok_t += (labels != -100).sum()
