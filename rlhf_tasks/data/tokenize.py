@@ -51,8 +51,8 @@ def _encode(tok, prompts: list[str], answers: list[list[str]],
         return p, a
     # A chat template: the prompt rendered with the generation prompt (its special tokens
     # written by the template), the answer bare; the EOS appended later ends the turn.
-    return render.encode_prompts(prompts), [tok([render.answer(t) for t in texts], add_special_tokens=False)["input_ids"]
-                                            for texts in answers]
+    bare = [tok([render.answer(t) for t in texts], add_special_tokens=False)["input_ids"] for texts in answers]
+    return render.encode_prompts(prompts), bare
 
 
 def _fit_answer(ids: list[int], room: int, eos_id: int) -> list[int]:
@@ -159,7 +159,8 @@ def tokenize_prompts(ds: datasets.Dataset, tok, max_prompt_seq_len: int, *, name
 
 
 def tokenize_unpaired(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "unpaired",
-                      split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
+                      split: str = "train",
+                      render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + completion -> ``input_ids`` ([BOS?] prompt answer EOS, the answer cut to fit
     ``max_seq_len``), ``prompt_len``, ``desirable`` (1/0), ``length``; a prompt that leaves no
     room for one answer token and EOS is dropped."""

@@ -82,9 +82,10 @@ def answer_and_score(actor, judge: Judge, batches, gen: GenerationSettings, tok,
 
 
 def accuracy(verifier: Verifier, prompts: list[str], sft: list[str], aligned: list[str]) -> tuple[dict, list]:
-    """``prompts`` in the data's DeepSpeed-Chat text. The verifier's accuracy of both actors on the prompts it can check, overall and per
-    category, with the gain's standard error (paired: the same prompts). Also each prompt's
-    (category, sft right, aligned right) for the sample table."""
+    """The verifier's accuracy of both actors on the prompts it can check (``prompts`` in the
+    data's DeepSpeed-Chat text), overall and per category, with the gain's standard error
+    (paired: the same prompts). Also each prompt's (category, sft right, aligned right) for
+    the sample table."""
     asked = [last_user_text(p) for p in prompts]
     cats = [verifier.category(q) for q in asked]
     right_sft, right_aligned = verifier(asked, sft), verifier(asked, aligned)

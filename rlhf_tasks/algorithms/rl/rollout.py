@@ -63,7 +63,8 @@ class Scorer:
             kl = sequence_kl(logp, ref_logp, amask)  # (B,) nats per answer
             exp = self._advantages(seq, attn, amask, logp, ref_logp, values, scores, kl, kl_coef, ro.prompt_len)
         # "reward": the source's own score (the RM's, or without one the verifier's accuracy).
-        stats = {"reward": (rm_scores if rm_scores is not None else parts["verifier"]).mean(), "reward_total": scores.mean(), "kl": kl.mean(),
+        source = rm_scores if rm_scores is not None else parts["verifier"]
+        stats = {"reward": source.mean(), "reward_total": scores.mean(), "kl": kl.mean(),
                  "answer_length": ro.answer_lengths.float().mean(), "generation_tokens": amask.sum(),
                  "empty_answers": (ro.answer_lengths <= 1).float().mean(),
                  **{f"reward_{k}": v.mean() for k, v in parts.items()}}
