@@ -30,7 +30,7 @@ from pathlib import Path
 
 from ..runtime.ranks import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # rlhf_tasks/pipeline/local.py -> the repository
 DAG_ID = "rlhf_pipeline"
 DEFAULT_AIRFLOW_PORT = 8080
 DEFAULT_MLFLOW_PORT = 5000
