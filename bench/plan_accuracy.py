@@ -54,6 +54,8 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     from torch.profiler._memory_profiler import Category, MemoryProfileTimeline
     from transformers import AutoModelForCausalLM
 
+    from rlhf_tasks.runtime.lm_head import lm_loss
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if checkpointing:
@@ -63,7 +65,7 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     ids = torch.randint(0, config.vocab_size, (batch, seq_len))
 
     def step() -> None:
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
+        loss = lm_loss(model, ids, torch.ones_like(ids), ids)[0]  # the SFT stage's loss (runtime/lm_head.py)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

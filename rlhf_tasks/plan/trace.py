@@ -138,6 +138,7 @@ def _step(model, spec: StepSpec, vocab: int) -> None:
     from ..algorithms.maths.policy import clipped_surrogate, value_loss
     from ..algorithms.maths.preference import pairwise_loss
     from ..algorithms.rl.models import actor_log_probs
+    from ..runtime.lm_head import lm_loss
     from ..runtime.models import read_score
 
     B, T = spec.batch, spec.seq_len
@@ -145,14 +146,14 @@ def _step(model, spec: StepSpec, vocab: int) -> None:
     mask = torch.ones(B, T, dtype=torch.long)
     if spec.kind == "forward_lm":
         with torch.no_grad():
-            actor_log_probs(model, ids, mask)
+            actor_log_probs(model, ids, mask)  # every position: the plan's upper bound
         return
     if spec.kind == "forward_value":
         with torch.no_grad():
             model(ids, mask)
         return
     if spec.kind == "lm":
-        loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+        loss = lm_loss(model, ids, mask, ids, only_labelled=False)[0]
     elif spec.kind == "reward":
         chosen, rejected = read_score(model(ids, mask), mask).chunk(2)
         loss = pairwise_loss(chosen, rejected)
