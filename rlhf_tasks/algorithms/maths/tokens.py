@@ -90,7 +90,7 @@ class _HeadLogProbs(torch.autograd.Function):
         hidden, weight, bias, labels, kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         d_hidden = torch.empty_like(hidden) if need_h else None
-        d_weights, d_biases = [], []
+        d_weight, d_biases, single = None, [], kept is not None
         for start in range(0, hidden.shape[0], ctx.rows):
             sl = slice(start, start + ctx.rows)
             h, y, g = hidden[sl], labels[sl], grad[sl].float().unsqueeze(-1)  # g: (C, 1)
@@ -108,22 +108,23 @@ class _HeadLogProbs(torch.autograd.Function):
             if need_h:
                 d_hidden[sl] = d @ weight
             if need_w:
-                d_weights.append(d.t() @ h)  # (V, H)
+                d_weight = _accumulate(d_weight, d, h, single)
             if need_b:
                 d_biases.append(d.float().sum(0))
-        return d_hidden, _total(d_weights, weight), _total(d_biases, bias), None, None, None, None
+        d_bias = torch.stack(d_biases).sum(0).to(bias.dtype) if d_biases else None
+        return d_hidden, None if d_weight is None else d_weight.to(weight.dtype), d_bias, None, None, None, None
 
 
-def _total(parts: list[torch.Tensor], like: torch.Tensor | None) -> torch.Tensor | None:
-    """The sum of per-chunk gradients, in fp32 across chunks (one chunk: as autograd gives it)."""
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0].to(like.dtype)
-    total = torch.zeros_like(like, dtype=torch.float32)
-    for p in parts:
-        total.add_(p)
-    return total.to(like.dtype)
+def _accumulate(total: torch.Tensor | None, d: torch.Tensor, h: torch.Tensor, single: bool) -> torch.Tensor:
+    """``total + d^T h`` (V, H): one chunk gives autograd's own matmul; several add up in one
+    fp32 buffer (an fp32 model's straight into it, no (V, H) temporary)."""
+    if single:
+        return d.t() @ h
+    if total is None:
+        total = torch.zeros(d.shape[1], h.shape[1], dtype=torch.float32, device=h.device)
+    if h.dtype == torch.float32:
+        return total.addmm_(d.t(), h)
+    return total.add_(d.t() @ h)
 
 
 def log_probs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
