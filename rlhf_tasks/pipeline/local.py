@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
@@ -147,16 +148,43 @@ def mlflow_server(h: Path, port: int | None = None) -> Iterator[str]:
         stop_groups([proc])
 
 
+@contextlib.contextmanager
+def warm_stages(h: Path, env: dict[str, str]) -> Iterator[None]:
+    """The warm stage server (warm.py) for the duration of the block: the stages the DAG
+    launches are forked from it, their imports paid once. ``env`` gets its socket."""
+    from .warm import SOCKET_ENV
+
+    # A Unix socket path has at most 107 bytes: a short one in the temp directory.
+    sock = str(Path(tempfile.gettempdir()) / f"rlhf-warm-{os.getpid()}.sock")
+    proc = spawn([sys.executable, "-u", "-m", "rlhf_tasks.pipeline.warm", sock], h / "warm-stages.log", env)
+    env[SOCKET_ENV] = sock
+    try:
+        yield
+    finally:
+        env.pop(SOCKET_ENV, None)
+        stop_groups([proc], grace_s=10)
+
+
 def airflow(args: list[str], env: dict[str, str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([bin_path("airflow"), *args], env=env, check=check, **kw)
+
+
+# `airflow db migrate` and `airflow pools set` in one process: Airflow's own CLI, parsed and run
+# in turn, its import (seconds of CPU) paid once.
+_INIT_AIRFLOW = """
+import sys
+from airflow.cli.cli_parser import get_parser
+for argv in (["db", "migrate"], ["pools", "set", "gpu", sys.argv[1], sys.argv[2]]):
+    args = get_parser().parse_args(argv)
+    args.func(args)
+"""
 
 
 def init_airflow(env: dict[str, str], gpu_slots: int = 1) -> None:
     """Create or upgrade the metadata DB and the ``gpu`` pool (idempotent)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    airflow(["db", "migrate"], env, stdout=subprocess.DEVNULL)
-    airflow(["pools", "set", "gpu", str(gpu_slots), "GPU slots: 1 serialises SFT and RM on one GPU"], env,
-            stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", _INIT_AIRFLOW, str(gpu_slots), "GPU slots: 1 serialises SFT and RM on one GPU"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def run_pipeline(conf: dict, env: dict[str, str], run_id: str | None = None) -> int:
@@ -182,11 +210,20 @@ def cmd_run(args) -> int:
     env = airflow_env(h)
     print(f"==> state in {h} (Airflow home, MLflow store, shared storage)", flush=True)
     t0 = time.time()
-    init_airflow(env)
     conf = {"preset": args.preset, "overrides": args.set or []}
     with contextlib.ExitStack() as stack:
+        # MLflow's server and the warm stages start first: they import while Airflow sets up its
+        # database (two cores, three start-ups at once).
+        mlflow = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            env["MLFLOW_TRACKING_URI"] = stack.enter_context(mlflow_server(h))
+            port = free_port()
+            mlflow = mlflow_process(h, port, h / "mlflow" / "server.log")
+            stack.callback(stop_groups, [mlflow])
+            env["MLFLOW_TRACKING_URI"] = f"http://{LOOPBACK}:{port}"
+        stack.enter_context(warm_stages(h, env))
+        init_airflow(env)
+        if mlflow is not None:
+            wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", 120, mlflow)
         print(f"==> MLflow tracking at {env['MLFLOW_TRACKING_URI']}", flush=True)
         print(f"==> running DAG {DAG_ID} through Airflow ({conf})", flush=True)
         code = run_pipeline(conf, env)

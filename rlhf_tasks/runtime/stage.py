@@ -31,7 +31,10 @@ METRIC_PREFIX = {**{s: s for s in STAGES}, "evaluate": "eval"}
 # A finished stage waits up to RLHF_MLFLOW_FLUSH_TIMEOUT_S for its last metrics to be sent
 # (how long a stage waits for the server at start, and holds metrics through an outage:
 # tracking.runs.MLFLOW_START_TIMEOUT_S and MLFLOW_OUTAGE_BUDGET_S).
-MLFLOW_FLUSH_TIMEOUT_S = float(os.environ.get("RLHF_MLFLOW_FLUSH_TIMEOUT_S") or 60.0)
+# Read when a stage ends, not at import: a warm stage process imported this module earlier
+# (rlhf_tasks/pipeline/warm.py).
+def mlflow_flush_timeout_s() -> float:
+    return float(os.environ.get("RLHF_MLFLOW_FLUSH_TIMEOUT_S") or 60.0)
 
 
 def setup_logging() -> None:
@@ -147,7 +150,7 @@ def end_stage(ctx: StageContext, status: str) -> StageEnd:
     points: dict[str, float] = {}
     if ctx.is_main:
         ctx.tracker.log_metrics(cost, step=0)
-        ctx.tracker.flush(timeout=MLFLOW_FLUSH_TIMEOUT_S)
+        ctx.tracker.flush(timeout=mlflow_flush_timeout_s())
         points = {f"tracking/{k}": float(v) for k, v in ctx.tracker.stats().items()}
     ctx.tracker.close(status, timeout=1.0)  # flushed above: what is still pending is dropped, counted
     if ctx.is_main:
