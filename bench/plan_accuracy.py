@@ -126,12 +126,14 @@ def section(results: list[dict]) -> str:
             "second step's peak from torch's profiler memory accounting.\n\n" + table(results) + f"\n{MARKERS[1]}")
 
 
-def update_benchmarks(path: Path, text: str) -> None:
+def update_benchmarks(path: Path, text: str, markers: tuple[str, str] = MARKERS,
+                      heading: str = "Memory plan against measured peak (CPU)") -> None:
+    """Replace the section between ``markers`` in BENCHMARKS.md (or append it under ``heading``)."""
     md = path.read_text()
-    if MARKERS[0] in md:
-        md = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: text, md, flags=re.S)
+    if markers[0] in md:
+        md = re.sub(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), lambda _: text, md, flags=re.S)
     else:
-        md = md.rstrip() + "\n\n## Memory plan against measured peak (CPU)\n\n" + text + "\n"
+        md = md.rstrip() + f"\n\n## {heading}\n\n" + text + "\n"
     path.write_text(md)
 
 
