@@ -39,10 +39,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from algorithms import cpu_name, stage  # noqa: E402
-from gpu_suite import replace_section  # noqa: E402
+from plan_accuracy import update_benchmarks  # noqa: E402
 
 TRL_VERSION = "1.16.0"
 TRL_DIR = ROOT / ".bench" / f"trl-{TRL_VERSION}"
+MARKERS = ("<!-- peers-cpu:begin -->", "<!-- peers-cpu:end -->")
 
 
 def install_trl(target: Path = TRL_DIR) -> None:
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps({"plain": plain_rows, "trl": trl_rows}, indent=2))
     if a.update:
-        replace_section(ROOT / "BENCHMARKS.md", "peers-cpu", md)
+        update_benchmarks(ROOT / "BENCHMARKS.md", f"{MARKERS[0]}\n{md}\n{MARKERS[1]}", MARKERS,
+                          "Our trainers beside a plain loop and beside TRL (CPU)")
     return 0
 
 
