@@ -1,12 +1,14 @@
 """The alignment algorithms side by side on one trained SFT + reward model: quality and speed.
 
-For each algorithm (ppo, grpo, rloo, dpo) and each alignment seed (``alignment_seed``: the
-step's own sampling; the data split and the SFT/RM stay the same), the step runs in a
-fresh copy of the run directory, then ``evaluate`` compares the aligned actor with SFT on
-the held-out prompts (the reward model scores both). Reported per algorithm: held-out
-reward gain over SFT (mean ± standard deviation over the seeds), win rate, KL to SFT, the
-models held on the device, and speed: seconds per iteration for the RL steps at the same
-prompts x answers per iteration (PPO 32 x 1, GRPO/RLOO 8 x 4 on tiny-cpu), DPO's seconds
+For each variant (every algorithm of the table, and GRPO's group sampling with each loss
+and advantage estimator of the 2025-26 set: DAPO, Dr. GRPO, GSPO, CISPO,
+REINFORCE++-baseline) and each alignment seed (``alignment_seed``: the step's own sampling;
+the data split and the SFT/RM stay the same), the step runs in a fresh copy of the run
+directory, then ``evaluate`` compares the aligned actor with SFT on the held-out prompts
+(the reward model scores both). Reported per variant: held-out reward gain over SFT (mean
+± standard deviation over the seeds), win rate, KL to SFT, the models held on the device,
+and speed: seconds per iteration for the RL steps at the same prompts x answers per
+iteration (PPO 32 x 1, the group variants 8 x 4 on tiny-cpu), the offline steps' seconds
 per pair against PPO's seconds per prompt.
 
     python bench/algorithms.py --run RUN_DIR_WITH_SFT_AND_RM --seeds 1 2 3 --update
@@ -34,9 +36,20 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import replace_section  # noqa: E402
 
+from rlhf_tasks.config import ALGORITHMS  # noqa: E402
 from rlhf_tasks.pipeline.launch import RESULT_PREFIX  # noqa: E402
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo")
+# label -> (algorithm, overrides): every algorithm of the table as its preset sets it up, then
+# GRPO-style group sampling with each loss of the 2025-26 set (the recipes their papers give).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    **{a: (a, []) for a in ALGORITHMS},
+    "dapo": ("grpo", ["grpo.loss=dapo", "grpo.dynamic_sampling=true", "reward.overlong_buffer=8", "grpo.kl_coef=0"]),
+    "dr_grpo": ("grpo", ["grpo.loss=dr_grpo", "grpo.advantage=group_mean"]),
+    "gspo": ("grpo", ["grpo.loss=gspo"]),
+    "cispo": ("grpo", ["grpo.loss=cispo"]),
+    "reinforce_pp_baseline": ("grpo", ["grpo.advantage=reinforce_pp_baseline", "grpo.loss=ppo",
+                                       "grpo.kl_penalty=reward"]),
+}
 
 
 def stage(name: str, run: Path, *args: str) -> dict:
@@ -48,21 +61,23 @@ def stage(name: str, run: Path, *args: str) -> dict:
     return json.loads(line.removeprefix(RESULT_PREFIX))
 
 
-def one(trained: Path, work: Path, algo: str, seed: int, preset: str, extra: list[str]) -> dict:
-    run = work / f"{algo}-{seed}"
+def one(trained: Path, work: Path, variant: str, seed: int, preset: str, extra: list[str]) -> dict:
+    algo, overrides = VARIANTS[variant]
+    run = work / f"{variant}-{seed}"
     for s in ("sft", "rm"):
         shutil.copytree(trained / s / "final", run / s / "final")
-    res = stage(algo, run, "--preset", preset, "--set", f"algorithm={algo}", f"alignment_seed={seed}", *extra)
+    res = stage(algo, run, "--preset", preset, "--set", f"algorithm={algo}", f"alignment_seed={seed}", *overrides,
+                *extra)
     ev = stage("evaluate", run)["metrics"]
     m = res["metrics"]
-    out = {"algorithm": algo, "seed": seed, "wall_clock_s": res["wall_clock_s"], "gain": ev["reward_gain"],
+    out = {"algorithm": variant, "seed": seed, "wall_clock_s": res["wall_clock_s"], "gain": ev["reward_gain"],
            "gain_se": ev["reward_gain_se"], "win_rate": ev["aligned_win_rate"], "kl": ev["kl_aligned_sft"],
            "sft_reward": ev["sft_reward"], "aligned_reward": ev["aligned_reward"],
            "models_mb": m.get("memory/models_bytes", 0.0) / 1e6}
-    if algo == "dpo":
+    if not ALGORITHMS[algo].rollouts:
         import yaml
 
-        d = yaml.safe_load((run / "config.yaml").read_text())["dpo"]
+        d = yaml.safe_load((run / "config.yaml").read_text())[algo]
         pairs_per_step = d["per_device_train_batch_size"] * d["gradient_accumulation_steps"]
         out["s_per_pair"] = m["train_timed_s"] / max(m["train_timed_steps"], 1) / pairs_per_step
         out["generate_s"] = m.get("generate_s", 0.0)  # dpo.pairs=generated: making the pairs, once
@@ -86,13 +101,13 @@ def cpu_name() -> str:
 
 
 def table(rows: list[dict], machine: str) -> str:
-    by = {a: [r for r in rows if r["algorithm"] == a] for a in ALGORITHMS}
+    by = {a: [r for r in rows if r["algorithm"] == a] for a in VARIANTS}
     by = {a: rs for a, rs in by.items() if rs}
     n = max(len(rs) for rs in by.values())
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT + reward model, "
-             f"{n} alignment seed(s) per algorithm (gain: held-out average reward of the aligned actor minus SFT's, "
+             f"{n} alignment seed(s) per variant (gain: held-out average reward of the aligned actor minus SFT's, "
              "mean ± standard deviation over the seeds).", "",
-             "| algorithm | reward gain over SFT | win rate | KL to SFT (nats/answer) | models held (MB) | "
+             "| variant | reward gain over SFT | win rate | KL to SFT (nats/answer) | models held (MB) | "
              "stage wall-clock (s) | speed |", "|---|---|---|---|---|---|---|"]
     ppo_per_prompt = None
     if "ppo" in by:
@@ -100,7 +115,7 @@ def table(rows: list[dict], machine: str) -> str:
     for a, rs in by.items():
         gains = [r["gain"] for r in rs]
         sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
-        if a == "dpo":
+        if "s_per_pair" in rs[0]:
             speed = f"{statistics.mean(r['s_per_pair'] for r in rs) * 1e3:.1f} ms/pair"
             if ppo_per_prompt:
                 speed += f" (PPO: {ppo_per_prompt * 1e3:.1f} ms/prompt)"
@@ -119,7 +134,7 @@ def table(rows: list[dict], machine: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a run directory whose sft and rm stages finished")
-    ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--preset", default="tiny-cpu")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every alignment stage")
@@ -132,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for f in a.more for r in json.loads(f.read_text())]
     with tempfile.TemporaryDirectory(prefix="rlhf-algos-") as work:
         for seed in a.seeds:  # seeds outermost: a machine slowing down over time slows every algorithm alike
-            for algo in a.algorithms:
-                rows.append(one(a.run, Path(work), algo, seed, a.preset, a.set))
+            for variant in a.variants:
+                rows.append(one(a.run, Path(work), variant, seed, a.preset, a.set))
                 print(json.dumps(rows[-1]), flush=True)
     machine = f"a {os.cpu_count()}-core {cpu_name()} VM, no GPU"
     md = table(rows, machine) + (f"\n\n{a.note}" if a.note else "")

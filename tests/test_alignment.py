@@ -1,7 +1,7 @@
-"""GRPO, RLOO and DPO on tiny-cpu, from the session's trained SFT and reward model: each
+"""GRPO, RLOO, DPO and KTO on tiny-cpu, from the session's trained SFT and reward model: each
 must make the model better on held-out prompts (evaluate, the reward model scoring); GRPO
-and RLOO hold no critic, DPO only the policy, and under LoRA no second copy of the policy
-serves as the reference."""
+and RLOO hold no critic, DPO and KTO only the policy, and under LoRA no second copy of the
+policy serves as the reference."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def align(run: RunDir, stage: str) -> dict:
     return result_of(run_cli(stage, "--output", str(run.path)))  # the fork's config
 
 
-@pytest.fixture(scope="module", params=["grpo", "rloo", "dpo"])
+@pytest.fixture(scope="module", params=["grpo", "rloo", "dpo", "kto"])
 def aligned(request, trained_run, tmp_path_factory) -> tuple[str, dict, dict, RunDir]:
     stage = request.param
     run = fork(trained_run, tmp_path_factory.mktemp(stage), stage)
@@ -45,14 +45,18 @@ def test_alignment_raises_the_held_out_reward(aligned, ppo_run, storage):
     assert list((storage / "cache" / "evaluate").glob("sft-*.pt"))
     samples = json.loads((run.stage("evaluate") / "samples.json").read_text())
     assert {"prompt", "sft_answer", f"{stage}_answer"} <= set(samples[0])
-    if stage == "dpo":
+    if stage in ("dpo", "kto"):
         # tiny-cpu's DPO trains on generated pairs (dpo.pairs: generated): the SFT actor's best
-        # and worst of 4 answers by the reward model. (The held-out pairs stay the people's: how
-        # well its implicit reward ranks them is logged, not asserted; it is not what it learns
-        # from, and measured 0.48 to 0.66 from 0.50.)
+        # and worst of 4 answers by the reward model; KTO on the same answers, unpaired
+        # (kto.answers: generated). (The held-out pairs stay the people's: how well the implicit
+        # reward ranks them is logged, not asserted; it is not what they learn from, and DPO
+        # measured 0.48 to 0.66 from 0.50.)
         assert m["generated_pairs"] > 500 and m["generated_chosen_reward"] > m["generated_rejected_reward"] + 1, m
         assert 0 <= m["reward_accuracy"] <= 1 and m["reward_accuracy_before"] == 0.5, m
-        assert any(run.stage("dpo").glob("generated_pairs-*/dataset_info.json"))  # kept for a resumed attempt
+        assert any(run.stage(stage).glob("generated_pairs-*/dataset_info.json"))  # kept for a resumed attempt
+    if stage == "kto":  # both answers of every pair, one desirable, one undesirable (and the people's, if any)
+        assert m["train_answers"] == 2 * m["generated_pairs"] + m["human_answers"], m
+        assert m["train_desirable"] >= m["generated_pairs"], m
     # The same held-out prompts as SFT: the aligned actor's answers score higher by a margin
     # several standard errors wide (not sampling luck), and it stayed near the SFT policy.
     assert e["reward_gain"] > 3 * e["reward_gain_se"] and e["reward_gain"] > 0.3, e
@@ -61,14 +65,14 @@ def test_alignment_raises_the_held_out_reward(aligned, ppo_run, storage):
     # (Not the training rollouts' reward_first < reward_last: each iteration's 8 prompts differ
     # in how well they can score, which the group baseline removes from the update, not from
     # the logged mean.)
-    if stage != "dpo":
+    if stage not in ("dpo", "kto"):
         assert m["iterations"] == 40 and m["prompts_per_s"] > 0
 
 
 def test_alignment_holds_fewer_models_than_ppo(aligned, ppo_run):
     stage, res, _, run = aligned
     m, ppo = res["metrics"], stage_result(ppo_run, "ppo")["metrics"]
-    if stage == "dpo":  # the policy alone: reference log-probs were computed before training
+    if stage in ("dpo", "kto"):  # the policy alone: reference log-probs were computed before training
         assert m["memory/models_bytes"] == m["memory/policy_bytes"] == ppo["memory/actor_bytes"], m
         return
     assert "memory/critic_bytes" not in m and ppo["memory/critic_bytes"] > 0
@@ -124,3 +128,26 @@ def test_generated_pairs_are_made_once_and_read_back(trained_run, tmp_path, capl
     assert "read back" in caplog.text and again.to_dict() == first.to_dict()
     other, _ = generated_pairs(ctx(PipelineConfig.load(run.config_path, ["dpo.candidates=3"])), model, tok)
     assert len(list(run.stage("dpo").glob("generated_pairs-*"))) == 2 and len(other) > 0
+
+
+def test_kto_resumes_mid_stage_to_the_same_result(trained_run, tmp_path):
+    """KTO stopped after its step-3 checkpoint (final/, the result and the step-6 checkpoint
+    gone, as a kill between the two would leave it), then run again: it resumes from step 3,
+    its generated answers read back and its reference point's draws following the engine's
+    restored step count, and ends where the uninterrupted run did."""
+    import shutil
+
+    run = fork(trained_run, tmp_path, "kto", "kto.generated_prompts=100", "kto.max_steps=6",
+               "kto.checkpoint_every_steps=3", "kto.log_every_steps=1")
+    first = align(run, "kto")["metrics"]
+    weights = load_file(str(run.final("kto") / "model.safetensors"))
+    shutil.rmtree(run.final("kto"))
+    shutil.rmtree(run.checkpoints("kto") / "step-6")
+    run.result_path("kto").unlink()
+    second = align(run, "kto")["metrics"]
+    assert json.loads((run.stage("kto") / "resume.json").read_text())["resumed_from_step"] == 3
+    for k in ("reward_accuracy", "eval_margin", "eval_loss", "eval_kl", "generated_pairs"):
+        assert second[k] == pytest.approx(first[k], rel=1e-3, abs=1e-5), (k, second[k], first[k])
+    assert first["global_step"] == second["global_step"] == 6
+    again = load_file(str(run.final("kto") / "model.safetensors"))
+    assert max((again[k] - weights[k]).abs().max().item() for k in weights) <= 1e-4

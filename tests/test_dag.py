@@ -50,7 +50,8 @@ def test_task_graph(dag):
         # DPO ranks its generated pairs with the reward model; on the dataset's pairs it needs none, but
         # evaluate does: every step-3 task waits for rm, which skips itself in a run that needs no RM.
         "dpo": ["algorithm", "install", "rm", "sft"],
-        "evaluate": ["dpo", "grpo", "install", "ppo", "rloo", "rm"],
+        "kto": ["algorithm", "install", "rm", "sft"],
+        "evaluate": ["dpo", "grpo", "install", "kto", "ppo", "rloo", "rm"],
         "register": ["evaluate", "install"],
         "approval_conf": ["register"],
         "request_approval": ["approval_conf"],
@@ -67,7 +68,7 @@ def test_task_graph(dag):
     assert trigger.trigger_dag_id == "rlhf_champion_approval" and not trigger.wait_for_completion
     assert {dag.task_dict[t].queue for t in ("approval_conf", "request_approval")} == {"default"}
     assert {dag.task_dict[t].pool for t in ("approval_conf", "request_approval")} == {"default_pool"}
-    for t in ("sft", "rm", "ppo", "grpo", "rloo", "dpo", "evaluate"):
+    for t in ("sft", "rm", *ALGORITHMS, "evaluate"):
         task = dag.task_dict[t]
         assert task.queue == "gpu" and task.pool == "gpu"
         assert task.retries >= 1 and task.execution_timeout is not None

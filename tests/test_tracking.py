@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from rlhf_tasks.runtime.cost import cost_usd, gpu_hours
 from rlhf_tasks.tracking import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
     NullTracker,
     Tracker,
-    cost_usd,
     flatten,
-    gpu_hours,
     plot_curves,
     plot_score_histogram,
     register_model,

@@ -136,7 +136,8 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_policy(ctx: StageContext) -> torch.nn.Module:
-    cfg, d = ctx.cfg, ctx.cfg.dpo
+    """The SFT actor, trainable as the running offline stage's section (dpo, kto) says."""
+    cfg, d = ctx.cfg, getattr(ctx.cfg, ctx.name)
     # LoRA adapters start at exactly 0 (peft's B = 0): the model is still the SFT one.
     model = load_trainable(str(ctx.run.final("sft")), d, d.dtype, ctx.world_size,
                            trust_remote_code=cfg.model.trust_remote_code,

@@ -1,6 +1,8 @@
-"""On-policy preference pairs for DPO (``dpo.pairs: generated``).
+"""On-policy preference pairs for DPO (``dpo.pairs: generated``), and for KTO
+(``kto.answers: generated``: each pair's answers, one desirable, one undesirable).
 
-The SFT actor answers the third phase's training prompts ``dpo.candidates`` times each
+The SFT actor answers the third phase's training prompts ``candidates`` times each (the
+running stage's section: ``dpo.candidates``, ``kto.candidates``)
 (sampled with the ``sampling`` section's settings, as evaluate samples), the frozen reward model plus the
 reward terms the RL steps optimise scores every answer, and each prompt's best answer
 becomes ``chosen``, its worst ``rejected``. This is one round of iterative DPO with
@@ -69,7 +71,7 @@ def pair_rows(ro: Rollout, rewards: torch.Tensor, k: int) -> dict[str, list]:
 
 def _key(ctx: StageContext, n_prompts: int) -> str:
     """What the pairs depend on: the prompts, how they were answered and scored, the seed."""
-    cfg, d = ctx.cfg, ctx.cfg.dpo
+    cfg, d = ctx.cfg, getattr(ctx.cfg, ctx.name)
     parts = {"data": cfg.data.model_dump(mode="json"), "sampling": cfg.sampling.model_dump(mode="json"),
              "reward": cfg.reward.model_dump(mode="json"),
              "k": d.candidates, "n": n_prompts, "seed": stage_seed(ctx.name, cfg), "world": ctx.world_size}
@@ -79,7 +81,7 @@ def _key(ctx: StageContext, n_prompts: int) -> str:
 @torch.no_grad()
 def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSettings) -> dict[str, list]:
     """This rank's share of the prompt batches, answered, scored and paired."""
-    cfg, d = ctx.cfg, ctx.cfg.dpo
+    cfg, d = ctx.cfg, getattr(ctx.cfg, ctx.name)
     k, clip = d.candidates, cfg.reward.clip_reward_value
     reward = load_reward_model(ctx, cfg, d.dtype, zero3=False)
     terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok)
@@ -96,7 +98,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
         for key, values in pair_rows(ro, total.cpu(), k).items():
             rows[key] += values
         if (i + 1) % max(1, len(mine) // 5) == 0 or i + 1 == len(mine):
-            log.info("dpo: generated pairs: batch %d/%d, %d pairs", i + 1, len(mine), len(rows["length"]))
+            log.info("%s: generated pairs: batch %d/%d, %d pairs", ctx.name, i + 1, len(mine), len(rows["length"]))
     del reward
     gc.collect()
     if ctx.device.type == "cuda":
@@ -117,7 +119,7 @@ def _gather(rows: dict[str, list], world: int) -> dict[str, list]:
 def generated_pairs(ctx: StageContext, model, tok) -> tuple[datasets.Dataset, dict[str, float]]:
     """The training pairs of ``dpo.pairs: generated`` (made once, then read back), and
     what they look like: how many, the mean reward of the chosen and rejected answers."""
-    cfg, d = ctx.cfg, ctx.cfg.dpo
+    cfg, d = ctx.cfg, getattr(ctx.cfg, ctx.name)
     prompts, _ = ppo_prompts(cfg, tok, "train")
     if d.generated_prompts and len(prompts) > d.generated_prompts:
         prompts = prompts.shuffle(seed=stage_seed(ctx.name, cfg)).select(range(d.generated_prompts))
@@ -125,20 +127,20 @@ def generated_pairs(ctx: StageContext, model, tok) -> tuple[datasets.Dataset, di
     t0 = time.perf_counter()
     if (where / "dataset_info.json").is_file():
         ds = datasets.load_from_disk(str(where))
-        log.info("dpo: %d generated pairs read back from %s", len(ds), where)
+        log.info("%s: %d generated pairs read back from %s", ctx.name, len(ds), where)
     else:
         gen = GenerationSettings.from_config(cfg)
-        log.info("dpo: generating %d answers to each of %d prompts, ranked by the reward model", d.candidates,
-                 len(prompts))
+        log.info("%s: generating %d answers to each of %d prompts, ranked by the reward model", ctx.name,
+                 d.candidates, len(prompts))
         ds = datasets.Dataset.from_dict(_gather(_answer_and_rank(ctx, model, tok, prompts, gen), ctx.world_size))
         if ctx.is_main:
             with atomic_dir(where) as tmp:  # a reader never sees half a dataset; a full disk says so
                 ds.save_to_disk(str(tmp))
     if len(ds) == 0:
-        raise ValueError(f"dpo: no generated pair had two answers that scored differently (of {len(prompts)} "
-                         "prompts): raise dpo.candidates or sampling.temperature")
+        raise ValueError(f"{ctx.name}: no generated pair had two answers that scored differently (of "
+                         f"{len(prompts)} prompts): raise {ctx.name}.candidates or sampling.temperature")
     chosen, rejected = (sum(ds[c]) / len(ds) for c in ("chosen_reward", "rejected_reward"))
     metrics = {"generated_pairs": len(ds), "generated_chosen_reward": chosen, "generated_rejected_reward": rejected,
                "generate_s": time.perf_counter() - t0}
-    log.info("dpo: %d generated pairs, reward of chosen %.3f vs rejected %.3f", len(ds), chosen, rejected)
+    log.info("%s: %d generated pairs, reward of chosen %.3f vs rejected %.3f", ctx.name, len(ds), chosen, rejected)
     return ds, metrics

@@ -22,7 +22,7 @@ The tree::
     resources  num_gpus, num_nodes, hostfile, gpu_hourly_usd (what the launcher starts, what cost/usd prices)
     tracking   MLflow server, experiment, registered model
     algorithm  the step-3 algorithm, and a section for each in the table
-               (rlhf_tasks/config/algorithms.py): ppo, grpo, rloo, dpo
+               (rlhf_tasks/config/algorithms.py): ppo, grpo, rloo, dpo, kto
 
 Field names follow DeepSpeed-Chat's flags where one exists (``zero_stage``, ``offload``,
 ``dtype``, ``gradient_checkpointing``, ``lora_dim``, ``lora_module_name``,

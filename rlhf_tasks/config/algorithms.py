@@ -7,8 +7,8 @@ section and a row here, its stage module, and its tests.
 The RL algorithms (ppo, grpo, rloo) share one loop (rlhf_tasks/algorithms/rl/loop.py)
 and differ by settings: the advantage estimator and the policy loss, by name (their
 pure functions are registered in rlhf_tasks/algorithms/maths/), a critic or not, the
-KL in the reward or in the loss. The offline ones (dpo) learn from pairs, without
-rollouts.
+KL in the reward or in the loss. The offline ones learn without rollouts, dpo from pairs,
+kto from unpaired answers.
 """
 
 from __future__ import annotations
@@ -98,6 +98,19 @@ class RLConfig(SamplingConfig):
 
     def trains_with_reward_model(self) -> bool:
         return True
+
+    @model_validator(mode="after")
+    def _whole_steps(self) -> RLConfig:
+        # DeepSpeed steps after every gradient_accumulation_steps micro-batches: a remainder
+        # would be stepped with the next iteration's first micro-batches, and the step-level
+        # token mean (rl/update.py) would be taken over the wrong tokens.
+        answers = self.per_device_generation_batch_size * self.answers_per_prompt
+        micro = -(-answers // self.per_device_train_batch_size)
+        if micro % self.gradient_accumulation_steps:
+            raise _rule("gradient_accumulation_steps", self.gradient_accumulation_steps,
+                        f"a divisor of the {micro} micro-batches of an iteration ({answers} answers per rollout, "
+                        f"per_device_train_batch_size {self.per_device_train_batch_size})")
+        return self
 
 
 class PPOConfig(RLConfig):
@@ -244,6 +257,43 @@ class DPOConfig(SupervisedConfig):
         return self
 
 
+class KTOConfig(SupervisedConfig):
+    """Step 3 with ``algorithm: kto``: Kahneman-Tversky optimisation of the SFT actor on unpaired
+    answers, each desirable or undesirable (rlhf_tasks/algorithms/kto.py): the third phase's
+    chosen answers and rejected ones, and the answers people judged both bad. As DPO, the
+    reference log-probs are computed once, before the first update."""
+
+    learning_rate: Annotated[Float, Field(gt=0, lt=1)] = 5e-7
+    """Peak learning rate"""
+    dropout: Annotated[Float, Field(ge=0, lt=1)] | None = 0.0
+    """0 by default: with dropout the policy's log-probs at step 0 would not equal the reference's"""
+    beta: Annotated[Float, Field(gt=0)] = 0.1
+    """Strength of the implicit KL to the SFT model (implicit reward = beta x log-ratio)"""
+    desirable_weight: Annotated[Float, Field(gt=0)] = 1.0
+    """lambda_D, the weight of a desirable answer's loss (the paper: keep lambda_D n_D / (lambda_U n_U)
+    in [1, 4/3], n the answers of each kind)"""
+    undesirable_weight: Annotated[Float, Field(gt=0)] = 1.0
+    """lambda_U, the weight of an undesirable answer's loss"""
+    answers: Literal["dataset", "generated"] = "dataset"
+    """dataset: the third phase's chosen (desirable) and rejected (undesirable) answers; generated: the SFT
+    actor's own answers to those prompts, the reward model's best of `candidates` desirable, its worst
+    undesirable. Either way with the answers people labelled (a `human` dataset, both bad included)"""
+    candidates: Annotated[Int, Field(ge=2, le=64)] = 4
+    """answers=generated: answers sampled per prompt (with the sampling section's settings)"""
+    generated_prompts: Annotated[Int, Field(ge=1)] | None = None
+    """answers=generated: how many of the third phase's training prompts are answered (none: all)"""
+
+    def trains_with_reward_model(self) -> bool:
+        return self.answers == "generated"
+
+    @model_validator(mode="after")
+    def _check_kto(self) -> KTOConfig:
+        if self.zero_stage == 3:
+            raise _rule("zero_stage", 3, "0, 1 or 2 for kto (its reference log-probs are computed before "
+                                         "the engine exists, which a ZeRO-3 model needs to run)")
+        return self
+
+
 # -- the table --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -257,13 +307,19 @@ class Algorithm:
     section: type[Section]  # its config section, cfg.<name>
     stage: str  # "module:function" of its stage entry point, run(cfg, run_dir) -> StageResult
     summary: str  # one line: what it does
-    learns_from: Literal["rollouts", "pairs"]  # sampled answers scored as it trains, or fixed pairs
+    # sampled answers scored as it trains, fixed pairs, or fixed unpaired answers
+    learns_from: Literal["rollouts", "pairs", "answers"]
     holds: tuple[str, ...]  # the models on the device while it trains
     form: tuple[str, ...] = ()  # its fields on the DAG's trigger form (keys of its section)
 
     @property
     def rollouts(self) -> bool:
         return self.learns_from == "rollouts"
+
+    @property
+    def sequences_per_example(self) -> int:
+        """Sequences one training example puts through the policy with gradients (a pair: two)."""
+        return 2 if self.learns_from == "pairs" else 1
 
 
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
@@ -286,5 +342,11 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
               "pairs", ("policy",),
               ("pairs", "candidates", "generated_prompts", "epochs", "max_steps", "beta", "loss_type",
                "learning_rate", "lora_dim")),
+    Algorithm("kto", "KTO", KTOConfig, "rlhf_tasks.algorithms.kto:run",
+              "KTO on unpaired answers, each desirable or undesirable (the dataset's chosen and rejected, or the "
+              "SFT actor's own ranked by the reward model; the answers people judged both bad)", "answers",
+              ("policy",),
+              ("answers", "candidates", "generated_prompts", "epochs", "max_steps", "beta", "desirable_weight",
+               "undesirable_weight", "learning_rate", "lora_dim")),
 )}
 AlgorithmName = Literal[tuple(ALGORITHMS)]  # type: ignore[valid-type]

@@ -90,6 +90,30 @@ class DPOCollator(PairCollator):
         return batch
 
 
+class KTOCollator:
+    """Unpaired answers, right-padded: ``input_ids`` (B, T), ``attention_mask`` (B, T),
+    ``answer_mask`` (B, T) (1 on the answer tokens, EOS included), ``desirable`` (B,) float
+    1/0 where rows carry it, and ``ref_log_probs`` (B,) float32 where rows carry
+    ``ref_logps`` (the reference pass's, in nats)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_id, self.multiple = pad_id, pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        ids = [r["input_ids"] for r in rows]
+        input_ids = pad(ids, self.pad_id, multiple=self.multiple)
+        attention_mask = _mask(ids, input_ids.shape[1])
+        prompt_len = torch.tensor([r["prompt_len"] for r in rows], dtype=torch.long)
+        pos = torch.arange(input_ids.shape[1])
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "answer_mask": (pos >= prompt_len[:, None]).long() * attention_mask}  # (B, T)
+        if rows and "desirable" in rows[0]:
+            batch["desirable"] = torch.tensor([float(r["desirable"]) for r in rows])
+        if rows and "ref_logps" in rows[0]:
+            batch["ref_log_probs"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float32)
+        return batch
+
+
 class PromptCollator:
     """Left-padded prompts ``input_ids`` (B, T) and ``attention_mask`` (B, T): generation
     appends new tokens on the right, so every prompt must end at the same position."""

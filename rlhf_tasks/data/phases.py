@@ -1,6 +1,6 @@
 """The tokenised share of each phase: SFT rows (phase 1), RM pairs (phase 2), PPO
-prompts (phase 3) or, for DPO, phase 3's whole pairs, cached on shared storage so that
-every stage and retry reuses them."""
+prompts (phase 3) or, for DPO, phase 3's whole pairs, for KTO its unpaired answers, cached
+on shared storage so that every stage and retry reuses them."""
 
 from __future__ import annotations
 
@@ -39,3 +39,9 @@ def ppo_prompts(cfg: PipelineConfig, tok, split: str):
 def dpo_pairs(cfg: PipelineConfig, tok, split: str):
     """The third phase's pairs: DPO learns from the preferences whose prompts PPO samples."""
     return _load(cfg, tok, split, "pairs", 3)
+
+
+def kto_rows(cfg: PipelineConfig, tok, split: str):
+    """The third phase's pairs as unpaired answers (chosen desirable, rejected undesirable),
+    plus the unpaired answers people labelled (a ``human`` spec's "both bad" answers)."""
+    return _load(cfg, tok, split, "unpaired", 3)

@@ -23,16 +23,19 @@ from typing import Any, Literal
 
 import datasets
 
+from .formats import HUMAN
 from .loading import SHOW_BAD_ROWS, DatasetSpec, ValidationReport, load_pairs, resolve_spec
 from .split import blend, parse_data_split
+from .unpaired import from_pairs, load_store_rows
 
-Kind = Literal["sft", "pairs", "prompts"]
+Kind = Literal["sft", "pairs", "prompts", "unpaired"]
 IGNORE_INDEX = -100  # label of positions the loss skips (prompt, padding)
 CACHE_FORMAT = 1  # bump when the cached columns or their meaning change
 # Columns each tokenisation adds; "drop" (why a row goes, "" to keep it) is removed again.
 SFT_COLUMNS = ("input_ids", "labels", "length", "drop")
 PAIR_COLUMNS = ("chosen_input_ids", "rejected_input_ids", "chosen_prompt_len", "length", "drop")
 PROMPT_COLUMNS = ("prompt_input_ids", "length", "drop")
+UNPAIRED_COLUMNS = ("input_ids", "prompt_len", "desirable", "length", "drop")
 
 
 def _encode(tok, prompts: list[str], answers: list[list[str]]) -> tuple[list[list[int]], list[list[list[int]]]]:
@@ -142,6 +145,29 @@ def tokenize_prompts(ds: datasets.Dataset, tok, max_prompt_seq_len: int, *, name
                    name, "prompts", split)
 
 
+def tokenize_unpaired(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "unpaired",
+                      split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+    """prompt + completion -> ``input_ids`` ([BOS?] prompt answer EOS, the answer cut to fit
+    ``max_seq_len``), ``prompt_len``, ``desirable`` (1/0), ``length``; a prompt that leaves no
+    room for one answer token and EOS is dropped."""
+    _check_tok(tok)
+
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["completion"]])
+        out: dict[str, list] = {c: [] for c in UNPAIRED_COLUMNS}
+        for p, a, good in zip(prompts, answers, batch["desirable"], strict=True):
+            room = max_seq_len - len(p)
+            ids = p + _fit_answer(a, room, tok.eos_token_id) if room >= 2 else []
+            for key, value in zip(UNPAIRED_COLUMNS, (ids, len(p), int(good), len(ids),
+                                                     "" if room >= 2 else f"prompt over {max_seq_len - 2} tokens"),
+                                  strict=True):
+                out[key].append(value)
+        return out
+
+    return _finish(_map(ds, fn, ("source",), UNPAIRED_COLUMNS, f"tokenising unpaired answers [{split}]"), name,
+                   "unpaired", split)
+
+
 # -- a phase's dataset, cached -----------------------------------------------------------
 
 def _files_fingerprint(path: Path) -> list[tuple[str, int, int]]:
@@ -181,8 +207,8 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
     (written to a temporary directory, then renamed into place, so a reader never sees a
     half-written one and concurrent builders do not clash) and reused from there.
     """
-    if kind not in ("sft", "pairs", "prompts"):
-        raise ValueError(f"kind={kind!r}: expected 'sft', 'pairs' or 'prompts'")
+    if kind not in ("sft", "pairs", "prompts", "unpaired"):
+        raise ValueError(f"kind={kind!r}: expected 'sft', 'pairs', 'prompts' or 'unpaired'")
     if split not in ("train", "eval"):
         raise ValueError(f"split={split!r}: expected 'train' or 'eval'")
     parse_data_split(data_split)
@@ -209,12 +235,28 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
         ds, report = tokenize_sft(rows, tok, max_seq_len, train_on_prompt, name=name, split=split)
     elif kind == "pairs":
         ds, report = tokenize_pairs(rows, tok, max_seq_len, name=name, split=split)
+    elif kind == "unpaired":
+        ds, report = tokenize_unpaired(_unpaired_rows(rows, resolved, seed, split, reports), tok, max_seq_len,
+                                       name=name, split=split)
     else:
         ds, report = tokenize_prompts(rows, tok, max_prompt_seq_len, name=name, split=split)
     reports.append(report)
     if target is None:
         return ds, reports
     return _save_atomic(ds, reports, target), reports
+
+
+def _unpaired_rows(pairs: datasets.Dataset, specs: Sequence[DatasetSpec], seed: int, split: str,
+                   reports: list[ValidationReport]) -> datasets.Dataset:
+    """The phase's pairs as unpaired rows, then the unpaired rows kept in the preference
+    stores among ``specs`` (their ``split`` share; each store's report joins ``reports``)."""
+    parts = [from_pairs(pairs)]
+    for spec in specs:
+        if spec.schema == HUMAN:
+            store, report = load_store_rows(spec, seed)
+            reports.append(report)
+            parts.append(store[split])
+    return datasets.concatenate_datasets(parts)
 
 
 def _save_atomic(ds: datasets.Dataset, reports: list[ValidationReport], target: Path) -> datasets.Dataset:

@@ -29,6 +29,7 @@ from .labels import (
     label_from_response,
     preference_rows,
     render_request,
+    unpaired_rows,
 )
 from .pairs import (
     SELF,
@@ -132,9 +133,10 @@ def collect(run_id: str, responses: Sequence[Mapping[str, Any] | None], tracking
     experiment = meta.pop("experiment")
     labels = [label_from_response(req, resp, task_id=task_id, map_index=i)
               for i, (req, resp) in enumerate(zip(requests, responses, strict=True))]
-    rows = preference_rows(labels, run_id)
-    summary = {"dag_run_id": run_id, **meta, **batch_counts(labels), "agreement": agreement(labels)}
-    path = write_batch(rows, summary, run_id)
+    rows, unpaired = preference_rows(labels, run_id), unpaired_rows(labels, run_id)
+    summary = {"dag_run_id": run_id, **meta, **batch_counts(labels), "unpaired_answers": len(unpaired),
+               "agreement": agreement(labels)}
+    path = write_batch(rows, summary, run_id, unpaired=unpaired)
     summary["path"] = str(path) if path else None
     log.info("labelling: %s", {k: v for k, v in summary.items() if k != "models"})
     if tracking_uri and path:

@@ -5,8 +5,9 @@ from ``models[0]``, answer 1 from ``models[1]``) and the order they are *shown* 
 ``order[0]`` is the canonical index shown as "A". The order is drawn per pair from a
 seeded RNG, so position bias cannot favour one model, and it is kept with every label.
 
-A labeller's choice becomes a prompt/chosen/rejected row with its provenance; ties,
-"both bad", skips and unanswered requests (a response timeout) are counted, never written.
+A labeller's choice becomes a prompt/chosen/rejected row with its provenance; "both bad"
+makes each answer an undesirable unpaired row (KTO's, rlhf_tasks/data/unpaired.py: no pair can
+hold it); ties, skips and unanswered requests (a response timeout) are counted, never written.
 """
 
 from __future__ import annotations
@@ -152,6 +153,24 @@ def preference_rows(labels: Sequence[Label], dag_run_id: str) -> list[dict[str, 
             "labeller": lab.labeller or "", "labelled_at": lab.labelled_at or "",
             "pair_id": req.pair_id, "dag_run_id": dag_run_id, "task_id": lab.task_id, "map_index": lab.map_index,
         })
+    return rows
+
+
+def unpaired_rows(labels: Sequence[Label], dag_run_id: str) -> list[dict[str, Any]]:
+    """Both answers of every "Both bad" label as undesirable prompt/completion rows with
+    provenance: KTO learns from them, where a preference pair (DPO, the reward model) has none."""
+    rows = []
+    for lab in labels:
+        if lab.choice != BOTH_BAD:
+            continue
+        req = lab.request
+        for i in (0, 1):
+            rows.append({
+                "prompt": req.prompt, "completion": " " + req.answers[i].lstrip(), "desirable": False,
+                "model": req.models[i], "shown_a": req.shown[0], "shown_b": req.shown[1], "choice": lab.choice,
+                "labeller": lab.labeller or "", "labelled_at": lab.labelled_at or "", "pair_id": req.pair_id,
+                "dag_run_id": dag_run_id, "task_id": lab.task_id, "map_index": lab.map_index,
+            })
     return rows
 
 

@@ -1,6 +1,6 @@
 """Evaluate: the SFT actor and the aligned actor answer the same held-out prompts.
 
-The aligned actor is the output of the run's ``algorithm`` (ppo, grpo, rloo or dpo); its
+The aligned actor is the output of the run's ``algorithm`` (a row of the algorithm table); its
 metrics carry one name whichever algorithm made it (``eval/aligned_reward``,
 ``eval/aligned_win_rate``, ``eval/kl_aligned_sft``, ``eval/aligned_answer_length``).
 Reported: average reward of each (the frozen RM's score, clipped as in RL training), the

@@ -177,20 +177,20 @@ def rl_sections(cfg, alg: str) -> tuple[Any, Any, str]:
 def rl(cfg, configs: dict, alg: str) -> StagePlan:
     """Step 3 by the table's row: an RL algorithm holds its actor, a frozen reference and
     reward model, and a critic when its section has one (PPO), and samples
-    ``answers_per_prompt`` answers per prompt; an offline one (DPO) trains the policy on
-    chosen + rejected rows, its reference log-probs precomputed, so neither the reference
-    nor the reward model is resident."""
+    ``answers_per_prompt`` answers per prompt; an offline one trains the policy on its
+    examples' sequences (DPO: chosen + rejected rows, KTO: one answer), its reference
+    log-probs precomputed, so neither the reference nor the reward model is resident."""
     sec, actor_sec, _ = rl_sections(cfg, alg)
     dtype, world = sec.dtype, world_size(cfg)
     micro, gas = sec.per_device_train_batch_size, sec.gradient_accumulation_steps
     arch = arch_numbers(configs["actor"])
     if not ALGORITHMS[alg].rollouts:
-        actor = Trained("actor", actor_sec, dtype, "policy", 2 * micro, gas)
+        actor = Trained("actor", actor_sec, dtype, "policy", ALGORITHMS[alg].sequences_per_example * micro, gas)
         spec = _spec(cfg, actor)
         tr = trace("actor", configs["actor"], spec)
         resident, training, step = trained_parts(cfg, actor, tr, spec, arch)
         phases = {"policy_update": _add(resident, training), "optimizer_step": _add(resident, step)}
-        if getattr(sec, "pairs", None) == "generated":
+        if sec.trains_with_reward_model():  # an offline algorithm's RM makes its data: dpo/kto answers generated
             phases["pair_generation"] = _pair_generation(cfg, configs, sec, actor, dtype)
         return StagePlan(alg, phases, traced=tr.traced)
     rollout = sec.per_device_generation_batch_size * sec.answers_per_prompt
@@ -239,9 +239,10 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
 
 
 def _pair_generation(cfg, configs: dict, sec, actor: Trained, dtype: str) -> dict[str, int]:
-    """dpo.pairs=generated, before the engine exists: the loaded policy and the reward model
-    whole, the KV cache of one batch of answers (dpo_generated.py: per_device_eval_batch_size
-    // candidates prompts x candidates) and the larger of their forward passes."""
+    """dpo.pairs=generated (kto.answers=generated), before the engine exists: the loaded
+    policy and the reward model whole, the KV cache of one batch of answers (dpo_pairs.py:
+    per_device_eval_batch_size // candidates prompts x candidates) and the larger of their
+    forward passes."""
     answers = max(1, sec.per_device_eval_batch_size // sec.candidates) * sec.candidates
     world = world_size(cfg)
     policy = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, dtype)).counts

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf_tasks.runtime import storage
+from rlhf_tasks import storage
 
 PAUSE_ENV = "RLHF_TEST_PAUSE_IN_CHECKPOINT"
 _mark_complete = storage.mark_complete

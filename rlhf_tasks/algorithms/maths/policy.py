@@ -27,7 +27,7 @@ trained over the one that sampled:
   Chen et al. 2025, eq. 4; no lower bound: e_low = 1).
 
 ``clip_fraction`` is the share of tokens (answers for gspo) whose gradient the clip cuts
-off (for cispo: whose weight it lowers); ``approx_kl`` the k3 estimate of KL(pi_old || pi).
+off (for cispo: whose weight it changes); ``approx_kl`` the k3 estimate of KL(pi_old || pi).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def cispo(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torc
     per_token = -weight * masked(advantages, action_mask) * masked(log_probs, action_mask)
     loss = aggregate(per_token, action_mask, spec.aggregation, spec.norm)
     with torch.no_grad():
-        clip_fraction = masked_mean((weight < ratio).to(log_probs.dtype), action_mask)
+        clip_fraction = masked_mean((weight != ratio).to(log_probs.dtype), action_mask)
     return loss, {"clip_fraction": clip_fraction, "approx_kl": _ratio_stats(log_ratio, action_mask)}
 
 

@@ -18,6 +18,17 @@ pi_ref (the SFT actor), with log-probs summed over the answer tokens:
 
 The implicit reward of an answer is ``beta x (log pi - log pi_ref)``; at pi = pi_ref every
 reward is 0 and the sigmoid loss is log 2 whatever eps is.
+
+KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8), on unpaired answers, each desirable or
+undesirable: with ``r = log pi(y|x) - log pi_ref(y|x)`` (summed over the answer, nats) and the
+reference point ``z0 = max(0, KL)``, KL the mean of ``r`` over mismatched prompt/answer pairs
+(detached: a baseline, not a target),
+
+    desirable:    lambda_D x (1 - sigmoid(beta (r - z0)))
+    undesirable:  lambda_U x (1 - sigmoid(beta (z0 - r)))
+
+averaged over the answers (``lambda_y - v(x, y)`` of the paper). At pi = pi_ref every value is
+``lambda_y / 2``.
 """
 
 from __future__ import annotations
@@ -82,3 +93,46 @@ def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -
     """(B,) summed log-probs of the chosen answers and (B,) their token counts -> the mean
     per-token negative log-likelihood, RPO's term beside the DPO loss."""
     return (-policy_chosen_logps / chosen_tokens.clamp_min(1)).mean()
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(B,) log-probs of each answer under the policy and the reference, (B,) ``desirable``
+    (1/0), ``kl`` () the mean log-ratio on mismatched pairs -> (mean loss, metrics): ``rewards``
+    (B,) the implicit rewards ``beta x r`` and ``z0`` (), both detached."""
+    if beta <= 0:
+        raise ValueError(f"beta={beta}: must be > 0")
+    if desirable_weight <= 0 or undesirable_weight <= 0:
+        raise ValueError(f"desirable_weight={desirable_weight}, undesirable_weight={undesirable_weight}: must be > 0")
+    ratio = policy_logps - ref_logps  # (B,) nats
+    z0 = kl.detach().clamp_min(0)
+    good = desirable.bool()
+    losses = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))))  # (B,)
+    return losses.mean(), {"rewards": beta * ratio.detach(), "z0": z0}
+
+
+def mean_log_ratio(policy_logps: torch.Tensor, ref_logps: torch.Tensor, sum_across_ranks=None) -> torch.Tensor:
+    """() the mean of ``log pi - log pi_ref`` over (B,) answers, and over every rank's answers
+    with ``sum_across_ranks``: KTO's KL estimate on mismatched pairs, detached (0 for none)."""
+    with torch.no_grad():
+        diff = (policy_logps - ref_logps).double()
+        total = torch.stack([diff.sum(), torch.tensor(float(diff.numel()), dtype=torch.float64, device=diff.device)])
+        if sum_across_ranks is not None:
+            total = sum_across_ranks(total)
+        return (total[0] / total[1].clamp_min(1)).float()
+
+
+def reward_auc(rewards: torch.Tensor, desirable: torch.Tensor) -> torch.Tensor:
+    """() the share of (desirable, undesirable) answer pairs whose implicit reward ranks the
+    desirable one higher, a tie counting half (the ROC AUC; 0.5 at the start, every reward 0,
+    and when either kind is missing). Unpaired answers have no partner of their own: every
+    desirable answer is compared with every undesirable one."""
+    good = desirable.bool()
+    d, u = rewards[good].double(), rewards[~good].double().sort().values
+    if not len(d) or not len(u):
+        return torch.tensor(0.5)
+    below = torch.searchsorted(u, d, right=False)  # undesirable answers strictly below each desirable one
+    below_or_tied = torch.searchsorted(u, d, right=True)
+    return ((below + below_or_tied).double() / 2).sum() / (len(d) * len(u))

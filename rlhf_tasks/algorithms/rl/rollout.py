@@ -6,11 +6,15 @@ reward terms), and the section's estimator turns rewards into advantages.
 With ``dynamic_sampling`` (DAPO) the groups whose answers all got the same reward carry no
 signal: they are dropped and the batch is refilled from the next prompts, for at most
 ``max_sampling_rounds`` rollouts, every rank the same number of rounds and keeping the
-same number of groups (ZeRO-3's generation and the update's collectives stay in step).
+same number of groups (ZeRO-3's generation and the update's collectives stay in step), as
+many as fill whole optimizer steps. The advantages of the kept batch are estimated again
+from its rewards: a batch-level estimator (reinforce_pp_baseline) normalises over the
+batch it trains on, not over the rollouts the dropped groups were part of.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -124,8 +128,30 @@ def dynamic_sample(score: Callable[[dict], tuple[Experience, dict]], first: tupl
         if done:
             break
         exp, _ = score(batch)
-    keep = min(min_across_ranks(kept, device), target)
+    keep = whole_steps(min(min_across_ranks(kept, device), target), G, sec.per_device_train_batch_size,
+                       sec.gradient_accumulation_steps)
     stats = {"sampling_rounds": float(rounds), "kept_groups": float(keep), "informative_share": kept / max(seen, 1)}
     if keep == 0:
         return None, stats
-    return keep_groups(Experience.concat(parts), torch.arange(keep, device=device), G), stats
+    exp = keep_groups(Experience.concat(parts), torch.arange(keep, device=device), G)
+    return regroup(exp, sec), stats
+
+
+def whole_steps(groups: int, group_size: int, micro_batch: int, accumulation: int) -> int:
+    """The most groups, at most ``groups``, whose answers split into micro-batches that make
+    whole optimizer steps: DeepSpeed steps after every ``accumulation`` micro-batches, so a
+    remainder would be stepped together with the next iteration's first micro-batches,
+    under normalisers counted for another step (one micro-batch is always a whole step)."""
+    while groups > 0 and -(-groups * group_size // micro_batch) % accumulation:
+        groups -= 1
+    return groups
+
+
+def regroup(exp: Experience, sec) -> Experience:
+    """``exp`` with its advantages estimated again from its rewards (``scores``): a group
+    estimator reads only a group's own rewards, so this changes nothing for group_norm,
+    group_mean or rloo; reinforce_pp_baseline's batch statistics become the kept batch's
+    (over every rank: every rank calls this, keep being the same on all)."""
+    inputs = AdvantageInputs(scores=exp.scores, action_mask=exp.action_mask, group_size=sec.group_size,
+                             sum_across_ranks=sum_across_ranks)
+    return dataclasses.replace(exp, advantages=ADVANTAGES[sec.advantage](inputs).advantages)
