@@ -62,8 +62,9 @@ def threads() -> None:
 
 # -- ours against a plain loop ------------------------------------------------------------------
 
-def plain_loop(kind: str, run: Path, steps: int) -> float:
-    """The plain loop on the micro-batches the stage trained on, in its order: real tokens/s."""
+def plain_loop(kind: str, run: Path, steps: int) -> dict:
+    """The plain loop on the micro-batches the stage trained on, in its order: real tokens per
+    second and per CPU second."""
     from throughput import plain_train
     from torch.utils.data import DataLoader
 
@@ -92,25 +93,30 @@ def plain_loop(kind: str, run: Path, steps: int) -> float:
     loader = DataLoader(ds, batch_sampler=list(sampler), collate_fn=collate)
     import torch
 
-    m = plain_train(model, loader, loss_fn, steps=steps, accumulation=1, device=torch.device("cpu"), dtype="fp32",
-                    flops_per_token=0.0, lr=t.learning_rate, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm)
-    return m["tokens_per_s"]
+    return plain_train(model, loader, loss_fn, steps=steps, accumulation=1, device=torch.device("cpu"), dtype="fp32",
+                       flops_per_token=0.0, lr=t.learning_rate, weight_decay=t.weight_decay,
+                       max_grad_norm=t.max_grad_norm)
 
 
 def plain(rounds: int, steps: int, work: Path) -> list[dict]:
     rows = []
     for kind in ("sft", "rm"):
-        ours, base = [], []
+        ours, base, ours_cpu, base_cpu = [], [], [], []
         for r in range(rounds):  # alternating: a machine whose load drifts slows both alike
             run = work / f"{kind}-{r}"
             res = stage(kind, run, "--preset", "tiny-cpu", "--set", f"{kind}.max_steps={steps}", f"{kind}.epochs=1",
                         f"{kind}.checkpoint_every_steps=0")
-            ours.append(res["metrics"]["train_tokens_per_s"])
-            base.append(plain_loop(kind, run, steps))
-            print(f"[peers] {kind} round {r}: ours {ours[-1]:.0f}, plain {base[-1]:.0f} tokens/s", flush=True)
+            m, p = res["metrics"], plain_loop(kind, run, steps)
+            ours.append(m["train_tokens_per_s"])
+            ours_cpu.append(m["train_tokens_per_cpu_s"])
+            base.append(p["tokens_per_s"])
+            base_cpu.append(p["tokens_per_cpu_s"])
+            print(f"[peers] {kind} round {r}: ours {ours[-1]:.0f} ({ours_cpu[-1]:.0f} per CPU s), plain {base[-1]:.0f} "
+                  f"({base_cpu[-1]:.0f}) tokens/s", flush=True)
             shutil.rmtree(run)
-        rows.append({"stage": kind, "steps": steps, "ours": ours, "plain": base,
-                     "ratio": statistics.median(o / b for o, b in zip(ours, base, strict=True))})
+        rows.append({"stage": kind, "steps": steps, "ours": ours, "plain": base, "ours_cpu": ours_cpu,
+                     "plain_cpu": base_cpu, "ratio": statistics.median(o / b for o, b in zip(ours, base, strict=True)),
+                     "ratio_cpu": statistics.median(o / b for o, b in zip(ours_cpu, base_cpu, strict=True))})
     return rows
 
 
@@ -126,18 +132,24 @@ class StepClock:
 
         class _CB(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):
-                now = time.perf_counter()
+                now, cpu = time.perf_counter(), time.process_time()
                 if clock.first is None:
-                    clock.first = now
-                clock.last, clock.steps = now, state.global_step
+                    clock.first, clock.cpu_first = now, cpu
+                clock.last, clock.cpu_last, clock.steps = now, cpu, state.global_step
 
         self.first = self.last = None
+        self.cpu_first = self.cpu_last = 0.0
         self.steps = 0
         self.callback = _CB()
 
     @property
     def timed(self) -> tuple[int, float]:
         return self.steps - 1, (self.last or 0.0) - (self.first or 0.0)
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds of this process over the timed steps."""
+        return self.cpu_last - self.cpu_first
 
 
 def trl_common(out: Path, steps: int, lr: float, sched: str, warmup: int) -> dict:
@@ -184,6 +196,7 @@ def sft_vs_trl(work: Path, steps: int) -> dict:
                              torch.device("cpu"))["perplexity"]
     m = res["metrics"]
     return {"algorithm": "SFT", "steps": steps, "ours_rate": m["train_tokens_per_s"], "trl_rate": tokens * n / steps / seconds,
+            "ours_cpu_rate": m["train_tokens_per_cpu_s"], "trl_cpu_rate": tokens * n / steps / clock.cpu,
             "unit": "real tokens/s", "quality": "held-out perplexity", "ours_quality": m["perplexity"],
             "trl_quality": ppl, "before": m["perplexity_before"]}
 
@@ -236,8 +249,11 @@ def dpo_vs_trl(trained: Path, work: Path, steps: int) -> dict:
                                         d.loss_type == "ipo")
     acc = dpo_stage.evaluate(trainer.model, dpo_stage.with_reference(eval_ds, ref), collate, d, cpu)["reward_accuracy"]
     m = res["metrics"]
+    cpu_s = m["train_tokens_per_s"] * m["train_timed_s"] / m["train_tokens_per_cpu_s"]
     return {"algorithm": "DPO", "steps": steps, "ours_rate": m["train_pairs_per_s"],
-            "trl_rate": n * d.per_device_train_batch_size / seconds, "unit": "pairs/s",
+            "trl_rate": n * d.per_device_train_batch_size / seconds,
+            "ours_cpu_rate": m["train_pairs_per_s"] * m["train_timed_s"] / cpu_s,
+            "trl_cpu_rate": n * d.per_device_train_batch_size / clock.cpu, "unit": "pairs/s",
             "quality": "held-out implicit-reward accuracy", "ours_quality": m["reward_accuracy"], "trl_quality": acc,
             "before": m["reward_accuracy_before"]}
 
@@ -315,6 +331,7 @@ def grpo_vs_trl(trained: Path, work: Path, steps: int, prompts: int) -> dict:
     before = held_out_reward(load_causal_lm(sft_dir), run, prompts)
     ours = held_out_reward(load_causal_lm(str(run / "grpo" / "final")), run, prompts)
     return {"algorithm": "GRPO", "steps": steps, "ours_rate": rollout / per_iter, "trl_rate": n * rollout / seconds,
+            "ours_cpu_rate": rollout / m["cpu_s_per_iteration"], "trl_cpu_rate": n * rollout / clock.cpu,
             "unit": "answers/s", "quality": f"held-out reward ({prompts} prompts)", "ours_quality": ours,
             "trl_quality": held_out_reward(trainer.model, run, prompts), "before": before}
 
@@ -325,19 +342,23 @@ def render(plain_rows: list[dict], trl_rows: list[dict], machine: str, note: str
     out = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu, one process per run, "
            f"`OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`. {note}".strip(), ""]
     if plain_rows:
-        out += ["| stage | ours (real tokens/s, each round) | plain loop (each round) | ours / plain (median) |",
-                "|---|---|---|---:|"]
+        out += ["| stage | ours: real tokens per CPU second (per wall second), each round | plain loop, the same "
+                "| ours / plain per CPU second (per wall second), median |", "|---|---|---|---:|"]
         for r in plain_rows:
-            out.append(f"| {r['stage']} ({r['steps']} steps) | {', '.join(f'{x:,.0f}' for x in r['ours'])} "
-                       f"| {', '.join(f'{x:,.0f}' for x in r['plain'])} | {r['ratio']:.2f}x |")
+            def rounds(cpu, wall):
+                return ", ".join(f"{c:,.0f} ({w:,.0f})" for c, w in zip(cpu, wall, strict=True))
+            out.append(f"| {r['stage']} ({r['steps']} steps) | {rounds(r.get('ours_cpu', r['ours']), r['ours'])} "
+                       f"| {rounds(r.get('plain_cpu', r['plain']), r['plain'])} "
+                       f"| {r.get('ratio_cpu', r['ratio']):.2f}x ({r['ratio']:.2f}x) |")
         out.append("")
     if trl_rows:
-        out += [f"| step | speed: ours / TRL {TRL_VERSION} | ratio | quality | before | ours | TRL |",
-                "|---|---|---:|---|---:|---:|---:|"]
+        out += [f"| step | per CPU second: ours / TRL {TRL_VERSION} | ratio | per wall second: ours / TRL | ratio "
+                "| quality | before | ours | TRL |", "|---|---|---:|---|---:|---|---:|---:|---:|"]
         for r in trl_rows:
-            out.append(f"| {r['algorithm']} ({r['steps']} steps) | {r['ours_rate']:,.1f} / {r['trl_rate']:,.1f} "
-                       f"{r['unit']} | {r['ours_rate'] / r['trl_rate']:.2f}x | {r['quality']} | {r['before']:.3f} "
-                       f"| {r['ours_quality']:.3f} | {r['trl_quality']:.3f} |")
+            oc, tc = r.get("ours_cpu_rate", r["ours_rate"]), r.get("trl_cpu_rate", r["trl_rate"])
+            out.append(f"| {r['algorithm']} ({r['steps']} steps) | {oc:,.1f} / {tc:,.1f} {r['unit']} | {oc / tc:.2f}x "
+                       f"| {r['ours_rate']:,.1f} / {r['trl_rate']:,.1f} | {r['ours_rate'] / r['trl_rate']:.2f}x "
+                       f"| {r['quality']} | {r['before']:.3f} | {r['ours_quality']:.3f} | {r['trl_quality']:.3f} |")
     return "\n".join(out)
 
 

@@ -213,5 +213,6 @@ def test_peers_report_sets_ours_beside_the_plain_loop_and_trl():
                       [{"algorithm": "GRPO", "steps": 40, "ours_rate": 128.0, "trl_rate": 64.0, "unit": "answers/s",
                         "quality": "held-out reward", "before": 2.8, "ours_quality": 4.6, "trl_quality": 3.2}],
                       "a 2-core VM", "")
-    assert "| sft (10 steps) | 110, 120 | 100, 100 | 1.15x |" in md
-    assert "| GRPO (40 steps) | 128.0 / 64.0 answers/s | 2.00x | held-out reward | 2.800 | 4.600 | 3.200 |" in md
+    assert "| sft (10 steps) | 110 (110), 120 (120) | 100 (100), 100 (100) | 1.15x (1.15x) |" in md
+    assert ("| GRPO (40 steps) | 128.0 / 64.0 answers/s | 2.00x | 128.0 / 64.0 | 2.00x | held-out reward | 2.800 "
+            "| 4.600 | 3.200 |") in md
