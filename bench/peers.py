@@ -1,24 +1,19 @@
 """Our stages beside a plain transformers + torch loop and beside TRL 1.16, in one run on CPU.
 
-``plain``: the real ``sft`` and ``rm`` stages (``python -m rlhf_tasks``, tiny-cpu) and the
-loop a user writes with transformers and torch (bench/throughput.py's ``plain_train``: the
-model's own ``labels=`` loss, AdamW, gradient clipping) on the same micro-batches in the same
-order, rounds alternating between the two; real tokens/s of each, the first step left out.
-
-``trl``: SFT, DPO and GRPO against TRL's SFTTrainer, DPOTrainer and GRPOTrainer on the same
-model, data and reward: the tiny-cpu SFT stage's starting model and rows (pre-tokenised, loss
-on the answer tokens only), DPO from one SFT model on the third phase's labelled pairs, GRPO
-from it with our reward model as TRL's reward function, at tiny-cpu's learning rates, batch
-sizes, steps, DPO beta and GRPO KL coefficient, TRL's defaults otherwise. Quality is measured
-the same way for both: held-out perplexity (SFT), held-out implicit-reward accuracy against
-the SFT reference (DPO), the reward model's average score of answers to held-out prompts
-(GRPO, same sampling and seed). TRL is installed into a directory of its own
-(``pip install --no-deps --target``: transformers, torch, datasets and accelerate are the
-project's), never into the project's environment.
+``plain``: the real ``sft`` and ``rm`` stages (tiny-cpu) and the loop a user writes (bench/
+throughput.py's ``plain_train``: the model's own ``labels=`` loss, AdamW, gradient clipping) on
+the same micro-batches in the same order, rounds alternating; real tokens per CPU second and per
+second, the first step left out. ``trl``: SFT, DPO and GRPO against TRL's SFTTrainer,
+DPOTrainer and GRPOTrainer on the same model, data and reward (tiny-cpu's SFT start and rows,
+pre-tokenised, loss on the answers; DPO from one SFT model on the third phase's labelled pairs;
+GRPO from it, our reward model as TRL's reward function), at tiny-cpu's learning rates, batch
+sizes, steps, beta and KL coefficient, TRL's defaults otherwise; quality measured alike for both
+(held-out perplexity; implicit-reward accuracy against the SFT reference; the reward model's
+average score of answers to held-out prompts, same sampling and seed). TRL goes into a
+directory of its own (``pip install --no-deps --target``), never into the project's environment.
 
     python bench/peers.py plain --rounds 3
-    python bench/peers.py trl --run RUN_DIR_WITH_SFT_AND_RM
-    python bench/peers.py all --run RUN_DIR --update   # rewrites the peers-cpu section of BENCHMARKS.md
+    python bench/peers.py all --run RUN_DIR_WITH_SFT_AND_RM --update   # rewrites BENCHMARKS.md's peers-cpu
 """
 
 from __future__ import annotations
@@ -52,12 +47,6 @@ def install_trl(target: Path = TRL_DIR) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                         f"trl=={TRL_VERSION}"], check=True)
     sys.path.insert(0, str(target))
-
-
-def threads() -> None:
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
 
 
 # -- ours against a plain loop ------------------------------------------------------------------
@@ -165,6 +154,7 @@ def sft_vs_trl(work: Path, steps: int) -> dict:
     from rlhf_tasks.algorithms import sft as sft_stage
     from rlhf_tasks.config import PipelineConfig
     from rlhf_tasks.data import SFTCollator, phases
+    from rlhf_tasks.runtime.loop import cap_eval
     from rlhf_tasks.runtime.models import load_causal_lm, load_tokenizer
 
     run = work / "sft-ours"
@@ -174,8 +164,6 @@ def sft_vs_trl(work: Path, steps: int) -> dict:
     t, tok = cfg.sft, load_tokenizer(cfg.model.actor)
     ds, _ = phases.sft_rows(cfg, tok, "train")
     eval_ds, _ = phases.sft_rows(cfg, tok, "eval")
-    from rlhf_tasks.runtime.loop import cap_eval
-
     eval_ds = cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
     rows = Dataset.from_dict({"input_ids": ds["input_ids"],
                               "completion_mask": [[int(x != -100) for x in lab] for lab in ds["labels"]]})
@@ -377,7 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--update", action="store_true", help="rewrite the peers-cpu section of BENCHMARKS.md")
     a = ap.parse_args(argv)
-    threads()
+    import torch  # the plain loop and TRL run in this process: as many threads as a stage's process
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
     plain_rows, trl_rows = [], []
     with tempfile.TemporaryDirectory(prefix="rlhf-peers-") as tmp:
         work = Path(tmp)

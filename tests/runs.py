@@ -111,6 +111,7 @@ def pipeline_through_airflow(h: Path) -> Iterator[PipelineRun]:
     process is SIGKILLed right after its first complete checkpoint: Airflow retries the task,
     which must resume from that checkpoint."""
     from rlhf_tasks.pipeline import local
+    from rlhf_tasks.pipeline.warm import warm_stages
 
     env = local.airflow_env(h)
     env["RLHF_HOME"] = str(h)
@@ -122,7 +123,7 @@ def pipeline_through_airflow(h: Path) -> Iterator[PipelineRun]:
     stop, killed = threading.Event(), {}
     watcher = threading.Thread(target=_kill_sft_after_first_checkpoint,
                                args=(Path(env["RLHF_STORAGE"]), stop, killed), daemon=True)
-    with local.mlflow_server(h) as url, local.warm_stages(h, env):  # the stages forked warm, as make run does
+    with local.mlflow_server(h) as url, warm_stages(h, env):  # the stages forked warm, as make run does
         env["MLFLOW_TRACKING_URI"] = url
         watcher.start()
         t0 = time.time()

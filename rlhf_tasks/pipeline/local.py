@@ -23,13 +23,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..runtime.ranks import free_port
+from .warm import warm_stages
 
 REPO = Path(__file__).resolve().parents[2]  # rlhf_tasks/pipeline/local.py -> the repository
 DAG_ID = "rlhf_pipeline"
@@ -148,29 +148,11 @@ def mlflow_server(h: Path, port: int | None = None) -> Iterator[str]:
         stop_groups([proc])
 
 
-@contextlib.contextmanager
-def warm_stages(h: Path, env: dict[str, str]) -> Iterator[None]:
-    """The warm stage server (warm.py) for the duration of the block: the stages the DAG
-    launches are forked from it, their imports paid once. ``env`` gets its socket."""
-    from .warm import SOCKET_ENV
-
-    # A Unix socket path has at most 107 bytes: a short one in the temp directory.
-    sock = str(Path(tempfile.gettempdir()) / f"rlhf-warm-{os.getpid()}.sock")
-    proc = spawn([sys.executable, "-u", "-m", "rlhf_tasks.pipeline.warm", sock], h / "warm-stages.log", env)
-    env[SOCKET_ENV] = sock
-    try:
-        yield
-    finally:
-        env.pop(SOCKET_ENV, None)
-        stop_groups([proc], grace_s=10)
-
-
 def airflow(args: list[str], env: dict[str, str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([bin_path("airflow"), *args], env=env, check=check, **kw)
 
 
-# `airflow db migrate` and `airflow pools set` in one process: Airflow's own CLI, parsed and run
-# in turn, its import (seconds of CPU) paid once.
+# `airflow db migrate` and `airflow pools set` by Airflow's own CLI in one process: one import of it.
 _INIT_AIRFLOW = """
 import sys
 from airflow.cli.cli_parser import get_parser
@@ -212,15 +194,14 @@ def cmd_run(args) -> int:
     t0 = time.time()
     conf = {"preset": args.preset, "overrides": args.set or []}
     with contextlib.ExitStack() as stack:
-        # MLflow's server and the warm stages start first: they import while Airflow sets up its
-        # database (two cores, three start-ups at once).
+        # MLflow and the warm stages import while Airflow sets up its database (two cores, three start-ups)
         mlflow = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             port = free_port()
             mlflow = mlflow_process(h, port, h / "mlflow" / "server.log")
             stack.callback(stop_groups, [mlflow])
             env["MLFLOW_TRACKING_URI"] = f"http://{LOOPBACK}:{port}"
-        stack.enter_context(warm_stages(h, env))
+        stack.enter_context(warm_stages(h, env))  # the stages the DAG launches fork from it
         init_airflow(env)
         if mlflow is not None:
             wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", 120, mlflow)

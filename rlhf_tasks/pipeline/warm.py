@@ -29,8 +29,12 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
+from pathlib import Path
 
 SOCKET_ENV = "RLHF_WARM_SOCKET"  # set by local.py: where the server listens
 PRELOAD = ("torch", "numpy", "transformers", "datasets", "deepspeed", "mlflow", "peft", "safetensors.torch",
@@ -95,6 +99,29 @@ def start(args: list[str], env: dict[str, str]) -> WarmProcess | None:
         return None
     finally:
         os.close(write)
+
+
+@contextlib.contextmanager
+def warm_stages(home: Path, env: dict[str, str]) -> Iterator[None]:
+    """The server for the duration of the block (``make run``, the tests' twin of it), its
+    log in ``home/warm-stages.log``; ``env`` (the pipeline's) gets its socket."""
+    sock = str(Path(tempfile.gettempdir()) / f"rlhf-warm-{os.getpid()}.sock")  # a socket path: <= 107 bytes
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "warm-stages.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, "-u", "-m", "rlhf_tasks.pipeline.warm", sock], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    env[SOCKET_ENV] = sock
+    try:
+        yield
+    finally:
+        env.pop(SOCKET_ENV, None)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
 
 
 def _child(conn: socket.socket, request: dict, out_fd: int) -> None:
