@@ -53,8 +53,8 @@ class WarmProcess:
 
     def __init__(self, conn: socket.socket, stdout_fd: int):
         self.conn = conn
+        self.pid = int(json.loads(conn.recv(4096))["pid"])  # the child's first message
         self.stdout = os.fdopen(stdout_fd, "r", buffering=1, errors="replace")
-        self.pid = int(json.loads(conn.recv(4096))["pid"])
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -93,9 +93,10 @@ def start(args: list[str], env: dict[str, str]) -> WarmProcess | None:
     try:
         socket.send_fds(conn, [json.dumps(request).encode()], [write])
         return WarmProcess(conn, read)
-    except (OSError, ValueError):  # the server went away between connect and answer
+    except (OSError, ValueError, KeyError):  # the server went away, or the child failed before it began
         conn.close()
-        os.close(read)
+        with contextlib.suppress(OSError):
+            os.close(read)
         return None
     finally:
         os.close(write)
