@@ -246,6 +246,17 @@ def initialize(model: torch.nn.Module, o: EngineConfig, b: Batching, device: tor
                               num_training_steps=max(b.total_steps, 1))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(o, b, world_size))
+    if world_size == 1 and o.zero_stage == 0:
+        # One process without ZeRO: DeepSpeed would still all-reduce every gradient after each
+        # backward, a collective over a group of one that changes nothing (6% of a tiny-cpu RM step).
+        engine.enable_backward_allreduce = False
+    if b.dtype == "fp32" and o.zero_stage == 0 and o.max_grad_norm:
+        # fp32 without ZeRO steps torch's optimizer itself and clips with DeepSpeed's loop of a
+        # norm per parameter (a quarter of a tiny-cpu RM step); torch's foreach clip is the same
+        # rule (grads x min(1, max_norm / (norm + 1e-6))) in a few kernels. Instance attribute:
+        # what engine.step() calls. Mixed precision and ZeRO clip their own flat buffers.
+        params = [p for p in model.parameters() if p.requires_grad]
+        engine.clip_fp32_gradients = lambda: torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm)
     return engine
 
 
