@@ -20,6 +20,11 @@ run side by side. Every stage writes to `$RLHF_STORAGE/runs/<run id>/<stage>/`; 
 stage resumes from its newest complete checkpoint and continues the same MLflow run; a
 finished stage is not run again.
 
+**Several ranks**: `resources.num_gpus` (GPUs per node; `resources.cpu_processes` on a CPU
+run) x `resources.num_nodes` processes run each of `sft`, `rm`, step 3 and `evaluate`, started
+by DeepSpeed's launcher; a rank that waits in a collective for
+`resources.collective_timeout_minutes` fails the task, naming the stage, phase and rank.
+
 **Trigger form**: pick a preset, then override what you need. Each field is named by its
 config path (`sft.learning_rate`), the same name as in the presets, `--set` and MLflow's
 parameters; empty fields keep the preset's value; `overrides` takes any other config key as
@@ -79,7 +84,8 @@ FORM = {
                              "rm.dtype"],
     **{f"Step 3: {a.title}": [f"{a.name}.{k}" for k in a.form] for a in ALGORITHMS.values()},
     "Reward": ["reward.length_coef", "reward.repetition_coef", "reward.overlong_buffer"],
-    "Hardware": ["resources.num_gpus", "resources.gpu_hourly_usd"],
+    "Hardware": ["resources.num_gpus", "resources.cpu_processes", "resources.gpu_hourly_usd",
+                 "resources.collective_timeout_minutes"],
 }
 
 params = {

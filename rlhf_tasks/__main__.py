@@ -10,8 +10,12 @@ id): the Airflow task parses it and passes only that on.
 
 Exit status: 0 done; 2 a bad input (config value, data file, model directory), refused
 before any training; 3 the run directory's stage is already running in another process;
-4 the storage is full (the previous checkpoint is intact); 5 (`plan`) a stage does not fit the
-GPU capacity, each such stage and the smallest change that fits it on stderr.
+4 the storage is full (the previous checkpoint is intact); 5 a rank of a multi-process
+stage made no progress for ``resources.collective_timeout_minutes`` (runtime/watchdog.py);
+6 (`plan`) a stage does not fit the GPU capacity, each such stage and the smallest change that
+fits it on stderr.
+
+Under DeepSpeed's launcher every rank runs this; rank 0 alone prints the result line.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import errno
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +41,7 @@ from .storage import (
 )
 
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
-EXIT_DOES_NOT_FIT = 5  # `plan`: a stage does not fit the GPU capacity given (or found)
+EXIT_DOES_NOT_FIT = 6  # `plan`: a stage does not fit the GPU capacity given (or found)
 # Stage -> "module:entry point", called run(cfg, run_dir) (step 3's, from the algorithm table,
 # run(cfg, run_dir, name=<algorithm>)).
 STAGE_MODULES = {"prepare": "rlhf_tasks.pipeline.prepare:run", "sft": "rlhf_tasks.algorithms.sft:run",
@@ -53,6 +58,9 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rlhf_tasks", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    # DeepSpeed's launcher passes --local_rank=N unless told --no_local_rank (ours is); a
+    # hand-typed `deepspeed --module rlhf_tasks ...` must work too. LOCAL_RANK is in the env.
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", required=True)
     for name in STAGE_MODULES:
         p = sub.add_parser(name, help=f"run the {name} stage")
@@ -160,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     payload = result if isinstance(result, dict) else json.loads(result.to_json())
-    print(RESULT_PREFIX + json.dumps(payload, sort_keys=True, default=str), flush=True)
+    if os.environ.get("RANK", "0") in ("", "0"):  # one result line per stage, whatever the ranks
+        print(RESULT_PREFIX + json.dumps(payload, sort_keys=True, default=str), flush=True)
     return 0
 
 

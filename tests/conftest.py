@@ -46,12 +46,14 @@ def load_dag_module(name: str):
 # worker, so that it is made once per test run (the other tests go to whichever worker is
 # free). xdist's own `loadgroup` cannot do it under pytest 9 (it renames test ids through an
 # attribute pytest 9 no longer reads), so the grouping is this scheduler's, by file.
-HEAVY_FIXTURES = {"pipeline_run": "trained-run", "topology": "topology", "fault_reference": "fault-reference"}
+HEAVY_FIXTURES = {"pipeline_run": "trained-run", "topology": "topology", "fault_reference": "fault-reference",
+                  "rank_runs": "ranks"}
 GROUP_FILES = {
     "trained-run": ("tests/e2e/test_pipeline.py", "tests/test_training.py", "tests/test_alignment.py"),
     "topology": ("tests/e2e/test_browser.py", "tests/e2e/test_production_topology.py",
                  "tests/e2e/test_human_feedback.py"),
     "fault-reference": ("tests/faults/test_kill_resume.py",),
+    "ranks": ("tests/test_ranks.py", "tests/faults/test_ranks_faults.py"),
 }
 GROUP_OF = {f: g for g, files in GROUP_FILES.items() for f in files}
 
@@ -122,6 +124,19 @@ def ppo_run(pipeline_run, trained_run) -> RunDir:
     if why := pipeline_run.failure(("ppo", "evaluate")):
         pytest.fail(f"no PPO run: {why}")
     return trained_run
+
+
+@pytest.fixture(scope="session")
+def rank_runs(storage, tiny_model_dir, tmp_path_factory):
+    """Stages on 2 CPU ranks through DeepSpeed's launcher, each made once per session on
+    first request (tests/ranks.py)."""
+    from tests.mlflow_server import MlflowServer
+    from tests.ranks import RankRuns
+
+    server = MlflowServer(tmp_path_factory.mktemp("ranks-mlflow"))
+    server.start()
+    yield RankRuns(tmp_path_factory.mktemp("ranks"), server.url)
+    server.stop()
 
 
 @pytest.fixture

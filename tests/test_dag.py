@@ -105,6 +105,8 @@ print(type(m.dag.timetable).__name__)
     ("data.data_split", "2,4"),
     ("sft.dtype", "fp8"),
     ("resources.num_gpus", 0),
+    ("resources.cpu_processes", 0),
+    ("resources.collective_timeout_minutes", 0),
     ("ppo.kl_coef", -1),
     ("ppo.actor.learning_rate", 1),
     ("data.datasets", []),

@@ -23,6 +23,8 @@ from rlhf_tasks.pipeline import launch
 from rlhf_tasks.pipeline.launch import StageFailed, launch_argv, run_stage
 from tests.conftest import REPO, load_dag_module
 
+REAL_LAUNCH_ARGV = launch.launch_argv
+
 
 def use_child(monkeypatch, script: str, *extra: str) -> list[tuple]:
     """Make ``run_stage`` start ``python -c script extra...``; returns the recorded
@@ -51,8 +53,8 @@ def test_several_gpus_use_the_deepspeed_launcher():
     """More than one process: the ``deepspeed`` launcher in module mode, with the
     hostfile and node count only for several nodes."""
     argv = launch_argv("ppo", ["--output", "/r"], num_gpus=4, master_port=29511)
-    assert argv == ["deepspeed", "--num_gpus", "4", "--master_port", "29511", "--module", "rlhf_tasks", "ppo",
-                    "--output", "/r"]
+    assert argv == ["deepspeed", "--num_gpus", "4", "--master_port", "29511", "--no_local_rank", "--module",
+                    "rlhf_tasks", "ppo", "--output", "/r"]
     argv = launch_argv("sft", [], num_gpus=8, num_nodes=2, hostfile="/etc/hostfile")
     assert argv[:7] == ["deepspeed", "--hostfile", "/etc/hostfile", "--num_nodes", "2", "--num_gpus", "8"]
     assert argv[-3:] == ["--module", "rlhf_tasks", "sft"]
@@ -75,7 +77,7 @@ def test_run_stage_passes_only_the_run_directory(monkeypatch, tmp_path):
 def planned_argv(monkeypatch, stage: str, run_dir: Path, visible: str | None = None) -> list[str]:
     """The real command line ``run_stage`` would start for ``stage`` on ``run_dir``
     (computed by the real ``launch_argv``; a stub child runs instead)."""
-    real = launch.launch_argv
+    real = REAL_LAUNCH_ARGV
     seen: list[list[str]] = []
 
     def record(*a, **k):
@@ -108,10 +110,12 @@ def test_one_gpu_run_is_plain_python(monkeypatch, tmp_path):
 
 def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
     """``overrides: ["resources.num_gpus=4"]`` (or the form's field of that name) starts 4
-    processes, not just a higher price."""
+    processes, not just a higher price; on a port of their own (two stages side by side on
+    one worker would both take DeepSpeed's default 29500)."""
     run = resolved_run(tmp_path, "resources.num_gpus=4")
-    assert planned_argv(monkeypatch, "ppo", run) == ["deepspeed", "--num_gpus", "4", "--module", "rlhf_tasks", "ppo",
-                                                     "--output", str(run)]
+    argv = planned_argv(monkeypatch, "ppo", run)
+    assert argv[:3] == ["deepspeed", "--num_gpus", "4"] and argv[3] == "--master_port" and int(argv[4]) > 0
+    assert argv[5:] == ["--no_local_rank", "--module", "rlhf_tasks", "ppo", "--output", str(run)]
 
 
 def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
@@ -143,10 +147,10 @@ def test_hostfile_and_nodes_reach_the_launcher(monkeypatch, tmp_path):
     run = resolved_run(tmp_path, "resources.num_gpus=8", "resources.num_nodes=2", f"resources.hostfile={hostfile}")
     argv = planned_argv(monkeypatch, "sft", run, visible="0")  # the hostfile wins over local devices
     assert argv == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
-                    "--module", "rlhf_tasks", "sft", "--output", str(run)]
+                    "--no_local_rank", "--module", "rlhf_tasks", "sft", "--output", str(run)]
 
 
-@pytest.mark.parametrize("stage", ["prepare", "evaluate", "register"])
+@pytest.mark.parametrize("stage", ["prepare", "register"])
 def test_single_process_stages_ignore_the_gpu_count(monkeypatch, tmp_path, stage):
     run = resolved_run(tmp_path, "resources.num_gpus=4")
     assert planned_argv(monkeypatch, stage, run)[:4] == [sys.executable, "-u", "-m", "rlhf_tasks"]

@@ -228,12 +228,12 @@ def test_deep_models_extrapolated_from_two_depths_equal_a_full_trace(arch):
         assert _trace(config, spec) == _trace_once(config, spec)
 
 
-def test_plan_exits_5_when_a_stage_does_not_fit(storage, capsys, tiny):
-    """`plan` is a check a script can use: exit 5 and, on stderr, each stage over the capacity
-    with the smallest change that fits; 0 when everything fits."""
+def test_plan_exits_6_when_a_stage_does_not_fit(storage, capsys, tiny):
+    """`plan` is a check a script can use: exit 6 (5 is a stalled rank) and, on stderr, each
+    stage over the capacity with the smallest change that fits; 0 when everything fits."""
     cfg, configs = tiny
     sft = plan_stage(cfg, configs, "sft").peak
-    assert main(["plan", "--preset", "tiny-cpu", "--gpu-memory-gb", str(sft * 0.9 / 1e9)]) == 5
+    assert main(["plan", "--preset", "tiny-cpu", "--gpu-memory-gb", str(sft * 0.9 / 1e9)]) == 6
     err = capsys.readouterr().err
     assert "error: stage sft plans a peak of" in err and "smallest change that fits" in err
     assert main(["plan", "--preset", "tiny-cpu", "--gpu-memory-gb", "1000"]) == 0

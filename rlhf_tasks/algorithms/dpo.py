@@ -4,10 +4,12 @@ third phase's preference pairs, without rollouts or critic (and, on the dataset'
 1. load the SFT actor (LoRA adapters on it when ``dpo.lora_dim``); with ``dpo.pairs:
    generated`` the training pairs are instead its own answers to the third phase's prompts,
    ranked by the reward model, made once before training (rlhf_tasks/dpo_generated.py);
-2. the reference pass: before any update, the model's log-probs of every chosen and
-   rejected answer, train and held-out, are computed once and stored as dataset columns.
-   The policy at that moment *is* the reference (fresh LoRA adapters add exactly 0), so no
-   second model is ever loaded and only the policy sits on the device while it trains;
+2. the reference pass: once the engine exists and before any update (or resumed
+   checkpoint), the engine's model's log-probs of every chosen and rejected answer, train
+   and held-out, are computed once and stored as dataset columns. The policy at that
+   moment *is* the reference (fresh LoRA adapters add exactly 0), so no second model is
+   ever loaded and only the policy sits on the device while it trains; under ZeRO-3 the
+   engine gathers its shards for the pass as for training;
 3. train with the shared supervised loop (rlhf_tasks/loop.py: resume mid-stage,
    checkpoints, curves) on the loss of rlhf_tasks/algorithms/maths/preference.py.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,11 +33,12 @@ from ..config.algorithms import DPOConfig
 from ..data import DPOCollator
 from ..data.phases import dpo_pairs
 from ..runtime import loop
-from ..runtime.engine import torch_dtype
+from ..runtime.engine import inference_config, inference_engine, partitioned_loading, torch_dtype
 from ..runtime.lm_head import token_log_probs
-from ..runtime.models import load_tokenizer, load_trainable, unwrap_for_saving
-from ..runtime.params import eval_mode
+from ..runtime.models import load_causal_lm, load_tokenizer, load_trainable, unwrap_for_saving
+from ..runtime.params import eval_mode, is_partitioned
 from ..runtime.stage import StageContext, stage
+from ..runtime.watchdog import beat, phase
 from .dpo_pairs import generated_pairs
 from .maths.preference import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
 from .rl.models import memory_report, require_outputs
@@ -62,16 +66,20 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 def reference_log_probs(model, ds, collate, batch_size: int, device, average: bool, rank: int = 0,
                         world: int = 1) -> torch.Tensor:
     """(N, 2) float64 log-probs of every row's (chosen, rejected) answer under ``model``:
-    each rank scores every world-th batch (length order, least padding), then one sum
-    across ranks gives every rank the whole table."""
+    each rank scores every world-th batch (length order, least padding; as many forward
+    passes on every rank, loop.shard_batches), then one sum across ranks gives every rank
+    the whole table."""
     lengths = ds["length"] if len(ds) else []  # one column read: ds[i] would decode every row's lists
-    order = sorted(range(len(ds)), key=lengths.__getitem__)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
+    shard = loop.shard_batches(lengths, batch_size, rank, world)
     table = torch.zeros(len(ds), 2, dtype=torch.float64, device=device)
+    loader = DataLoader(ds, batch_sampler=[b for b, _ in shard], collate_fn=collate)
     with eval_mode(model):
-        for idx, batch in zip(batches, DataLoader(ds, batch_sampler=batches, collate_fn=collate), strict=True):
+        for (idx, real), batch in zip(shard, loader, strict=True):
             batch = {k: v.to(device) for k, v in batch.items()}
-            table[idx] = pair_log_probs(model, batch, average).double().view(2, -1).T  # (B, 2)
+            scored = pair_log_probs(model, batch, average).double().view(2, -1).T  # (B, 2)
+            beat()
+            if real:
+                table[idx] = scored
     return _all_reduce(table).cpu()
 
 
@@ -86,9 +94,11 @@ def evaluate(model, eval_ds, collate, d: DPOConfig, device, rank: int = 0, world
     """Held-out pairs: reward accuracy, mean implicit rewards and margin, mean loss."""
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # pairs, wins, chosen, rejected, loss x pairs
     with eval_mode(model):
-        for batch in loop.eval_loader(eval_ds, d.per_device_eval_batch_size, collate, rank, world):
+        for batch, real in loop.eval_batches(eval_ds, d.per_device_eval_batch_size, collate, rank, world):
             batch = {k: v.to(device) for k, v in batch.items()}
             pc, pr = pair_log_probs(model, batch, d.loss_type == "ipo").chunk(2)
+            if not real:  # a rank's padding pass (every rank runs as many forward passes)
+                continue
             rc, rr = batch["ref_log_probs"].chunk(2)
             loss, c, r = dpo_loss(pc, pr, rc, rr, d.beta, d.loss_type, d.label_smoothing)
             n = len(c)
@@ -116,7 +126,7 @@ class TrainRewards:
             self.flush(engine.global_steps + 1)
 
     def flush(self, step: int) -> None:
-        c, r, n = self.sums.tolist()
+        c, r, n = _all_reduce(self.sums.clone()).tolist()  # every rank's pairs (every rank flushes at this step)
         if n == 0:
             return
         m = {"chosen_reward": c / n, "rejected_reward": r / n, "margin": (c - r) / n}
@@ -142,8 +152,26 @@ def load_policy(ctx: StageContext) -> torch.nn.Module:
     model = load_trainable(str(ctx.run.final("sft")), d, d.dtype, ctx.world_size,
                            trust_remote_code=cfg.model.trust_remote_code,
                            attn_implementation=cfg.model.attn_implementation)
+    if is_partitioned(model):  # ZeRO-3: loaded as shards, cast by zero.Init, placed by the engine
+        return model
     _cast_parameters(model, torch_dtype(d.dtype))
     return model.to(ctx.device)
+
+
+def pair_policy(ctx: StageContext, model: torch.nn.Module):
+    """The policy that answers for ``dpo.pairs=generated``: the loaded one, or under ZeRO-3
+    (whose shards run only inside an engine, which cannot exist before the pairs, since its
+    LR schedule counts them) the SFT model as a frozen ZeRO-3 inference engine, dropped
+    before training. Answer with ``.module`` of what it returns."""
+    if not is_partitioned(model):
+        return SimpleNamespace(module=model)
+    d = ctx.cfg.dpo
+    with partitioned_loading(inference_config(d.dtype, d.offload, ctx.world_size)):
+        sft = load_causal_lm(str(ctx.run.final("sft")), dtype=torch_dtype(d.dtype),
+                             trust_remote_code=ctx.cfg.model.trust_remote_code,
+                             attn_implementation=ctx.cfg.model.attn_implementation)
+    sft.requires_grad_(False)
+    return inference_engine(sft, d.dtype, d.offload, ctx.world_size)
 
 
 @stage("dpo")
@@ -155,17 +183,29 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     model = load_policy(ctx)
     generated: dict[str, float] = {}
     if d.pairs == "generated":  # held-out pairs stay the labelled ones: reward_accuracy is the people's
-        train_ds, generated = generated_pairs(ctx, model, tok)
+        with phase("pair generation"):
+            policy = pair_policy(ctx, model)
+            train_ds, generated = generated_pairs(ctx, policy.module, tok)
+            del policy
         ctx.log_metrics(generated, 0)
     flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
     collate, average = DPOCollator(tok.pad_token_id), d.loss_type == "ipo"
+    reference_s = 0.0
 
-    t0 = time.perf_counter()
-    train_ds, eval_ds = (with_reference(ds, reference_log_probs(model, ds, collate, d.per_device_eval_batch_size,
-                                                                ctx.device, average, ctx.rank, ctx.world_size))
-                         for ds in (train_ds, eval_ds))
-    reference_s = time.perf_counter() - t0
-    log.info("dpo: reference log-probs of %d + %d pairs in %.1f s", len(train_ds), len(eval_ds), reference_s)
+    def reference_pass(engine):
+        """The reference log-probs, on the engine's model before any step (before a resumed
+        checkpoint loads): the weights training starts from, gathered under ZeRO-3."""
+        nonlocal eval_ds, reference_s
+        t0 = time.perf_counter()
+        with phase("reference pass"):
+            train, held_out = (with_reference(ds, reference_log_probs(engine.module, ds, collate,
+                                                                      d.per_device_eval_batch_size, ctx.device,
+                                                                      average, ctx.rank, ctx.world_size))
+                               for ds in (train_ds, eval_ds))
+        eval_ds, reference_s = held_out, time.perf_counter() - t0
+        log.info("dpo: reference log-probs of %d + %d pairs in %.1f s", len(train), len(eval_ds), reference_s)
+        return train
+
     rewards = TrainRewards(ctx, d.log_every_steps)
 
     def loss_fn(engine, batch):
@@ -181,7 +221,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     def eval_fn(engine):
         return evaluate(engine.module, eval_ds, collate, d, ctx.device, ctx.rank, ctx.world_size)
 
-    out = loop.train(ctx, d, model, train_ds, collate, loss_fn, eval_fn, flops)
+    out = loop.train(ctx, d, model, train_ds, collate, loss_fn, eval_fn, flops, with_engine=reference_pass)
     rewards.flush(out.global_step)
     memory = memory_report(policy=out.engine.module)  # the reference is a table of numbers, not a model
     ctx.log_metrics(memory, 0)

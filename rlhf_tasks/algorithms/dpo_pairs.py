@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from ..data import PromptCollator
 from ..data.phases import ppo_prompts
 from ..runtime.stage import StageContext, stage_seed
+from ..runtime.watchdog import beat
 from ..storage import atomic_dir
 from .rl.generation import GenerationSettings, Rollout, generate
 from .rl.models import load_reward_model
@@ -83,17 +84,24 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     """This rank's share of the prompt batches, answered, scored and paired."""
     cfg, d = ctx.cfg, getattr(ctx.cfg, ctx.name)
     k, clip = d.candidates, cfg.reward.clip_reward_value
-    reward = load_reward_model(ctx, cfg, d.dtype, zero3=False)
+    # Under ZeRO-3 the reward model is partitioned like the policy: both forward passes are
+    # collectives, so every rank answers and scores as many batches (the padding ones dropped).
+    reward = load_reward_model(ctx, cfg, d.dtype, zero3=d.zero_stage == 3)
     terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok)
     per_batch = max(1, d.per_device_eval_batch_size // k)  # prompts per batch: k answers each
     batches = list(DataLoader(prompts, batch_size=per_batch, collate_fn=PromptCollator(tok.pad_token_id)))
-    mine = batches[ctx.rank::ctx.world_size]
+    rounds = -(-len(batches) // ctx.world_size)
+    mine = [(b, True) for b in batches[ctx.rank::ctx.world_size]]
+    mine += [(batches[0], False)] * (rounds - len(mine)) if batches else []
     torch.manual_seed(stage_seed(ctx.name, cfg) + ctx.rank)
     rows: dict[str, list] = {c: [] for c in COLUMNS}
-    for i, b in enumerate(mine):
+    for i, (b, real) in enumerate(mine):
         ids, mask = (b[n].to(ctx.device).repeat_interleave(k, 0) for n in ("input_ids", "attention_mask"))
         ro = generate(model, ids, mask, gen, tok.eos_token_id, tok.pad_token_id)
         scores = reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip)
+        beat()
+        if not real:
+            continue
         total, _ = terms.total(scores, ro.sequences, ro.action_mask, ro.prompt_len)
         for key, values in pair_rows(ro, total.cpu(), k).items():
             rows[key] += values

@@ -28,11 +28,15 @@ def score_pairs(model, eval_ds, collate, batch_size: int, device, rank: int = 0,
     """(chosen, rejected) scores of every held-out pair on this rank, as CPU tensors."""
     chosen, rejected = [], []
     with eval_mode(model):
-        for batch in loop.eval_loader(eval_ds, batch_size, collate, rank, world):
+        for batch, real in loop.eval_batches(eval_ds, batch_size, collate, rank, world):
             scores = model.score(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
+            if not real:  # a rank's padding pass (every rank runs as many forward passes)
+                continue
             c, r = scores.chunk(2)  # PairCollator stacks chosen rows, then rejected rows
             chosen.append(c.cpu())
             rejected.append(r.cpu())
+    if not chosen:  # a rank whose whole share was padding
+        return torch.zeros(0), torch.zeros(0)
     return torch.cat(chosen), torch.cat(rejected)
 
 

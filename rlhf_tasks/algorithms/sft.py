@@ -29,11 +29,13 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
     with eval_mode(model):
         nll_t = torch.zeros((), device=device, dtype=torch.float64)
         tok_t = torch.zeros((), device=device, dtype=torch.float64)
-        for batch in loop.eval_loader(eval_ds, batch_size, collate, rank, world):
+        for batch, real in loop.eval_batches(eval_ds, batch_size, collate, rank, world):
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at t-1
-            nll_t -= token_log_probs(model, batch["input_ids"], batch["attention_mask"], labels,
-                                     where=labels != -100).sum()
+            logp = token_log_probs(model, batch["input_ids"], batch["attention_mask"], labels, where=labels != -100)
+            if not real:  # a rank's padding pass (every rank runs as many forward passes)
+                continue
+            nll_t -= logp.sum()
             tok_t += (labels != -100).sum()
         nll_sum, n_tok = loop.all_reduce_sum([nll_t.item(), tok_t.item()], device)
     mean = nll_sum / max(n_tok, 1.0)

@@ -249,11 +249,6 @@ class DPOConfig(SupervisedConfig):
     def _check_dpo(self) -> DPOConfig:
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise _rule("label_smoothing", self.label_smoothing, "label smoothing applies to loss_type=sigmoid only")
-        if self.zero_stage == 3:
-            # The reference pass runs on the loaded model before its engine exists; a ZeRO-3
-            # model holds only shards until the engine gathers them.
-            raise _rule("zero_stage", 3, "0, 1 or 2 for dpo (its reference log-probs are computed before "
-                                         "the engine exists, which a ZeRO-3 model needs to run)")
         return self
 
 

@@ -129,19 +129,26 @@ class EvaluateConfig(Section):
 # -- where it runs, where it is tracked -----------------------------------------------------------
 
 class ResourcesConfig(Section):
-    """The GPUs a run uses and their price. The launcher (``rlhf_tasks.pipeline.launch.run_resources``)
-    starts ``num_gpus`` processes per node for sft, rm and ppo, on the first ``num_nodes``
-    hosts of ``hostfile`` (DeepSpeed's ``host slots=N`` file, which must exist on the worker
-    that starts the stage); ``device: cpu`` runs one process. ``cost/usd`` = wall-clock
-    hours x ``gpu_hourly_usd`` x ``num_gpus`` x ``num_nodes``."""
+    """The processes a run's stages get and the GPUs' price. The launcher
+    (``rlhf_tasks.pipeline.launch.run_resources``) starts ``num_gpus`` processes per node
+    (``cpu_processes`` with ``device: cpu``) for sft, rm, step 3 and evaluate, on the first
+    ``num_nodes`` hosts of ``hostfile`` (DeepSpeed's ``host slots=N`` file, which must exist
+    on the worker that starts the stage), through DeepSpeed's launcher when that is more than
+    one. ``cost/usd`` = wall-clock hours x ``gpu_hourly_usd`` x ``num_gpus`` x ``num_nodes``."""
 
     num_gpus: Annotated[Int, Field(ge=1, le=1024)] = 1
     """GPUs per node for each training stage (>1 uses the deepspeed launcher)"""
+    cpu_processes: Annotated[Int, Field(ge=1, le=256)] = 1
+    """With device cpu: processes (ranks, over gloo) per node for each training stage; >1 uses the
+    deepspeed launcher, as num_gpus does on GPUs (num_gpus only prices a CPU run)"""
     num_nodes: Annotated[Int, Field(ge=1)] = 1
     hostfile: Str | None = None
     """DeepSpeed hostfile; required for num_nodes > 1"""
     gpu_hourly_usd: Annotated[Float, Field(ge=0)] = 0.0
     """Price of one GPU-hour, for cost/usd"""
+    collective_timeout_minutes: Annotated[Float, Field(gt=0, le=1440)] = 30.0
+    """A rank of a multi-process stage that makes no progress this long (waiting in a collective for
+    another rank) fails the stage, naming the stage, phase and rank"""
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:

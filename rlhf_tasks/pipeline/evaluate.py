@@ -28,6 +28,7 @@ from ..runtime import loop
 from ..runtime.engine import torch_dtype
 from ..runtime.models import RewardModel, load_causal_lm, load_tokenizer
 from ..runtime.stage import StageContext, stage
+from ..runtime.watchdog import beat, phase
 from ..storage import atomic_file, storage_root, write_json
 
 log = logging.getLogger("rlhf_tasks")
@@ -45,6 +46,9 @@ def answer_and_score(actor, reward, batches, gen: GenerationSettings, tok, devic
         lengths.append(ro.answer_lengths.cpu())
         texts += tok.batch_decode(ro.sequences[:, ro.prompt_len:], skip_special_tokens=True)
         rollouts.append(ro)
+        beat()
+    if not rollouts:  # a rank with no batch (fewer batches than ranks)
+        return torch.zeros(0), torch.zeros(0), texts, rollouts
     return torch.cat(rewards), torch.cat(lengths).float(), texts, rollouts
 
 
@@ -54,24 +58,52 @@ def _fingerprint(model_dir: Path) -> list:
     return sorted([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in model_dir.glob("*.safetensors"))
 
 
+def unshard(parts: list[list], sizes: list[int], world: int) -> list:
+    """Rows back in prompt order: ``parts[r]`` holds rank r's rows, those of batches r,
+    r + world, ... in turn; ``sizes`` the rows of every batch."""
+    out, at = [], [0] * world
+    for j, n in enumerate(sizes):
+        r = j % world
+        out += parts[r][at[r]:at[r] + n]
+        at[r] += n
+    return out
+
+
+def gather_rows(ctx: StageContext, sizes: list[int], **rows: list) -> dict[str, list]:
+    """Every rank's rows of each named column, in prompt order, on every rank (one
+    ``all_gather_object``; the columns are numbers and texts, a few per prompt)."""
+    if ctx.world_size == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list = [None] * ctx.world_size
+    dist.all_gather_object(parts, rows)
+    return {k: unshard([p[k] for p in parts], sizes, ctx.world_size) for k in rows}
+
+
 def sft_answers(ctx: StageContext, sft, reward, batches, gen: GenerationSettings, tok, identity: tuple):
-    """SFT's rewards, lengths and texts on the held-out prompts. They depend only on the SFT
-    and reward models, the prompts, the sampling settings and the seed, not on the aligned
-    actor: evaluating a second algorithm trained from the same SFT (bench/algorithms.py)
-    reads them back from the storage's cache instead of generating them again."""
+    """SFT's rewards, lengths and texts on the held-out prompts (``batches``: this rank's
+    share), gathered from every rank. They depend only on the SFT and reward models, the
+    prompts, the sampling settings, the seed and the ranks, not on the aligned actor:
+    evaluating a second algorithm trained from the same SFT (bench/algorithms.py) reads
+    them back from the storage's cache instead of generating them again."""
     cfg, e = ctx.cfg, ctx.cfg.evaluate
     clip = cfg.reward.clip_reward_value
-    sft_dir, rm_dir, n_prompts = identity
+    sft_dir, rm_dir, n_prompts, sizes = identity
+    ranks = [ctx.world_size] if ctx.world_size > 1 else []  # each rank samples its own stream
     key = hashlib.sha256(json.dumps([_fingerprint(sft_dir), _fingerprint(rm_dir), n_prompts,
                                      cfg.data.model_dump(mode="json"), e.prompts, clip, dataclasses.asdict(gen),
                                      cfg.seed, e.per_device_batch_size, e.dtype, cfg.model.attn_implementation,
-                                     str(ctx.device)]).encode()).hexdigest()[:16]
+                                     str(ctx.device), *ranks]).encode()).hexdigest()[:16]
     cached = storage_root() / "cache" / "evaluate" / f"sft-{key}.pt"
     if cached.is_file():
         got = torch.load(cached)
         log.info("evaluate: SFT's answers to the %d prompts read back from %s", n_prompts, cached)
         return got["rewards"], got["lengths"], got["texts"]
-    rewards, lengths, texts, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device, clip, cfg.seed)
+    rewards, lengths, texts, _ = answer_and_score(sft, reward, batches, gen, tok, ctx.device, clip,
+                                                  cfg.seed + ctx.rank)
+    full = gather_rows(ctx, sizes, rewards=rewards.tolist(), lengths=lengths.tolist(), texts=texts)
+    rewards, lengths, texts = torch.tensor(full["rewards"]), torch.tensor(full["lengths"]), full["texts"]
     if ctx.is_main:
         with atomic_file(cached) as tmp:
             torch.save({"rewards": rewards, "lengths": lengths, "texts": texts}, tmp)
@@ -99,15 +131,27 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     gen = GenerationSettings.from_config(cfg)
     batches = list(DataLoader(prompts, batch_size=e.per_device_batch_size,
                               collate_fn=PromptCollator(tok.pad_token_id)))
-    r_sft, len_sft, txt_sft = sft_answers(ctx, sft, reward, batches, gen, tok, (sft_dir, rm_dir, len(prompts)))
-    r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(aligned, reward, batches, gen, tok, ctx.device, clip, cfg.seed)
+    # Each rank answers every world-th batch (its own random stream); the rows are gathered.
+    sizes, mine = [len(b["input_ids"]) for b in batches], batches[ctx.rank::ctx.world_size]
+    log.info("evaluate: rank %d of %d answered %d of the %d prompts", ctx.rank, ctx.world_size,
+             sum(len(b["input_ids"]) for b in mine), len(prompts))
+    with phase("generation"):
+        r_sft, len_sft, txt_sft = sft_answers(ctx, sft, reward, mine, gen, tok,
+                                              (sft_dir, rm_dir, len(prompts), sizes))
+        r_ppo, len_ppo, txt_ppo, ro_ppo = answer_and_score(aligned, reward, mine, gen, tok, ctx.device, clip,
+                                                           cfg.seed + ctx.rank)
     kls = []
-    with torch.no_grad():
+    with torch.no_grad(), phase("scoring"):
         for ro in ro_ppo:
             lp = actor_log_probs(aligned, ro.sequences, ro.attention_mask, ro.action_mask)
             lq = actor_log_probs(sft, ro.sequences, ro.attention_mask, ro.action_mask)
             kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
-    kl = torch.cat(kls)
+    kl = torch.cat(kls) if kls else torch.zeros(0)
+    with phase("gathering"):
+        full = gather_rows(ctx, sizes, rewards=r_ppo.tolist(), lengths=len_ppo.tolist(), texts=txt_ppo,
+                           kl=kl.tolist())
+    r_ppo, len_ppo, txt_ppo, kl = (torch.tensor(full["rewards"]), torch.tensor(full["lengths"]), full["texts"],
+                                   torch.tensor(full["kl"]))
     metrics = {
         "sft_reward": r_sft.mean().item(), "aligned_reward": r_ppo.mean().item(),
         "reward_gain": (r_ppo.mean() - r_sft.mean()).item(),
@@ -127,8 +171,9 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
             for pr, a, ra, b, rb in zip(prompt_texts, txt_sft, r_sft, txt_ppo, r_ppo, strict=True)]
     ctx.log_metrics(metrics, 0)
     out = ctx.stage_dir
-    write_json(out / "samples.json", rows)
-    write_json(out / "metrics.json", metrics)
-    if ctx.is_main and ctx.tracker.run_id:
-        ctx.tracker.log_table(rows, f"samples/sft_vs_{algo}.json")
+    if ctx.is_main:  # every rank holds the gathered rows; one writes them
+        write_json(out / "samples.json", rows)
+        write_json(out / "metrics.json", metrics)
+        if ctx.tracker.run_id:
+            ctx.tracker.log_table(rows, f"samples/sft_vs_{algo}.json")
     return aligned_dir, metrics

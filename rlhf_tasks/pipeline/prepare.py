@@ -84,11 +84,12 @@ def check_resources(cfg: PipelineConfig, torch_info: dict[str, Any]) -> dict[str
         res = resources_for(cfg, "config")
     except ResourceError as e:
         raise ConfigError(str(e)) from None
-    if res.world_size > 1 and not res.hostfile and not torch_info["cuda_available"]:
-        raise EnvironmentError_(f"resources.num_gpus={res.num_gpus} asks for {res.num_gpus} processes but this worker has "
-                                "no GPU (device=cpu runs one process and only prices the GPUs)")
-    return {"num_gpus": res.num_gpus, "num_nodes": res.num_nodes, "hostfile": res.hostfile,
-            "world_size": res.world_size}
+    if res.world_size > 1 and not res.cpu and not res.hostfile and not torch_info["cuda_available"]:
+        raise EnvironmentError_(f"resources.num_gpus={res.per_node} asks for {res.per_node} processes but this worker "
+                                "has no GPU (with device=cpu, resources.cpu_processes sets the processes and num_gpus "
+                                "only prices the run)")
+    return {"num_gpus": cfg.resources.num_gpus, "processes_per_node": res.per_node, "num_nodes": res.num_nodes,
+            "hostfile": res.hostfile, "world_size": res.world_size, "device": "cpu" if res.cpu else "gpu"}
 
 
 def check_deepspeed(cfg: PipelineConfig) -> dict[str, Any]:

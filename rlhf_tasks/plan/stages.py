@@ -88,7 +88,9 @@ class Trained:
 
 
 def world_size(cfg) -> int:
-    return cfg.resources.num_gpus * cfg.resources.num_nodes
+    """The ranks ZeRO partitions over: GPUs, or CPU processes with ``device: cpu``."""
+    r = cfg.resources
+    return (r.cpu_processes if cfg.device == "cpu" else r.num_gpus) * r.num_nodes
 
 
 def _spec(cfg, t: Trained, kind: str | None = None, batch: int | None = None, seq: int | None = None) -> StepSpec:

@@ -4,7 +4,9 @@ A checkpoint is ``<stage>/checkpoints/step-N/``, written as a transaction by
 :func:`~rlhf_tasks.storage.checkpoint_dir` (``.step-N.partial`` -> COMPLETE marker ->
 rename), holding each DeepSpeed engine's state, the stage's own state (the step, history,
 elapsed wall-clock, RNG state of every generator, ...) inside the first engine's files,
-and the run's ``config.yaml``. An engine named ``""`` is saved in ``step-N/`` itself, any
+and the run's ``config.yaml``; with several ranks, each rank's RNG state in ``rng/``,
+written before the main rank marks the checkpoint complete (a checkpoint is complete only
+when every rank has written its part). An engine named ``""`` is saved in ``step-N/`` itself, any
 other in ``step-N/<name>/`` (PPO: ``actor/``, ``critic/``).
 """
 
@@ -27,9 +29,12 @@ from ..storage import (
     remove_partial_checkpoints,
     write_json,
 )
+from .ranks import barrier
 from .stage import StageContext
+from .watchdog import phase
 
 log = logging.getLogger("rlhf_tasks")
+RNG_DIR = "rng"  # step-N/rng/rank-<r>.pt: every rank's random generators (several ranks)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -85,14 +90,16 @@ class Checkpointer:
             return None
         _, path = found
         state = None
-        for name, engine in self.engines.items():
-            d = self._dir(path, name)
-            _, client = engine.load_checkpoint(str(d.parent), tag=d.name)
-            state = client if state is None else state
+        with phase("checkpoint"):
+            for name, engine in self.engines.items():
+                d = self._dir(path, name)
+                _, client = engine.load_checkpoint(str(d.parent), tag=d.name)
+                state = client if state is None else state
         if "history" in state:
             state["history"] = {k: [tuple(x) for x in v] for k, v in state["history"].items()}
         ctx.previous_elapsed_s = state["elapsed_s"]
-        self._rng = state.get("rng")
+        own = path / RNG_DIR / f"rank-{ctx.rank}.pt"
+        self._rng = torch.load(own, weights_only=False) if own.is_file() else state.get("rng")
         step = state[self.step_key]
         if ctx.is_main:
             write_json(ctx.stage_dir / "resume.json", {"resumed_from_step": step, "checkpoint": str(path)})
@@ -112,12 +119,22 @@ class Checkpointer:
         RNG state, the config; then prune to the newest ``keep``. A full disk raises
         :class:`~rlhf_tasks.storage.StorageFullError` and leaves the previous one intact."""
         ctx = self.ctx
-        state = {**state, self.step_key: step, "elapsed_s": ctx.elapsed_s, "rng": get_rng_state()}
-        with checkpoint_dir(self.root, step, {self.step_key: step, "time": time.time()}, is_main=ctx.is_main) as partial:
+        rng = get_rng_state()
+        state = {**state, self.step_key: step, "elapsed_s": ctx.elapsed_s, "rng": rng}
+        info = {self.step_key: step, "time": time.time(), "world_size": ctx.world_size}
+        with phase("checkpoint"), checkpoint_dir(self.root, step, info, is_main=ctx.is_main) as partial:
             for i, (name, engine) in enumerate(self.engines.items()):
                 d = self._dir(partial, name)
                 engine.save_checkpoint(str(d.parent), tag=d.name, client_state=state if i == 0 else {},
                                        save_latest=False)
+            if ctx.world_size > 1:
+                # Each rank's own generators (a rank's dropout and sampling draw from its own
+                # stream). Written after DeepSpeed's files, whose first barrier follows the
+                # main rank's cleaning of the partial directory; the barrier after them puts
+                # every rank's file on storage before the main rank marks the checkpoint.
+                (partial / RNG_DIR).mkdir(parents=True, exist_ok=True)
+                torch.save(rng, partial / RNG_DIR / f"rank-{ctx.rank}.pt")
+                barrier()
             if ctx.is_main:
                 ctx.cfg.save(partial / CONFIG_FILE)
         if ctx.is_main:

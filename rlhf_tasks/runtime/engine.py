@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -86,8 +87,12 @@ def torch_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join (or, for a single process, create) the process group. Returns (rank, world)."""
+def init_distributed(device: torch.device, timeout_minutes: float | None = None) -> tuple[int, int]:
+    """Join (or, for a single process, create) the process group. Returns (rank, world).
+
+    ``timeout_minutes``: how long a collective may wait for the other ranks before gloo or
+    NCCL give up (torch's default is 30 min for NCCL and gloo alike); the stage's watchdog
+    (runtime/watchdog.py) names the phase and rank a little before that."""
     prepare_environment()
     import deepspeed
     import torch.distributed as dist
@@ -96,21 +101,34 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
         if "RANK" not in os.environ:  # started by plain python, not by the deepspeed launcher
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
-        if device.type == "cpu" and os.environ.get("WORLD_SIZE") == "1":
+        if device.type == "cpu":
             _no_shared_memory_allreduce()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+            _cpu_threads_per_rank()
+        kw = {"timeout": timedelta(minutes=timeout_minutes)} if timeout_minutes else {}
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, **kw)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size()
 
 
 def _no_shared_memory_allreduce() -> None:
-    """DeepSpeed's CPU backend compiles its shared-memory allreduce (a C++ op: 20-40 s on 2
-    cores, and a compiler needed) whenever it makes a process group, even a group of one
-    process, which has nothing to reduce across. For one process, DeepSpeed's own path for a
-    platform without the op: torch.distributed's collectives (tests/test_engine.py)."""
+    """DeepSpeed's CPU backend compiles its shared-memory allreduce (a C++ op: 20-40 s on an
+    idle 2-core machine, over 2 minutes on a loaded one, and a compiler needed) whenever it
+    makes a process group. The op serves only ``inference_all_reduce``, which DeepSpeed's
+    tensor-parallel inference (AutoTP) calls and no stage here does: ZeRO's collectives go
+    through torch.distributed (gloo) either way. So no CPU group builds it: DeepSpeed's own
+    path for a platform without the op (tests/test_engine.py)."""
     # By module name: the package's attribute `deepspeed.comm.torch` is torch itself.
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def _cpu_threads_per_rank() -> None:
+    """Several CPU ranks on one host share its cores: each takes its share (torch would
+    start one thread per core in every rank, and OpenMP's busy waiting makes oversubscribed
+    threads far slower than fewer). An explicit ``OMP_NUM_THREADS`` wins."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 @dataclass(frozen=True)
@@ -211,12 +229,16 @@ def _unpartitioned_to(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and norm weights (as DeepSpeed-Chat and nanoGPT do)."""
+    """No weight decay on biases and norm weights (as DeepSpeed-Chat and nanoGPT do).
+
+    A parameter's own shape: under ZeRO-3 ``p`` holds an empty 1-D placeholder and its shape
+    is ``ds_shape`` (by ``p.ndim`` every weight would look like a bias, and nothing decayed)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))
+        (no_decay if ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from . import watchdog
 from .checkpoint import Checkpointer
 from .stage import StageContext
+from .watchdog import beat, phase
 
 log = logging.getLogger("rlhf_tasks")
 History = dict[str, list[tuple[int, float]]]
@@ -87,7 +89,8 @@ class Speed:
         _sync(self.device)
         t = time.perf_counter()
         try:
-            yield
+            with watchdog.phase(name):  # what a hang in it is reported as
+                yield
         finally:
             _sync(self.device)
             self.last[name] = time.perf_counter() - t
@@ -187,24 +190,30 @@ class Iterations:
         ctx = self.ctx
         self._bar = progress_bar(self.total, ctx.name, self.step, ctx.is_main)
         try:
-            while not self.done and self.epoch < epochs:
-                self.sampler.set_epoch(self.epoch)
-                order = list(self.sampler)[self.offset:]
-                loader = iter(DataLoader(self.data, batch_sampler=order, collate_fn=self.collate, num_workers=0,
-                                         pin_memory=ctx.device.type == "cuda"))
-                self.ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
-                for batch in loader:
-                    self.offset += 1
-                    yield {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-                    if self.done:
-                        break
-                if self.done and self.offset < self.per_epoch:
-                    break
-                if on_epoch_end is not None:
-                    on_epoch_end(self.epoch)
-                self.epoch, self.offset = self.epoch + 1, 0
+            with phase("training"):
+                yield from self._walk(epochs, on_epoch_end)
         finally:
             self._bar.close()
+
+    def _walk(self, epochs: int, on_epoch_end: Callable[[int], None] | None) -> Iterator[dict]:
+        ctx = self.ctx
+        while not self.done and self.epoch < epochs:
+            self.sampler.set_epoch(self.epoch)
+            order = list(self.sampler)[self.offset:]
+            loader = iter(DataLoader(self.data, batch_sampler=order, collate_fn=self.collate, num_workers=0,
+                                     pin_memory=ctx.device.type == "cuda"))
+            self.ckpt.restore_rng()  # now the generators are where the uninterrupted run had them
+            for batch in loader:
+                self.offset += 1
+                beat()
+                yield {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+                if self.done:
+                    break
+            if self.done and self.offset < self.per_epoch:
+                break
+            if on_epoch_end is not None:
+                on_epoch_end(self.epoch)
+            self.epoch, self.offset = self.epoch + 1, 0
 
     def record(self, metrics: dict[str, float], step: int | None = None, keys=None) -> None:
         """Log ``metrics`` to MLflow and keep ``keys`` of them (all by default) in the history."""

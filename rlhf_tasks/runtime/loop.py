@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,8 @@ from .checkpoint import Checkpointer
 from .engine import Batching, initialize
 from .iteration import Iterations, Speed
 from .params import count_parameters, gathered_state_dict, is_partitioned
-from .stage import StageContext, stage_seed
+from .stage import StageContext, own_streams, stage_seed
+from .watchdog import beat, phase
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -43,28 +44,35 @@ class LoopOutput:
 
 
 def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_ds, collate, loss_fn: LossFn,
-          eval_fn: Callable[[Any], dict[str, float]], flops_per_token: float) -> LoopOutput:
+          eval_fn: Callable[[Any], dict[str, float]], flops_per_token: float,
+          with_engine: Callable[[Any], Any] | None = None) -> LoopOutput:
     """Train ``model`` on ``train_ds`` with DeepSpeed; resume from the newest complete
-    checkpoint of this stage when there is one."""
-    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size, seed=stage_seed(ctx.name, ctx.cfg),
-                                        rank=ctx.rank, world_size=ctx.world_size)
-    micro_per_epoch = len(sampler)
-    steps_per_epoch = max(micro_per_epoch // t.gradient_accumulation_steps, 1)
-    total_steps = t.epochs * steps_per_epoch
-    if t.max_steps:
-        total_steps = min(total_steps, t.max_steps)
-    total, trainable = count_parameters(model)
-    log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
-             ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
+    checkpoint of this stage when there is one.
+
+    ``with_engine(engine) -> train_ds``: runs once the engine exists, before the checkpoint
+    is resumed (so on the weights training starts from), and returns the rows to train on
+    (the same rows, e.g. with columns added: DPO's reference pass, which under ZeRO-3 needs
+    the engine to gather the partitioned weights)."""
+    sampler, micro_per_epoch, total_steps = schedule(ctx, t, model, train_ds)
     batching = Batching(t.per_device_train_batch_size, t.gradient_accumulation_steps, t.dtype, total_steps)
+    beat()  # the model is loaded (under ZeRO-3: partitioned, a collective per parameter)
     engine = initialize(model, t, batching, ctx.device, ctx.world_size)
+    own_streams(ctx)
+    beat()
+    if with_engine is not None:
+        train_ds = with_engine(engine)
 
     ckpt = Checkpointer(ctx, {"": engine}, t.checkpoint_every_steps, t.keep_checkpoints)
     speed = Speed(ctx.device, flops_per_token, ctx.world_size)
     it = Iterations(ctx, train_ds, collate, sampler, total_steps, ckpt,
                     batches_per_step=t.gradient_accumulation_steps, speed=speed)
+
+    def evaluate() -> dict[str, float]:
+        with speed.paused(), phase("evaluation"):
+            return eval_fn(engine)
+
     if not it.resume():
-        before = eval_fn(engine)
+        before = evaluate()
         it.record(before, 0)
         log.info("%s: before training: %s", ctx.name, _fmt(before))
 
@@ -75,12 +83,12 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
 
     def epoch_end(epoch: int) -> None:
         nonlocal last_eval, epoch_n
-        with speed.paused():
-            metrics = eval_fn(engine)
+        metrics = evaluate()
         it.record(metrics)
         last_eval = (it.step, metrics)
+        train_loss = rank_mean(epoch_loss, epoch_n, ctx)
         log.info("%s: epoch %d/%d step %d train_loss %.4f %s", ctx.name, epoch + 1, t.epochs, it.step,
-                 epoch_loss.item() / max(epoch_n, 1), _fmt(metrics))
+                 train_loss, _fmt(metrics))
         epoch_loss.zero_()
         epoch_n = 0
 
@@ -97,7 +105,7 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
             continue
         it.advance()
         if it.logging_due(t.log_every_steps):
-            m = {"loss": loss_sum.item() / n_micro, "lr": engine.get_lr()[0], **speed.window(),
+            m = {"loss": rank_mean(loss_sum, n_micro, ctx), "lr": engine.get_lr()[0], **speed.window(),
                  "epoch": it.epoch + it.offset / micro_per_epoch}
             it.record(m, keys=("loss",))
             if ctx.is_main:
@@ -106,16 +114,38 @@ def train(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_
             loss_sum.zero_()
             n_micro = 0
         if t.eval_every_steps and it.step % t.eval_every_steps == 0:
-            with speed.paused():
-                it.record(eval_fn(engine))
+            it.record(evaluate())
         it.checkpoint_if_due()
     throughput = speed.summary()
     if last_eval is not None and last_eval[0] == it.step:
         final = last_eval[1]
     else:
-        final = eval_fn(engine)
+        final = evaluate()
         it.record(final)
     return LoopOutput(engine=engine, metrics=final, history=it.history, global_step=it.step, throughput=throughput)
+
+
+def schedule(ctx: StageContext, t: SupervisedConfig, model: torch.nn.Module, train_ds):
+    """This rank's walk over the training rows (length-grouped micro-batches, every rank
+    as many), its micro-batches per epoch and the stage's optimizer steps."""
+    sampler = LengthGroupedBatchSampler(train_ds["length"], t.per_device_train_batch_size,
+                                        seed=stage_seed(ctx.name, ctx.cfg), rank=ctx.rank, world_size=ctx.world_size)
+    micro_per_epoch = len(sampler)
+    total_steps = t.epochs * max(micro_per_epoch // t.gradient_accumulation_steps, 1)
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    total, trainable = count_parameters(model)
+    log.info("%s: %d rows, %d micro-batches/epoch, %d optimizer steps, %.2fM params (%.2fM trainable)",
+             ctx.name, len(train_ds), micro_per_epoch, total_steps, total / 1e6, trainable / 1e6)
+    return sampler, micro_per_epoch, total_steps
+
+
+def rank_mean(total: torch.Tensor, count: int, ctx: StageContext) -> float:
+    """The mean over every rank's micro-batches of a per-rank sum of ``count`` micro-batch
+    values (each rank runs as many): the loss MLflow gets is the whole step's, not rank 0's
+    share (one collective and sync, at logging intervals)."""
+    summed, n = all_reduce_sum([float(total), float(count)], ctx.device)
+    return summed / max(n, 1.0)
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -132,7 +162,8 @@ def save_final(ctx: StageContext, model: torch.nn.Module, tokenizer, metrics: di
     one parameter at a time, and rank 0 writes them. (DeepSpeed's ``save_16bit_model``
     gathers the engine's module – the LoRA-wrapped model, not the merged one – and writes
     a ``pytorch_model.bin`` that ``save_pretrained`` would not.)"""
-    state_dict = gathered_state_dict(model, ctx.is_main) if is_partitioned(model) else None
+    with phase("saving final/"):
+        state_dict = gathered_state_dict(model, ctx.is_main) if is_partitioned(model) else None
     target = ctx.run.final(ctx.name)
     if ctx.is_main:
         with atomic_dir(target) as tmp:
@@ -160,12 +191,30 @@ def perplexity(mean_nll: float) -> float:
     return math.exp(min(mean_nll, 50.0))
 
 
-def eval_loader(ds, batch_size: int, collate, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Held-out rows in length order (least padding), each rank taking every
-    world_size-th batch; no shuffling, so numbers are comparable across evaluations."""
-    order = sorted(range(len(ds)), key=lambda i: ds[i]["length"]) if len(ds) < 50_000 else list(range(len(ds)))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world_size]
-    return DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=0)
+def shard_batches(lengths, batch_size: int, rank: int = 0, world_size: int = 1) -> list[tuple[list[int], bool]]:
+    """This rank's held-out batches as (row indices, real): rows in length order (least
+    padding), rank r taking batches r, r + world_size, ...; no shuffling, so numbers are
+    comparable across evaluations.
+
+    Every rank gets the same number of batches: a rank whose share is one short runs its
+    last forward pass on a repeat of the first batch, marked not real (its result is
+    discarded). Under ZeRO-3 every forward pass is a collective, and a rank that ran one
+    fewer would leave the others waiting in it for ever."""
+    order = sorted(range(len(lengths)), key=list(lengths).__getitem__)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mine = [(b, True) for b in batches[rank::world_size]]
+    rounds = -(-len(batches) // world_size)
+    return mine + [(batches[0], False)] * (rounds - len(mine)) if batches else []
+
+
+def eval_batches(ds, batch_size: int, collate, rank: int = 0, world_size: int = 1) -> Iterator[tuple[dict, bool]]:
+    """(batch, real) for this rank's :func:`shard_batches` of ``ds``: use a batch's result
+    only when ``real``. Each batch is a beat of the stage's watchdog."""
+    shard = shard_batches(ds["length"] if len(ds) else [], batch_size, rank, world_size)
+    loader = DataLoader(ds, batch_sampler=[b for b, _ in shard], collate_fn=collate, num_workers=0)
+    for (_, real), batch in zip(shard, loader, strict=True):
+        beat()
+        yield batch, real
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -192,6 +241,7 @@ def train_eval_data(ctx: StageContext, loader, tok, what: str, phase: str):
     train_ds, reports = loader(cfg, tok, "train")
     eval_ds, eval_reports = loader(cfg, tok, "eval")
     log_data_reports(ctx, reports + eval_reports)
+    beat()
     eval_ds = cap_eval(eval_ds, cfg.data.max_eval_samples, cfg.seed)
     if len(train_ds) == 0 or len(eval_ds) == 0:
         raise ValueError(f"{ctx.name}: no {'training' if len(train_ds) == 0 else 'held-out'} {what} after the data "

@@ -42,3 +42,20 @@ def min_across_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor(value, device=device, dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing on one process)."""
+    import torch.distributed as dist
+
+    if world_size() > 1:
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, torch.Tensor | float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank passes the same keys): what a stage
+    logs is the whole step's, not rank 0's share. One collective, one host sync."""
+    keys = sorted(values)
+    t = torch.stack([torch.as_tensor(values[k], device=device, dtype=torch.float64).reshape(()) for k in keys])
+    means = (sum_across_ranks(t) / world_size()).tolist()
+    return dict(zip(keys, means, strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import random
@@ -19,10 +20,11 @@ import numpy as np
 import torch
 
 from ..config import ALGORITHMS, STAGES, PipelineConfig
-from ..storage import RunDir, StageResult, write_json
+from ..storage import MARKER, RunDir, StageResult, latest_checkpoint, write_json
 from ..tracking import TrackerLike, open_stage_tracker
 from .cost import cost_usd, gpu_hours
 from .engine import init_distributed, resolve_device
+from .watchdog import Watchdog, phase, watching
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -61,6 +63,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def own_streams(ctx: StageContext) -> None:
+    """From here on each rank draws its own random stream (dropout masks, sampled answers):
+    every rank starts from the same seed, so that the models they build are the same, and
+    would otherwise draw the same numbers for different batches. One process: unchanged."""
+    if ctx.world_size > 1:
+        seed_everything(stage_seed(ctx.name, ctx.cfg) + 1_000_003 * ctx.rank)
 
 
 @dataclass(frozen=True)
@@ -130,20 +140,46 @@ def stage_run(name: str, cfg: PipelineConfig, run: RunDir) -> Iterator[StageCont
     setup_logging()
     seed_everything(stage_seed(name, cfg))
     device = resolve_device(cfg.device)
-    rank, world = init_distributed(device)
+    bound_min = cfg.resources.collective_timeout_minutes
+    # The process group's own timeout is the backstop; the watchdog, which names the phase,
+    # fires a minute before it.
+    rank, world = init_distributed(device, bound_min + 1.0)
+    refuse_other_world(name, run, world)
     tracker = open_stage_tracker(name, cfg, run, rank)
     ctx = StageContext(name=name, cfg=cfg, run=run, device=device, rank=rank, world_size=world, tracker=tracker,
                        prefix=METRIC_PREFIX[name])
-    log.info("%s: device=%s world_size=%d run=%s mlflow_run=%s", name, device, world, run.path, tracker.run_id)
+    log.info("%s: device=%s world_size=%d rank=%d run=%s mlflow_run=%s", name, device, world, rank, run.path,
+             tracker.run_id)
+    dog = Watchdog(name, rank, world, bound_min * 60, on_hang=lambda _msg: tracker.close("FAILED", timeout=2.0)) \
+        if world > 1 else None
     status = "FAILED"
     try:
-        yield ctx
+        with watching(dog), phase("loading"):
+            yield ctx
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         ctx.end = end_stage(ctx, status)
+
+
+def refuse_other_world(name: str, run: RunDir, world: int) -> None:
+    """A stage whose newest complete checkpoint was written by another number of ranks is
+    refused before anything loads: its ZeRO optimizer state is split by rank and its data
+    position counts each rank's batches, so it resumes only on as many ranks as wrote it."""
+    found = latest_checkpoint(run.checkpoints(name))
+    if found is None:
+        return
+    step, path = found
+    saved = json.loads((path / MARKER).read_text()).get("world_size")
+    if saved is not None and saved != world:
+        raise ValueError(f"{name}: the newest complete checkpoint {path} (step {step}) was written by {saved} "
+                         f"rank(s) and this attempt has {world}: a checkpoint resumes only on as many ranks as wrote "
+                         f"it (its ZeRO optimizer state is split by rank, its data position counts each rank's "
+                         f"batches). Run the stage on {saved} rank(s) (resources.cpu_processes on CPU, "
+                         f"resources.num_gpus x resources.num_nodes on GPUs), or remove {path.parent} to train the "
+                         "stage afresh")
 
 
 def end_stage(ctx: StageContext, status: str) -> StageEnd:

@@ -29,7 +29,8 @@ from ...runtime import loop as supervised
 from ...runtime.checkpoint import Checkpointer
 from ...runtime.iteration import Iterations, Speed
 from ...runtime.models import load_tokenizer, unwrap_for_saving
-from ...runtime.stage import StageContext, stage, stage_seed
+from ...runtime.ranks import mean_across_ranks
+from ...runtime.stage import StageContext, own_streams, stage, stage_seed
 from ..maths.advantages import AdaptiveKLController, FixedKLController
 from .generation import GenerationSettings
 from .models import load_models, require_outputs
@@ -103,6 +104,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     answers = P * sec.answers_per_prompt
     updates_per_iter = sec.ppo_epochs * -(-answers // sec.per_device_train_batch_size) // sec.gradient_accumulation_steps
     models = load_models(ctx, sec, total * max(updates_per_iter, 1))
+    own_streams(ctx)
     ckpt = Checkpointer(ctx, models.engines, sec.checkpoint_every_steps, sec.keep_checkpoints,
                         step_key="iteration", unit="iteration")
     speed = Speed(ctx.device, world_size=ctx.world_size)
@@ -132,7 +134,8 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
         if getattr(sec, "dynamic_sampling", False):
             exp, sampled = dynamic_sample(lambda b: scorer(b, kl_ctl.value), first, batches, sec, ctx.device)
             stats = {**stats, **sampled}
-        stats = {k: float(v) for k, v in stats.items()}  # one sync per iteration, after the rollout's work
+        # Over every rank's rollouts; one collective and sync per iteration, after the rollout's work.
+        stats = mean_across_ranks(stats, ctx.device)
         with speed.phase("training"):
             if exp is not None:
                 stats.update(update(models, exp, sec, kl_ctl.value, gen.max_new_tokens, unsup))
