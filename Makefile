@@ -11,11 +11,12 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-lock.txt
+$(STAMP): requirements.txt requirements-lock.txt requirements-nodeps.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip wheel setuptools
 	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation -c requirements-lock.txt -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

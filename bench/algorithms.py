@@ -12,8 +12,11 @@ iteration (PPO 32 x 1, the group variants 8 x 4 on tiny-cpu), the offline steps'
 per pair against PPO's seconds per prompt.
 
     python bench/algorithms.py --run RUN_DIR_WITH_SFT_AND_RM --seeds 1 2 3 --update
+    python bench/algorithms.py --run RUN_DIR_WITH_SFT --variants ppo grpo rloo dpo \
+        --set reward.source=verifier --section algorithms-verifier-cpu --update   # the verifier's reward, no RM
 
-``--update`` rewrites the ``algorithms-cpu`` section of BENCHMARKS.md. Every stage is a real
+``--update`` rewrites the ``--section`` section of BENCHMARKS.md (``algorithms-cpu``). Where
+the verifier can check prompts, its held-out accuracy is reported beside the reward. Every stage is a real
 ``python -m rlhf_tasks`` process, one at a time, so that their timings do not mix.
 """
 
@@ -65,7 +68,8 @@ def one(trained: Path, work: Path, variant: str, seed: int, preset: str, extra: 
     algo, overrides = VARIANTS[variant]
     run = work / f"{variant}-{seed}"
     for s in ("sft", "rm"):
-        shutil.copytree(trained / s / "final", run / s / "final")
+        if (trained / s / "final").is_dir():  # a verifier recipe (reward.source=verifier) has no rm
+            shutil.copytree(trained / s / "final", run / s / "final")
     res = stage(algo, run, "--preset", preset, "--set", f"algorithm={algo}", f"alignment_seed={seed}", *overrides,
                 *extra)
     ev = stage("evaluate", run)["metrics"]
@@ -73,7 +77,9 @@ def one(trained: Path, work: Path, variant: str, seed: int, preset: str, extra: 
     out = {"algorithm": variant, "seed": seed, "wall_clock_s": res["wall_clock_s"], "gain": ev["reward_gain"],
            "gain_se": ev["reward_gain_se"], "win_rate": ev["aligned_win_rate"], "kl": ev["kl_aligned_sft"],
            "sft_reward": ev["sft_reward"], "aligned_reward": ev["aligned_reward"],
-           "models_mb": m.get("memory/models_bytes", 0.0) / 1e6}
+           "models_mb": m.get("memory/models_bytes", 0.0) / 1e6,
+           # The verifier's ground truth beside the reward (held-out checkable prompts).
+           **{k: ev[k] for k in ("sft_accuracy", "aligned_accuracy", "accuracy_gain", "accuracy_gain_se") if k in ev}}
     if not ALGORITHMS[algo].rollouts:
         import yaml
 
@@ -104,11 +110,15 @@ def table(rows: list[dict], machine: str) -> str:
     by = {a: [r for r in rows if r["algorithm"] == a] for a in VARIANTS}
     by = {a: rs for a, rs in by.items() if rs}
     n = max(len(rs) for rs in by.values())
-    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT + reward model, "
+    accuracy = all("accuracy_gain" in r for r in rows)
+    lines = [f"Measured {time.strftime('%Y-%m-%d')} on {machine}, tiny-cpu preset, one trained SFT (+ reward model where the reward uses one), "
              f"{n} alignment seed(s) per variant (gain: held-out average reward of the aligned actor minus SFT's, "
-             "mean ± standard deviation over the seeds).", "",
-             "| variant | reward gain over SFT | win rate | KL to SFT (nats/answer) | models held (MB) | "
-             "stage wall-clock (s) | speed |", "|---|---|---|---|---|---|---|"]
+             "mean ± standard deviation over the seeds"
+             + ("; accuracy: the verifier's share of right answers on the held-out checkable prompts, SFT → aligned"
+                if accuracy else "") + ").", "",
+             "| variant | reward gain over SFT | " + ("accuracy SFT → aligned | " if accuracy else "")
+             + "win rate | KL to SFT (nats/answer) | models held (MB) | stage wall-clock (s) | speed |",
+             "|---|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
     ppo_per_prompt = None
     if "ppo" in by:
         ppo_per_prompt = statistics.mean(r["s_per_iteration"] for r in by["ppo"]) / 32
@@ -124,7 +134,9 @@ def table(rows: list[dict], machine: str) -> str:
         else:
             speed = (f"{statistics.mean(r['s_per_iteration'] for r in rs):.2f} s/iteration "
                      f"({statistics.mean(r['generation_share'] for r in rs):.0%} generating)")
-        lines.append(f"| {a} | {statistics.mean(gains):+.2f} ± {sd:.2f} | "
+        acc = (f"{statistics.mean(r['sft_accuracy'] for r in rs):.2f} → "
+               f"{statistics.mean(r['aligned_accuracy'] for r in rs):.2f} | " if accuracy else "")
+        lines.append(f"| {a} | {statistics.mean(gains):+.2f} ± {sd:.2f} | {acc}"
                      f"{statistics.mean(r['win_rate'] for r in rs):.2f} | {statistics.mean(r['kl'] for r in rs):.1f} | "
                      f"{statistics.mean(r['models_mb'] for r in rs):.1f} | "
                      f"{statistics.mean(r['wall_clock_s'] for r in rs):.0f} | {speed} |")
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--preset", default="tiny-cpu")
     ap.add_argument("--set", nargs="*", default=[], help="more overrides for every alignment stage")
-    ap.add_argument("--update", action="store_true", help="rewrite the algorithms-cpu section of BENCHMARKS.md")
+    ap.add_argument("--update", action="store_true", help="rewrite the --section section of BENCHMARKS.md")
+    ap.add_argument("--section", default="algorithms-cpu",
+                    help="BENCHMARKS.md section (algorithms-verifier-cpu for --set reward.source=verifier)")
     ap.add_argument("--note", default="", help="a sentence added under the table (e.g. the machine's load)")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--with", dest="more", type=Path, nargs="*", default=[],
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
     if a.update:
-        replace_section(ROOT / "BENCHMARKS.md", "algorithms-cpu", md)
+        replace_section(ROOT / "BENCHMARKS.md", a.section, md)
     return 0
 
 

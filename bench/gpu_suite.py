@@ -56,7 +56,9 @@ from rlhf_tasks.tracking import git_commit  # noqa: E402
 
 MARKERS = {"gpu": ("<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"),
            "cpu": ("<!-- cpu-tiny:begin -->", "<!-- cpu-tiny:end -->"),
-           "algorithms-cpu": ("<!-- algorithms-cpu:begin -->", "<!-- algorithms-cpu:end -->")}
+           "algorithms-cpu": ("<!-- algorithms-cpu:begin -->", "<!-- algorithms-cpu:end -->"),
+           "algorithms-verifier-cpu": ("<!-- algorithms-verifier-cpu:begin -->", "<!-- algorithms-verifier-cpu:end -->"),
+           "realmodel-cpu": ("<!-- realmodel-cpu:begin -->", "<!-- realmodel-cpu:end -->")}
 # Numbers to beat, from ../shared/gpu/README.md (measured on an H100 by another session).
 REFERENCE = {"hf_generate_b32": 446, "dschat_ppo_prompts_per_s": 1.1, "dschat_sft_bf16_real_tokens_per_s": 25_000}
 TARGETS = {"generation": 10_000, "ppo": 11.0, "sft": 55_000}

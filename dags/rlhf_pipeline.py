@@ -8,10 +8,10 @@ alignment step chosen by the form's `algorithm` field.
 |---|---|---|
 | `install` | checks the worker (packages, torch/CUDA, DeepSpeed ops, disk), resolves the config, validates and caches models and data, opens the MLflow parent run | `gpu` queue |
 | `sft` | step 1: supervised fine-tuning of the actor (perplexity) | `gpu` queue, `gpu` pool |
-| `rm` | step 2: reward model on preference pairs (accuracy, chosen/rejected scores) | `gpu` queue, `gpu` pool |
+| `rm` | step 2: reward model on preference pairs (accuracy, chosen/rejected scores); skipped when `reward.source` is `verifier` | `gpu` queue, `gpu` pool |
 | `algorithm` | picks step 3 from the config's `algorithm`; the other step-3 tasks are skipped | default queue |
 | one task per algorithm | step 3 (the algorithms below, from rlhf_tasks/config/algorithms.py) | `gpu` queue, `gpu` pool |
-| `evaluate` | SFT vs the aligned actor on held-out prompts (the RM scores), samples side by side | `gpu` queue, `gpu` pool |
+| `evaluate` | SFT vs the aligned actor on held-out prompts (the run's reward: RM and/or verifier; the verifier's accuracy per category), samples side by side | `gpu` queue, `gpu` pool |
 | `register` | run report (time, cost, metrics per step), MLflow model version, `champion` alias if better | default queue |
 | `request_approval` | with `tracking.champion_approval: human` only: triggers `rlhf_champion_approval`, where a person promotes or rejects the candidate; this run ends at once | default queue |
 
@@ -76,14 +76,15 @@ schedule = (AssetOrTimeSchedule(timetable=CronTriggerTimetable(_cron, timezone="
 # form cannot drift from the config.
 FORM = {
     "Recipe": ["algorithm"],
-    "Models": ["model.actor", "model.rm"],
+    "Models": ["model.actor", "model.rm", "model.chat_template"],
     "Data": ["data.datasets", "data.data_split", "data.max_seq_len"],
     "Step 1: SFT": ["sft.epochs", "sft.per_device_train_batch_size", "sft.learning_rate", "sft.lora_dim",
                     "sft.zero_stage", "sft.dtype"],
     "Step 2: reward model": ["rm.epochs", "rm.per_device_train_batch_size", "rm.learning_rate", "rm.zero_stage",
                              "rm.dtype"],
     **{f"Step 3: {a.title}": [f"{a.name}.{k}" for k in a.form] for a in ALGORITHMS.values()},
-    "Reward": ["reward.length_coef", "reward.repetition_coef", "reward.overlong_buffer"],
+    "Reward": ["reward.source", "reward.verifier_coef", "reward.length_coef", "reward.repetition_coef",
+               "reward.overlong_buffer"],
     "Hardware": ["resources.num_gpus", "resources.cpu_processes", "resources.gpu_hourly_usd",
                  "resources.collective_timeout_minutes"],
 }
@@ -169,7 +170,7 @@ with DAG(
             resolve_run_config(run_dir, cfg)
         except ConfigError as e:  # bad input: a retry cannot fix it
             raise AirflowFailException(f"invalid configuration: {e}") from None
-        return {**_run("prepare", str(run_dir)), "algorithm": cfg.algorithm}
+        return {**_run("prepare", str(run_dir)), "algorithm": cfg.algorithm, "needs_rm": cfg.needs_reward_model()}
 
     @task(**gpu_task)
     def sft(prep: dict) -> dict:
@@ -178,7 +179,11 @@ with DAG(
 
     @task(**gpu_task)
     def rm(prep: dict) -> dict:
-        """Step 2: reward model."""
+        """Step 2: reward model; skipped when the run's reward needs none (a verifier's)."""
+        if not prep.get("needs_rm", True):
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException("reward.source is verifier: this run trains no reward model")
         return _run("rm", prep["run_dir"])
 
     @task.branch
@@ -197,7 +202,8 @@ with DAG(
 
     @task(**gpu_task, trigger_rule="none_failed_min_one_success")
     def evaluate(prep: dict) -> dict:
-        """SFT vs the aligned actor on held-out prompts, scored by the reward model."""
+        """SFT vs the aligned actor on held-out prompts: the run's reward (reward model and/or
+        verifier) and the verifier's accuracy."""
         return _run("evaluate", prep["run_dir"])
 
     @task(retries=RETRIES, retry_delay=RETRY_DELAY, execution_timeout=timedelta(hours=1))

@@ -27,10 +27,11 @@ RUN python -m venv /opt/venv && pip install --upgrade pip wheel "setuptools>=68"
 # satisfied (X+cpu), so pip pulls no CUDA wheels (~3 GB saved).
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-COPY requirements.txt requirements-lock.txt /src/
+COPY requirements.txt requirements-lock.txt requirements-nodeps.txt /src/
 # DS_BUILD_OPS=0: no DeepSpeed kernels on this image; --no-build-isolation because
 # DeepSpeed's setup.py imports the torch installed above.
-RUN DS_BUILD_OPS=0 pip install --no-build-isolation -c /src/requirements-lock.txt -r /src/requirements.txt
+RUN DS_BUILD_OPS=0 pip install --no-build-isolation -c /src/requirements-lock.txt -r /src/requirements.txt \
+ && pip install --no-deps -r /src/requirements-nodeps.txt
 
 COPY pyproject.toml README.md /src/
 COPY rlhf_tasks /src/rlhf_tasks

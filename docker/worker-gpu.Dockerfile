@@ -52,11 +52,12 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip wheel "setuptools>=68
 # torch built for this image's CUDA, from PyTorch's own index.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"
 
-COPY requirements.txt requirements-lock.txt /src/
+COPY requirements.txt requirements-lock.txt requirements-nodeps.txt /src/
 # Prebuild the DeepSpeed ops the recipes use (CPU Adam for offload, fused Adam, the ZeRO
 # flatten utils); --no-build-isolation so that they compile against the torch above.
 RUN DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 DS_BUILD_UTILS=1 \
     pip install --no-build-isolation -c /src/requirements-lock.txt -r /src/requirements.txt \
+ && pip install --no-deps -r /src/requirements-nodeps.txt \
  && python -c "import torch, deepspeed; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'deepspeed', deepspeed.__version__)"
 
 COPY pyproject.toml README.md /src/

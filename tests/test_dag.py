@@ -168,10 +168,11 @@ def test_install_writes_the_form_into_the_run_config_and_fails_bad_input_without
     context = {"params": params, "dag_run": SimpleNamespace(run_id="manual__one")}
     monkeypatch.setattr(module, "get_current_context", lambda: context)
     install = module.dag.task_dict["install"].python_callable
-    install()
+    prep = install()
     (stage, run_dir), = launched
     cfg = PipelineConfig.load(f"{run_dir}/config.yaml")
     assert stage == "prepare" and cfg.ppo.actor.learning_rate == 3e-5 and cfg.ppo.cliprange == 0.3
+    assert prep["algorithm"] == "ppo" and prep["needs_rm"] is True  # the rm task reads it
 
     context["params"] = params | {"overrides": ["rm.zero_stage=4"]}
     context["dag_run"] = SimpleNamespace(run_id="manual__two")
@@ -189,3 +190,16 @@ def test_a_run_started_by_a_labelling_batch_is_told_apart(dag):
     assert module._labelled_by_people({"triggering_asset_events": human})
     assert not module._labelled_by_people({"triggering_asset_events": ingest})
     assert not module._labelled_by_people({})
+
+
+def test_the_rm_task_skips_itself_when_the_reward_needs_no_reward_model(monkeypatch):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    module = load_dag_module("rlhf_pipeline_dag_rm_skip")
+    launched: list[str] = []
+    monkeypatch.setattr(module, "_run", lambda stage, run_dir, **kw: launched.append(stage) or {})
+    rm = module.dag.task_dict["rm"].python_callable
+    with pytest.raises(AirflowSkipException, match="reward.source is verifier"):
+        rm({"run_dir": "/x", "needs_rm": False})
+    rm({"run_dir": "/x", "needs_rm": True})
+    assert launched == ["rm"]

@@ -177,7 +177,7 @@ def pair_policy(ctx: StageContext, model: torch.nn.Module):
 @stage("dpo")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, d = ctx.cfg, ctx.cfg.dpo
-    require_outputs(ctx, "sft", *(("rm",) if d.pairs == "generated" else ()))  # before any data or model loads
+    require_outputs(ctx, "sft", *(("rm",) if ctx.cfg.step3_reads_reward_model() else ()))  # before any data or model loads
     tok = load_tokenizer(str(ctx.run.final("sft")), cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, dpo_pairs, tok, "pairs", "DPO (third)")
     model = load_policy(ctx)

@@ -2,10 +2,11 @@
 (``kto.answers: generated``: each pair's answers, one desirable, one undesirable).
 
 The SFT actor answers the third phase's training prompts ``candidates`` times each (the
-running stage's section: ``dpo.candidates``, ``kto.candidates``)
-(sampled with the ``sampling`` section's settings, as evaluate samples), the frozen reward model plus the
-reward terms the RL steps optimise scores every answer, and each prompt's best answer
-becomes ``chosen``, its worst ``rejected``. This is one round of iterative DPO with
+running stage's section: ``dpo.candidates``, ``kto.candidates``; sampled with the ``sampling``
+section's settings, as evaluate samples), the run's reward (the frozen reward model, the
+verifier or both: ``reward.source``) plus the reward terms the RL steps optimise scores every
+answer, and each prompt's best answer becomes ``chosen``, its worst ``rejected`` (a prompt
+whose answers all score the same gives no pair). This is one round of iterative DPO with
 RM-ranked self-generated pairs (Xiong et al. 2024, "Iterative Preference Learning from
 Human Feedback"; Llama 3's post-training): DPO then learns what the reward model prefers
 among answers the policy actually gives, where the dataset's pairs were written by others.
@@ -29,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..data import PromptCollator
+from ..data.chat import renderer
 from ..data.phases import ppo_prompts
 from ..runtime.stage import StageContext, stage_seed
 from ..runtime.watchdog import beat
@@ -86,8 +88,9 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     k, clip = d.candidates, cfg.reward.clip_reward_value
     # Under ZeRO-3 the reward model is partitioned like the policy: both forward passes are
     # collectives, so every rank answers and scores as many batches (the padding ones dropped).
-    reward = load_reward_model(ctx, cfg, d.dtype, zero3=d.zero_stage == 3)
-    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok)
+    # A verifier's reward loads none.
+    reward = load_reward_model(ctx, cfg, d.dtype, zero3=d.zero_stage == 3) if cfg.needs_reward_model() else None
+    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok, renderer(tok, cfg.model.chat_template))
     per_batch = max(1, d.per_device_eval_batch_size // k)  # prompts per batch: k answers each
     batches = list(DataLoader(prompts, batch_size=per_batch, collate_fn=PromptCollator(tok.pad_token_id)))
     rounds = -(-len(batches) // ctx.world_size)
@@ -98,7 +101,7 @@ def _answer_and_rank(ctx: StageContext, model, tok, prompts, gen: GenerationSett
     for i, (b, real) in enumerate(mine):
         ids, mask = (b[n].to(ctx.device).repeat_interleave(k, 0) for n in ("input_ids", "attention_mask"))
         ro = generate(model, ids, mask, gen, tok.eos_token_id, tok.pad_token_id)
-        scores = reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip)
+        scores = reward.score(ro.sequences, ro.attention_mask).float().clamp(-clip, clip) if reward else None
         beat()
         if not real:
             continue

@@ -197,7 +197,7 @@ def people_and_generated(ctx: StageContext, model, tok, train_ds) -> tuple[datas
 @stage("kto")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, k = ctx.cfg, ctx.cfg.kto
-    require_outputs(ctx, "sft", *(("rm",) if k.trains_with_reward_model() else ()))  # before any data or model loads
+    require_outputs(ctx, "sft", *(("rm",) if ctx.cfg.step3_reads_reward_model() else ()))  # before data or models load
     tok = load_tokenizer(str(ctx.run.final("sft")), cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, kto_rows, tok, "answers", "KTO (third)")  # bad data fails early
     model = load_policy(ctx)

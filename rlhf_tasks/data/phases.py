@@ -9,6 +9,7 @@ from pathlib import Path
 from ..config import PipelineConfig
 from ..storage import storage_root
 from . import build_phase_dataset
+from .chat import renderer
 
 
 def cache_dir() -> Path:
@@ -20,7 +21,7 @@ def _load(cfg: PipelineConfig, tok, split: str, kind: str, phase: int):
     return build_phase_dataset(
         d.datasets, tok, kind=kind, phase=phase, split=split, data_split=d.data_split, seed=cfg.seed,
         max_seq_len=d.max_seq_len, max_prompt_seq_len=d.max_prompt_seq_len, cache_dir=cache_dir(),
-        train_on_prompt=cfg.sft.train_on_prompt,
+        train_on_prompt=cfg.sft.train_on_prompt, render=renderer(tok, cfg.model.chat_template),
     )
 
 

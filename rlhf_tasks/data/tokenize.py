@@ -5,6 +5,10 @@ tokens (a BOS where the tokenizer adds one), the answer without, then EOS append
 tokenizers with and without an automatic BOS both give ``[BOS?] prompt answer EOS``, and
 the prompt length in tokens is known exactly, which prompt masking needs.
 
+Under a chat template (``render``, data/chat.py) the prompt is the rendered conversation up to
+the assistant's header, tokenised without adding special tokens (the template writes them),
+and the answer is the bare assistant text: the same ``prompt answer EOS`` shape.
+
 Prompts too long for their budget are dropped (and counted); answers are cut on the
 right to fit ``max_seq_len``, keeping the EOS, which the reward model reads its score at.
 """
@@ -23,6 +27,7 @@ from typing import Any, Literal
 
 import datasets
 
+from .chat import Renderer
 from .formats import HUMAN
 from .loading import SHOW_BAD_ROWS, DatasetSpec, ValidationReport, load_pairs, resolve_spec
 from .split import blend, parse_data_split
@@ -38,10 +43,16 @@ PROMPT_COLUMNS = ("prompt_input_ids", "length", "drop")
 UNPAIRED_COLUMNS = ("input_ids", "prompt_len", "desirable", "length", "drop")
 
 
-def _encode(tok, prompts: list[str], answers: list[list[str]]) -> tuple[list[list[int]], list[list[list[int]]]]:
-    p = tok(prompts, add_special_tokens=True)["input_ids"]
-    a = [tok(texts, add_special_tokens=False)["input_ids"] for texts in answers]
-    return p, a
+def _encode(tok, prompts: list[str], answers: list[list[str]],
+            render: Renderer | None = None) -> tuple[list[list[int]], list[list[list[int]]]]:
+    if render is None or not render.template:
+        p = tok(prompts, add_special_tokens=True)["input_ids"]
+        a = [tok(texts, add_special_tokens=False)["input_ids"] for texts in answers]
+        return p, a
+    # A chat template: the prompt rendered with the generation prompt (its special tokens
+    # written by the template), the answer bare; the EOS appended later ends the turn.
+    bare = [tok([render.answer(t) for t in texts], add_special_tokens=False)["input_ids"] for texts in answers]
+    return render.encode_prompts(prompts), bare
 
 
 def _fit_answer(ids: list[int], room: int, eos_id: int) -> list[int]:
@@ -77,14 +88,15 @@ def _check_tok(tok) -> None:
 
 
 def tokenize_sft(ds: datasets.Dataset, tok, max_seq_len: int, train_on_prompt: bool = False, *,
-                 name: str = "sft", split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                 name: str = "sft", split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + chosen -> ``input_ids``, ``labels`` (IGNORE_INDEX on the prompt unless
     ``train_on_prompt``), ``length``. A prompt that leaves no room for one answer token and
-    EOS is dropped."""
+    EOS is dropped. Under a chat template the prompt is the rendered conversation up to the
+    assistant's header, so the labels cover the assistant's answer and its end-of-turn only."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["chosen"]])
+        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["chosen"]], render)
         out: dict[str, list] = {c: [] for c in SFT_COLUMNS}
         for p, a in zip(prompts, answers, strict=True):
             room = max_seq_len - len(p)
@@ -103,14 +115,14 @@ def tokenize_sft(ds: datasets.Dataset, tok, max_seq_len: int, train_on_prompt: b
 
 
 def tokenize_pairs(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "pairs",
-                   split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                   split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + chosen / prompt + rejected -> ``chosen_input_ids``, ``rejected_input_ids``,
     ``chosen_prompt_len``, ``length`` (the longer of the two). Pairs that truncation makes
     identical teach nothing and are dropped too."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        prompts, (chosen, rejected) = _encode(tok, batch["prompt"], [batch["chosen"], batch["rejected"]])
+        prompts, (chosen, rejected) = _encode(tok, batch["prompt"], [batch["chosen"], batch["rejected"]], render)
         out: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
         for p, c, r in zip(prompts, chosen, rejected, strict=True):
             room = max_seq_len - len(p)
@@ -129,14 +141,15 @@ def tokenize_pairs(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "
 
 
 def tokenize_prompts(ds: datasets.Dataset, tok, max_prompt_seq_len: int, *, name: str = "prompts",
-                     split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                     split: str = "train", render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt -> ``prompt_input_ids``, ``length``; the ``prompt`` and ``chosen`` texts are
     kept for reference (evaluation tables). Prompts over the limit are dropped: PPO
     generates ``max_seq_len - max_prompt_seq_len`` tokens after them."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        ids = tok(batch["prompt"], add_special_tokens=True)["input_ids"]
+        ids = (render.encode_prompts(batch["prompt"]) if render is not None and render.template
+               else tok(batch["prompt"], add_special_tokens=True)["input_ids"])
         return {"prompt_input_ids": ids, "length": [len(x) for x in ids],
                 "drop": [f"prompt over {max_prompt_seq_len} tokens" if len(x) > max_prompt_seq_len else ""
                          for x in ids]}
@@ -146,14 +159,15 @@ def tokenize_prompts(ds: datasets.Dataset, tok, max_prompt_seq_len: int, *, name
 
 
 def tokenize_unpaired(ds: datasets.Dataset, tok, max_seq_len: int, *, name: str = "unpaired",
-                      split: str = "train") -> tuple[datasets.Dataset, ValidationReport]:
+                      split: str = "train",
+                      render: Renderer | None = None) -> tuple[datasets.Dataset, ValidationReport]:
     """prompt + completion -> ``input_ids`` ([BOS?] prompt answer EOS, the answer cut to fit
     ``max_seq_len``), ``prompt_len``, ``desirable`` (1/0), ``length``; a prompt that leaves no
     room for one answer token and EOS is dropped."""
     _check_tok(tok)
 
     def fn(batch: dict[str, list]) -> dict[str, list]:
-        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["completion"]])
+        prompts, (answers,) = _encode(tok, batch["prompt"], [batch["completion"]], render)
         out: dict[str, list] = {c: [] for c in UNPAIRED_COLUMNS}
         for p, a, good in zip(prompts, answers, batch["desirable"], strict=True):
             room = max_seq_len - len(p)
@@ -200,7 +214,7 @@ def cache_key(specs: Sequence[DatasetSpec], tok, **settings: Any) -> str:
 def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, split: Literal["train", "eval"],
                         data_split: str | Sequence[float], seed: int, max_seq_len: int, max_prompt_seq_len: int,
                         cache_dir: Path | None, train_on_prompt: bool = False,
-                        hf_cache_dir: str | Path | None = None) -> tuple[datasets.Dataset, list[ValidationReport]]:
+                        hf_cache_dir: str | Path | None = None, render: Renderer | None = None) -> tuple[datasets.Dataset, list[ValidationReport]]:
     """Load every spec, take its ``phase`` share of ``split``, blend, tokenise as ``kind``.
 
     With ``cache_dir`` the result is saved under ``cache_dir/<sha256 of every input>/``
@@ -218,6 +232,8 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
     settings = {"kind": kind, "phase": phase, "split": split, "data_split": str(data_split), "seed": seed,
                 "max_seq_len": max_seq_len, "max_prompt_seq_len": max_prompt_seq_len,
                 "train_on_prompt": bool(train_on_prompt) and kind == "sft"}
+    if render is not None and render.template:  # only then: an untemplated run keeps its cache key
+        settings["chat_template"] = render.tok.chat_template
     target = Path(cache_dir) / cache_key(resolved, tok, **settings) if cache_dir is not None else None
     if target is not None and (target / "reports.json").is_file():
         reports = [ValidationReport(**r) for r in json.loads((target / "reports.json").read_text())]
@@ -232,14 +248,14 @@ def build_phase_dataset(specs: Sequence[str], tok, *, kind: Kind, phase: int, sp
     rows = blend(shares, data_split, phase, seed)
     name = ",".join(s.name for s in resolved)
     if kind == "sft":
-        ds, report = tokenize_sft(rows, tok, max_seq_len, train_on_prompt, name=name, split=split)
+        ds, report = tokenize_sft(rows, tok, max_seq_len, train_on_prompt, name=name, split=split, render=render)
     elif kind == "pairs":
-        ds, report = tokenize_pairs(rows, tok, max_seq_len, name=name, split=split)
+        ds, report = tokenize_pairs(rows, tok, max_seq_len, name=name, split=split, render=render)
     elif kind == "unpaired":
         ds, report = tokenize_unpaired(_unpaired_rows(rows, resolved, seed, split, reports), tok, max_seq_len,
-                                       name=name, split=split)
+                                       name=name, split=split, render=render)
     else:
-        ds, report = tokenize_prompts(rows, tok, max_prompt_seq_len, name=name, split=split)
+        ds, report = tokenize_prompts(rows, tok, max_prompt_seq_len, name=name, split=split, render=render)
     reports.append(report)
     if target is None:
         return ds, reports

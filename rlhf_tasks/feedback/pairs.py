@@ -3,7 +3,8 @@
 Prompts are the held-out prompts of the configured datasets (the same rows evaluation
 uses, never trained on) or a user's file: ``.txt`` (one prompt per line) or
 ``.json``/``.jsonl`` (a ``prompt`` field per row). A bare question is put in the
-training format (``\\n\\nHuman: ...\\n\\nAssistant:``).
+training format (``\\n\\nHuman: ...\\n\\nAssistant:``); a model with a chat template is
+given it rendered through the template, as it was trained.
 
 Models are a registry reference (the ``champion`` alias, a version, ``newest``,
 ``run:<id>``; rlhf_tasks/tracking/registry.py) or a model directory / ``builtin:tiny-opt``.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PipelineConfig
-from ..data.chat import format_turn
+from ..data.chat import format_turn, renderer
 from .labels import LabelRequest, shown_order
 
 log = logging.getLogger("rlhf_tasks")
@@ -82,9 +83,10 @@ def held_out_prompts(cfg: PipelineConfig) -> list[str]:
 
 def resolve_model(ref: str, cfg: PipelineConfig, tracking_uri: str | None, cache: Path) -> ModelRef:
     """A model directory, ``builtin:...``, or a registry reference -> a local directory."""
+    from ..runtime.gguf import is_gguf_spec
     from ..runtime.models import BUILTIN_PREFIX, resolve_model_path
 
-    if ref.startswith(BUILTIN_PREFIX) or Path(ref).expanduser().is_dir():
+    if ref.startswith(BUILTIN_PREFIX) or is_gguf_spec(ref) or Path(ref).expanduser().is_dir():
         return ModelRef(ref, resolve_model_path(ref))
     if not tracking_uri:
         raise LabellingInputError(f"model {ref!r} is a registry reference but no MLflow server is configured "
@@ -132,8 +134,11 @@ def _answer(model: ModelRef, prompts: list[str], max_new_tokens: int, temperatur
     torch.manual_seed(seed)
     texts: list[str] = []
     tok.padding_side = "left"  # generation appends on the right: every prompt ends at the same column
+    # Rendered as the model was trained: its chat template when it has one (data/chat.py).
+    render = renderer(tok)
     for start in range(0, len(prompts), batch_size):
-        enc = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        enc = tok([render.prompt(p) for p in prompts[start:start + batch_size]], return_tensors="pt", padding=True,
+                  add_special_tokens=render.add_special_tokens)
         ro = generate(lm, enc["input_ids"].to(device), enc["attention_mask"].to(device), settings,
                       tok.eos_token_id, tok.pad_token_id)
         texts += tok.batch_decode(ro.sequences[:, ro.prompt_len:], skip_special_tokens=True)

@@ -1,7 +1,8 @@
 """Talk to a trained actor: ``python -m rlhf_tasks chat --path runs/<id>/ppo/final``.
 
-The conversation is kept in the training format (``\\n\\nHuman: ...\\n\\nAssistant: ...``)
-and fed back whole each turn. ``--prompt`` answers once and exits (scripts, tests).
+The conversation is kept as turns and fed back whole each turn, rendered as the model was
+trained (rlhf_tasks/data/chat.py): through its tokenizer's chat template when it has one,
+else in DeepSpeed-Chat's ``\\n\\nHuman: ...\\n\\nAssistant: ...`` text. ``--prompt`` answers once and exits (scripts, tests).
 Repetition is suppressed with ``no_repeat_ngram_size`` (default 5, as the seed guide
 recommends).
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.chat import format_turn
+from ..data.chat import renderer
 
 DEFAULT_MAX_NEW_TOKENS = 64
 log = logging.getLogger("rlhf_tasks")
@@ -70,17 +71,19 @@ class Chat:
                         eos_token_id=self.tok.eos_token_id)
         if temperature > 0:
             self.gen.update(temperature=temperature, top_p=top_p)
-        self.history = ""
+        self.render = renderer(self.tok, cfg.model.chat_template if cfg else "auto")
+        self.history: list[dict[str, str]] = []
 
     @torch.no_grad()
     def ask(self, text: str) -> str:
-        prompt = format_turn(self.history, text)
-        ids = self.tok(prompt, return_tensors="pt").to(self.device)
+        turns = [*self.history, {"role": "user", "content": text.strip()}]
+        prompt = self.render.messages(turns)
+        ids = self.tok(prompt, return_tensors="pt", add_special_tokens=self.render.add_special_tokens).to(self.device)
         out = self.model.generate(**ids, **self.gen)
         answer = self.tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
         # A model may run on into the next turn: keep only its own answer.
         answer = answer.split("Human:")[0].strip()
-        self.history = f"{prompt} {answer}"
+        self.history = [*turns, {"role": "assistant", "content": answer}]
         return answer
 
 
@@ -99,7 +102,7 @@ def main(args) -> int:
         if text.strip().lower() in ("quit", "exit"):
             return 0
         if text.strip().lower() == "clear":
-            chat.history = ""
+            chat.history = []
             continue
         if text.strip():
             print(f"Assistant: {chat.ask(text)}", flush=True)

@@ -42,7 +42,7 @@ def stage_inputs(stage: str, cfg: PipelineConfig) -> tuple[str, ...]:
     if stage == "evaluate":
         return ("sft", *rm, cfg.algorithm)
     if stage in ALGORITHMS:
-        return ("sft", *(("rm",) if getattr(cfg, stage).trains_with_reward_model() else ()))
+        return ("sft", *(rm if getattr(cfg, stage).trains_with_reward_model() else ()))
     return ()
 
 
@@ -54,8 +54,30 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~"))
 
 
+def check_gguf_source(name: str, field: str) -> None:
+    """A GGUF spec names an existing file (or an installed package's), and transformers can
+    read GGUF here (the ``gguf`` package)."""
+    import importlib.util
+
+    from ..runtime.gguf import gguf_file
+
+    try:
+        gguf_file(name)
+    except ValueError as e:
+        raise ConfigError(f"{field}={name!r} is invalid: {e}") from None
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"{field}={name!r} needs the gguf package on this worker (pip install gguf; "
+                          "requirements.txt pins it): transformers reads GGUF files with it")
+
+
 def check_model_source(name: str, field: str, trust_remote_code: bool, *, need_weights: bool = True) -> None:
-    """A model name is ``builtin:...``, an existing ``save_pretrained`` directory, or a hub id."""
+    """A model name is ``builtin:...``, a GGUF file (``x.gguf``, ``pkg:<package>/<file>.gguf``),
+    an existing ``save_pretrained`` directory, or a hub id."""
+    from ..runtime.gguf import is_gguf_spec
+
+    if is_gguf_spec(name):
+        check_gguf_source(name, field)
+        return
     if name.startswith("builtin:"):
         if name not in BUILTIN_MODELS:
             raise ConfigError(f"{field}={name!r} is invalid: the built-in models are {list(BUILTIN_MODELS)}")
@@ -151,3 +173,7 @@ def check(stage: str, cfg: PipelineConfig, run: RunDir) -> None:
         from ..algorithms.rl.rewards import load_function
 
         load_function(cfg.reward.function)
+    if cfg.reward.verifier != "world" and (stage in ("prepare", "evaluate") or stage in ALGORITHMS):
+        from ..algorithms.verifiers import load_verifier
+
+        load_verifier(cfg.reward.verifier)

@@ -123,6 +123,7 @@ def check_models(cfg: PipelineConfig) -> tuple[dict[str, Any], Any]:
     building the tiny default when asked): a typo in a model name fails here."""
     from transformers import AutoConfig
 
+    from ..data.chat import renderer
     from ..runtime.models import load_tokenizer, resolve_model_path
 
     info: dict[str, Any] = {}
@@ -135,7 +136,11 @@ def check_models(cfg: PipelineConfig) -> tuple[dict[str, Any], Any]:
             raise ConfigError(f"model.{role}={name!r} cannot be loaded: {e}") from None
         info[role] = {"name": name, "path": path, "model_type": c.model_type}
     tok = load_tokenizer(cfg.model.tokenizer or cfg.model.actor, cfg.model.trust_remote_code)
-    info["tokenizer"] = {"vocab_size": len(tok), "pad": tok.pad_token, "eos": tok.eos_token}
+    try:  # chat_template=always on a tokenizer without one fails here, before any training
+        template = renderer(tok, cfg.model.chat_template).template
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    info["tokenizer"] = {"vocab_size": len(tok), "pad": tok.pad_token, "eos": tok.eos_token, "chat_template": template}
     return info, tok
 
 

@@ -80,8 +80,43 @@ def report_tables(cfg: PipelineConfig, results: dict[str, Any]) -> tuple[list[li
          _fmt(ev.get("aligned_reward"))],
         ["Evaluation", f"win rate of {algo} over SFT (held-out prompts)", "", _fmt(ev.get("aligned_win_rate"))],
         ["Evaluation", f"KL({algo} ‖ SFT) per answer", "", _fmt(ev.get("kl_aligned_sft"))],
+        *accuracy_rows(ev, algo),
     ]
+    if not cfg.needs_reward_model():
+        quality = [r for r in quality if r[0] != "Step 2: reward model"]
     return time_rows, quality
+
+
+def accuracy_rows(ev: Mapping[str, Any], algo: str) -> list[list[str]]:
+    """The verifier's ground truth beside the reward: accuracy SFT -> aligned, overall (with
+    the gain's standard error) and per category, on the held-out checkable prompts."""
+    if "aligned_accuracy" not in ev:
+        return []
+    gain = f" (gain {ev['accuracy_gain']:+.3f} ± {ev['accuracy_gain_se']:.3f}, {ev['checkable_prompts']} prompts)"
+    rows = [["Evaluation", f"verifier accuracy SFT → {algo}{gain}", _fmt(ev["sft_accuracy"]),
+             _fmt(ev["aligned_accuracy"])]]
+    cats = sorted(k.removeprefix("aligned_accuracy_") for k in ev if k.startswith("aligned_accuracy_"))
+    return rows + [["Evaluation", f"accuracy: {c} ({ev.get(f'prompts_{c}')} prompts)", _fmt(ev.get(f"sft_accuracy_{c}")),
+                    _fmt(ev[f"aligned_accuracy_{c}"])] for c in cats]
+
+
+def sample_lines(run_dir: RunDir, algo: str, n: int = 6) -> list[str]:
+    """A few held-out answers before (SFT) and after (the aligned actor), from evaluate."""
+    path = run_dir.path / "evaluate" / "samples.json"
+    if not path.is_file():
+        return []
+    rows = json.loads(path.read_text())[:n]
+
+    def cell(text: Any) -> str:
+        return " ".join(str(text).split()).replace("|", "\\|")[:160]
+
+    lines = ["", "## Samples (held-out prompts)", "", f"| question | SFT | {algo} |", "|---|---|---|"]
+    for r in rows:
+        mark = {1.0: " ✓", 0.0: " ✗"}
+        lines.append(f"| {cell(r.get('question', r['prompt']))} | "
+                     f"{cell(r['sft_answer'])}{mark.get(r.get('sft_correct'), '')} | "
+                     f"{cell(r.get(f'{algo}_answer'))}{mark.get(r.get(f'{algo}_correct'), '')} |")
+    return lines
 
 
 def memory_rows(run_dir: RunDir, results: dict[str, Any]) -> list[list[str]]:
@@ -105,6 +140,7 @@ def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any
     lines += [f"| {a} | {b} | {c} |" for a, b, c in time_rows]
     lines += ["", "## Quality per step", "", "| step | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in quality]
+    lines += sample_lines(run_dir, cfg.algorithm)
     if memory := memory_rows(run_dir, results):
         lines += ["", "## Memory plan (GB per GPU)", "", "| stage | planned peak phase | planned peak | measured peak |",
                   "|---|---|---|---|"]

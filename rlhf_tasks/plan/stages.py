@@ -220,7 +220,8 @@ def rl(cfg, configs: dict, alg: str) -> StagePlan:
         traced = traced and c_tr.traced
         reward_zero3 = reward_zero3 or critic_sec.zero_stage == 3
         phases.update(critic_update=c_trans, critic_step=c_step)
-    frozen += frozen_weights(rm_counts, dtype, reward_zero3, False, world)
+    if cfg.needs_reward_model():  # a verifier's reward loads no reward model
+        frozen += frozen_weights(rm_counts, dtype, reward_zero3, False, world)
     resident["frozen_models"] = frozen
     if getattr(sec, "enable_ema", False):  # rl/ppo.py: an fp32 copy of the actor's (merged) weights
         resident["ema"] = FP32 * base_actor.total
@@ -253,7 +254,7 @@ def _pair_generation(cfg, configs: dict, sec, actor: Trained, dtype: str) -> dic
     score = trace("rm", configs["rm"], StepSpec("forward_value", answers, cfg.data.max_seq_len, dtype,
                                                 attn=cfg.model.attn_implementation))
     return {"weights": frozen_weights(policy, dtype, False, False, world),
-            "frozen_models": frozen_weights(rm, dtype, False, False, world),
+            "frozen_models": frozen_weights(rm, dtype, False, False, world) if cfg.needs_reward_model() else 0,
             "kv_cache": kv_cache(arch_numbers(configs["actor"]), answers, cfg.data.max_seq_len, dtype),
             "activations": max(prefill.activations, score.activations)}
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..storage import atomic_dir, storage_root
+from .gguf import is_gguf_spec, resolve_gguf
 from .lora import apply_lora, merge_lora
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,10 @@ _DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout", "hidden_d
 
 def resolve_model_path(name: str) -> str:
     """A hub id or local path is returned as is; ``builtin:<name>`` is built on first use
-    under ``$RLHF_STORAGE/models/<name>`` and its directory returned."""
+    under ``$RLHF_STORAGE/models/<name>`` and its directory returned; a GGUF file or
+    ``pkg:<package>/<file>.gguf`` is converted once to a directory (runtime/gguf.py)."""
+    if is_gguf_spec(name):
+        return resolve_gguf(name)
     if not name.startswith(BUILTIN_PREFIX):
         return str(Path(name).resolve()) if Path(name).exists() else name
     which = name.removeprefix(BUILTIN_PREFIX)

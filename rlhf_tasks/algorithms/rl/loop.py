@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ...data import PromptCollator
+from ...data.chat import renderer
 from ...data.collate import LengthGroupedBatchSampler
 from ...data.phases import ppo_prompts
 from ...runtime import loop as supervised
@@ -32,6 +33,7 @@ from ...runtime.models import load_tokenizer, unwrap_for_saving
 from ...runtime.ranks import mean_across_ranks
 from ...runtime.stage import StageContext, own_streams, stage, stage_seed
 from ..maths.advantages import AdaptiveKLController, FixedKLController
+from ..verifiers import checkable, load_verifier
 from .generation import GenerationSettings
 from .models import load_models, require_outputs
 from .ppo import EMA, unsupervised_batches
@@ -50,6 +52,11 @@ def rl_prompts(ctx: StageContext):
     tok = load_tokenizer(str(sft) if sft.is_dir() else cfg.model.actor, cfg.model.trust_remote_code)
     prompts, reports = ppo_prompts(cfg, tok, "train")
     supervised.log_data_reports(ctx, reports)
+    if cfg.reward.source == "verifier":
+        # Only a prompt the verifier can check can earn a reward: the others would be rollouts
+        # that teach nothing.
+        prompts = checkable(prompts, load_verifier(cfg.reward.verifier))
+        log.info("%s: %d training prompts the verifier can check", ctx.name, len(prompts))
     if len(prompts) == 0:
         raise ValueError(f"{ctx.name}: no prompts after the data split {cfg.data.data_split!r}")
     return tok, prompts
@@ -97,7 +104,7 @@ def rl_speed(speed: Speed, prompts_per_iteration: int) -> dict[str, float]:
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     """Train the actor with the run's RL algorithm (``ctx.name``): its ``final/`` and metrics."""
     cfg, sec = ctx.cfg, getattr(ctx.cfg, ctx.name)
-    require_outputs(ctx, "sft", *(("rm",) if sec.trains_with_reward_model() else ()))
+    require_outputs(ctx, "sft", *(("rm",) if cfg.needs_reward_model() else ()))
     tok, prompts = rl_prompts(ctx)
     P = sec.per_device_generation_batch_size
     sampler, total = prompt_sampler(ctx, prompts, P, sec.epochs, sec.max_steps)
@@ -111,8 +118,8 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     it = Iterations(ctx, prompts, PromptCollator(tok.pad_token_id), sampler, total, ckpt, speed=speed,
                     checkpoint_last=False)
     gen = GenerationSettings.from_section(sec, cfg.data)
-    scorer = Scorer(models, sec, gen, RewardTerms(cfg.reward, gen.max_new_tokens, tok), cfg.reward.clip_reward_value,
-                    tok, speed)
+    terms = RewardTerms(cfg.reward, gen.max_new_tokens, tok, renderer(tok, cfg.model.chat_template))
+    scorer = Scorer(models, sec, gen, terms, cfg.reward.clip_reward_value, tok, speed)
     kl_ctl = (AdaptiveKLController(sec.kl_coef, sec.kl_target, sec.kl_horizon) if getattr(sec, "adaptive_kl", False)
               else FixedKLController(sec.kl_coef))
     ema = EMA(models.actor.module, sec.ema_decay) if getattr(sec, "enable_ema", False) else None

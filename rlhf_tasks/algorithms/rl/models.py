@@ -89,7 +89,7 @@ class Models:
 
     actor: Any  # DeepSpeed engine
     ref: Reference
-    reward: Any  # RewardModel, or its ZeRO-3 inference engine
+    reward: Any  # RewardModel, or its ZeRO-3 inference engine; None when the reward is a verifier's
     critic: Any = None  # DeepSpeed engine (PPO), else None
 
     @property
@@ -122,10 +122,14 @@ def load_models(ctx: StageContext, sec, total_updates: int) -> Models:
     actor = _trainable(ctx, str(ctx.run.final("sft")), sec.actor, sec.dtype, "causal_lm", batching)
     critic = None
     if sec.critic_section is not None:
-        critic = _trainable(ctx, str(ctx.run.final("rm")), sec.critic_section, sec.dtype, "reward", batching)
+        # Without a reward model (a verifier's reward) the critic starts from the SFT actor,
+        # its value head at zero.
+        start = ctx.run.final("rm" if cfg.needs_reward_model() else "sft")
+        critic = _trainable(ctx, str(start), sec.critic_section, sec.dtype, "reward", batching)
     zero3 = sec.actor.zero_stage == 3 or (sec.critic_section is not None and sec.critic_section.zero_stage == 3)
     ref = load_reference(ctx, cfg, sec.actor, sec.dtype, actor, sec.offload_reference_model)
-    return Models(actor=actor, ref=ref, reward=load_reward_model(ctx, cfg, sec.dtype, zero3=zero3), critic=critic)
+    reward = load_reward_model(ctx, cfg, sec.dtype, zero3=zero3) if cfg.needs_reward_model() else None
+    return Models(actor=actor, ref=ref, reward=reward, critic=critic)
 
 
 def load_reference(ctx: StageContext, cfg: PipelineConfig, a: EngineConfig, dtype: str, actor_engine,

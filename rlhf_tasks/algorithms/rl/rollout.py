@@ -1,7 +1,7 @@
 """From a batch of prompts to an :class:`Experience`: the actor answers (``answers_per_prompt``
 times each, a prompt's answers adjacent), one no-grad pass scores the answers (the actor's
-and the reference's log-probs, the critic's values, the reward model's score plus the
-reward terms), and the section's estimator turns rewards into advantages.
+and the reference's log-probs, the critic's values, the reward model's score and/or
+the verifier's, plus the reward terms), and the section's estimator turns rewards into advantages.
 
 With ``dynamic_sampling`` (DAPO) the groups whose answers all got the same reward carry no
 signal: they are dropped and the batch is refilled from the next prompts, for at most
@@ -56,13 +56,15 @@ class Scorer:
             logp = actor_log_probs(m.actor, seq, attn, amask)  # (B, T-1), 0 off the answers
             ref_logp = m.ref.log_probs(seq, attn, amask)
             values = m.critic(seq, attn)[:, :-1].float() if m.critic is not None else None  # V before each action
-            rm_scores = m.reward.score(seq, attn).float()  # (B,)
+            rm_scores = m.reward.score(seq, attn).float() if m.reward is not None else None  # (B,)
             m.train(True)
             total, parts = self.terms.total(rm_scores, seq, amask, ro.prompt_len)
             scores = total.clamp(-self.clip_reward_value, self.clip_reward_value)
             kl = sequence_kl(logp, ref_logp, amask)  # (B,) nats per answer
             exp = self._advantages(seq, attn, amask, logp, ref_logp, values, scores, kl, kl_coef, ro.prompt_len)
-        stats = {"reward": rm_scores.mean(), "reward_total": scores.mean(), "kl": kl.mean(),
+        # "reward": the source's own score (the RM's, or without one the verifier's accuracy).
+        source = rm_scores if rm_scores is not None else parts["verifier"]
+        stats = {"reward": source.mean(), "reward_total": scores.mean(), "kl": kl.mean(),
                  "answer_length": ro.answer_lengths.float().mean(), "generation_tokens": amask.sum(),
                  "empty_answers": (ro.answer_lengths <= 1).float().mean(),
                  **{f"reward_{k}": v.mean() for k, v in parts.items()}}
