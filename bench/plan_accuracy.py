@@ -18,6 +18,7 @@ import argparse
 import platform
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,19 @@ REPO = Path(__file__).resolve().parents[1]
 MARKERS = ("<!-- plan-accuracy:begin -->", "<!-- plan-accuracy:end -->")
 MACHINE = "2-core CPU VM, no GPU"
 VOCAB = 4096
+# The peaks measured on an H100 (../shared/gpu/README.md, another session): a plain
+# transformers + DeepSpeed loop, random-init OPT, bf16, ZeRO-0, micro-batch 8 x 512, vocabulary
+# 50,272, the model's labels= loss; (model, attention, peak in GB).
+H100_ROWS = [("opt-125m", "sdpa", 4.9), ("opt-350m", "sdpa", 10.8), ("opt-1.3b", "sdpa", 35.4),
+             ("opt-1.3b", "eager", 56.5)]
+OPT_SIZES = {  # the published architectures (facebook/opt-*/config.json)
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, word_embed_proj_dim=768),
+    "opt-350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                     word_embed_proj_dim=512, do_layer_norm_before=False),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                     word_embed_proj_dim=2048),
+}
+GPU_MARKERS = ("<!-- plan-gpu:begin -->", "<!-- plan-gpu:end -->")
 # (architecture, batch, sequence length, gradient checkpointing)
 CASES = [("opt", 8, 256, False), ("opt", 4, 512, True), ("gpt2", 8, 256, False), ("gpt2", 16, 128, True),
          ("llama", 8, 256, False), ("llama", 4, 384, True)]
@@ -54,6 +68,8 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     from torch.profiler._memory_profiler import Category, MemoryProfileTimeline
     from transformers import AutoModelForCausalLM
 
+    from rlhf_tasks.runtime.lm_head import lm_loss
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     if checkpointing:
@@ -63,7 +79,7 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     ids = torch.randint(0, config.vocab_size, (batch, seq_len))
 
     def step() -> None:
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss
+        loss = lm_loss(model, ids, torch.ones_like(ids), ids)[0]  # the SFT stage's loss (runtime/lm_head.py)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,7 +106,34 @@ def planned(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
                                            f"sft.gradient_checkpointing={str(checkpointing).lower()}",
                                            "sft.dropout=0.0", "model.attn_implementation=sdpa"])
     p = supervised(cfg, {"actor": config}, "sft")
-    return {"peak": p.peak, "activations": p.parts["activations"]}
+    return {"peak": p.allocated, "activations": p.parts["activations"]}
+
+
+def h100_plan(name: str, attn: str, logits: str = "whole"):
+    """The SFT stage's plan of the measured H100 step (``logits="whole"``: as the plain loop
+    computed it; ``"chunked"``: as our stage does)."""
+    from transformers import OPTConfig
+
+    from rlhf_tasks.config import PipelineConfig
+    from rlhf_tasks.plan.stages import supervised
+
+    config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, dropout=0.1, **OPT_SIZES[name])
+    cfg = PipelineConfig.load("opt-1.3b", ["sft.dtype=bf16", "sft.zero_stage=0", "sft.per_device_train_batch_size=8",
+                                           "sft.gradient_accumulation_steps=1", "sft.lora_dim=0", "data.max_seq_len=512",
+                                           f"model.attn_implementation={attn}"])
+    return supervised(cfg, {"actor": config}, "sft", logits=logits)
+
+
+def h100_table() -> str:
+    lines = ["| model | attention | measured peak (GB) | planned (GB) | error if GB | error if GiB | planned peak phase "
+             "| of which allocator cache (GB) | our stage's plan, chunked head (GB) |", "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for name, attn, gb in H100_ROWS:
+        p, ours = h100_plan(name, attn), h100_plan(name, attn, "chunked")
+        lines.append(f"| {name} | {attn} | {gb} | {p.peak / 1e9:.2f} | {p.peak / (gb * 1e9) - 1:+.1%} "
+                     f"| {p.peak / (gb * 2**30) - 1:+.1%} | {p.peak_phase} | {p.parts['allocator_cache'] / 1e9:.2f} "
+                     f"| {ours.peak / 1e9:.2f} |")
+        print(f"[plan-accuracy] H100 {name} {attn}: planned {p.peak / 1e9:.2f} vs {gb} GB", flush=True)
+    return "\n".join(lines)
 
 
 def rows(cases=CASES) -> list[dict]:
@@ -118,18 +161,22 @@ def table(results: list[dict]) -> str:
 
 
 def section(results: list[dict]) -> str:
-    return (f"{MARKERS[0]}\nMeasured on a {MACHINE} (torch {torch.__version__}, {platform.python_implementation()} "
+    return (f"{MARKERS[0]}\nMeasured {time.strftime('%Y-%m-%d')} on a {MACHINE} (torch {torch.__version__}, {platform.python_implementation()} "
             f"{platform.python_version()}), by `python bench/plan_accuracy.py --update-benchmarks`: 4-layer, 128-wide "
-            f"random-init models, vocabulary {VOCAB}, fp32, one SFT step (forward with labels, backward, AdamW), the "
-            "second step's peak from torch's profiler memory accounting.\n\n" + table(results) + f"\n{MARKERS[1]}")
+            f"random-init models, vocabulary {VOCAB}, fp32, one step of the SFT stage's loss (the chunked LM head of "
+            "runtime/lm_head.py), backward, AdamW, the second step's peak from torch's profiler memory accounting; the "
+            "plan's `allocated` peak (a CPU has no caching allocator: the GPU-only allocator share is 0 in fp32 at "
+            "ZeRO-0 anyway).\n\n" + table(results) + f"\n{MARKERS[1]}")
 
 
-def update_benchmarks(path: Path, text: str) -> None:
+def update_benchmarks(path: Path, text: str, markers: tuple[str, str] = MARKERS,
+                      heading: str = "Memory plan against measured peak (CPU)") -> None:
+    """Replace the section between ``markers`` in BENCHMARKS.md (or append it under ``heading``)."""
     md = path.read_text()
-    if MARKERS[0] in md:
-        md = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: text, md, flags=re.S)
+    if markers[0] in md:
+        md = re.sub(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), lambda _: text, md, flags=re.S)
     else:
-        md = md.rstrip() + "\n\n## Memory plan against measured peak (CPU)\n\n" + text + "\n"
+        md = md.rstrip() + f"\n\n## {heading}\n\n" + text + "\n"
     path.write_text(md)
 
 
@@ -140,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     results = rows()
     text = section(results)
-    print(text)
+    gpu = (f"{GPU_MARKERS[0]}\nPlanned by `python bench/plan_accuracy.py --update-benchmarks` (no GPU needed) for the "
+           "steps measured on an H100 by another session (`../shared/gpu/README.md`: a plain transformers + DeepSpeed "
+           "loop, random-init OPT, bf16, ZeRO-0, batch 8 x 512, vocabulary 50,272, the model's own labels= loss, so "
+           "planned with the whole logits); that README does not say whether its GB are 10^9 or 2^30 bytes, so both "
+           "errors are given.\n\n" + h100_table() + f"\n{GPU_MARKERS[1]}")
+    print(text + "\n\n" + gpu)
     if args.update_benchmarks:
         update_benchmarks(args.benchmarks, text)
+        update_benchmarks(args.benchmarks, gpu, GPU_MARKERS, "Memory plan against the measured H100 peaks")
     return 0
 
 

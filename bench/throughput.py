@@ -97,7 +97,7 @@ def plain_train(model: torch.nn.Module, batches, loss_fn, *, steps: int, accumul
     tokens = torch.zeros((), device=device, dtype=torch.long)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0, timed = None, 0
+    t0, cpu0, timed = None, 0.0, 0
     for _ in range(steps):
         for _ in range(accumulation):
             batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
@@ -112,14 +112,16 @@ def plain_train(model: torch.nn.Module, batches, loss_fn, *, steps: int, accumul
         opt.zero_grad(set_to_none=True)
         if t0 is None:
             sync(device)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
         else:
             timed += 1
     sync(device)
     seconds = time.perf_counter() - (t0 or time.perf_counter())
+    cpu_s = time.process_time() - cpu0
     tok_s = tokens.item() / seconds if timed else 0.0
     return {"tokens_per_s": tok_s, "model_tflops": tok_s * flops_per_token / 1e12, "timed_steps": timed,
-            "timed_s": seconds, "peak_memory_gb": peak_memory_gb(device)}
+            "timed_s": seconds, "tokens_per_cpu_s": tokens.item() / cpu_s if timed else 0.0,
+            "peak_memory_gb": peak_memory_gb(device)}
 
 
 @torch.no_grad()

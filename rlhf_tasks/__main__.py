@@ -11,7 +11,9 @@ id): the Airflow task parses it and passes only that on.
 Exit status: 0 done; 2 a bad input (config value, data file, model directory), refused
 before any training; 3 the run directory's stage is already running in another process;
 4 the storage is full (the previous checkpoint is intact); 5 a rank of a multi-process
-stage made no progress for ``resources.collective_timeout_minutes`` (runtime/watchdog.py).
+stage made no progress for ``resources.collective_timeout_minutes`` (runtime/watchdog.py);
+6 (`plan`) a stage does not fit the GPU capacity, each such stage and the smallest change that
+fits it on stderr.
 
 Under DeepSpeed's launcher every rank runs this; rank 0 alone prints the result line.
 """
@@ -39,6 +41,7 @@ from .storage import (
 )
 
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
+EXIT_DOES_NOT_FIT = 6  # `plan`: a stage does not fit the GPU capacity given (or found)
 # Stage -> "module:entry point", called run(cfg, run_dir) (step 3's, from the algorithm table,
 # run(cfg, run_dir, name=<algorithm>)).
 STAGE_MODULES = {"prepare": "rlhf_tasks.pipeline.prepare:run", "sft": "rlhf_tasks.algorithms.sft:run",
@@ -113,6 +116,10 @@ def plan_main(args, cfg: PipelineConfig) -> int:
         raise ConfigError("--suggest needs a capacity: give --gpu-memory-gb (this machine has no GPU)")
     result = plan.make_plan(cfg, plan.model_configs(cfg, given), capacity, suggest=args.suggest)
     print(json.dumps(result.to_json(), indent=2, sort_keys=True) if args.json else plan.render(result))
+    if not result.fits:  # a script's check: each stage that does not fit, with the smallest change that does
+        for message in result.messages():
+            print(f"error: {message}", file=sys.stderr)
+        return EXIT_DOES_NOT_FIT
     return 0
 
 

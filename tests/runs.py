@@ -87,14 +87,16 @@ class PipelineRun:
 
 
 def _kill_sft_after_first_checkpoint(storage: Path, stop: threading.Event, killed: dict) -> None:
-    """Wait for sft/checkpoints/step-N/COMPLETE, then SIGKILL the sft stage process."""
+    """Wait for sft/checkpoints/step-N/COMPLETE, then SIGKILL the sft stage process: the one
+    holding the stage's lock, which names it (``pid N on host ...``), whether it was started
+    cold or forked from the warm server (rlhf_tasks/pipeline/warm.py)."""
     while not stop.is_set():
         markers = list(storage.glob("runs/*/sft/checkpoints/step-*/COMPLETE"))
         if markers:
-            pattern = f"rlhf_tasks sft --output {storage}"  # this pipeline's stage process only
-            out = subprocess.run(["pgrep", "-f", "-n", pattern], capture_output=True, text=True)
-            if out.stdout.strip():
-                pid = int(out.stdout.split()[0])
+            lock = markers[0].parents[3] / ".locks" / "sft.lock"
+            words = lock.read_text().split() if lock.is_file() else []
+            if len(words) > 1 and words[0] == "pid":
+                pid = int(words[1])
                 killed["step"] = int(markers[0].parent.name.split("-")[1])
                 os.kill(pid, signal.SIGKILL)
                 killed["pid"] = pid
@@ -109,6 +111,7 @@ def pipeline_through_airflow(h: Path) -> Iterator[PipelineRun]:
     process is SIGKILLed right after its first complete checkpoint: Airflow retries the task,
     which must resume from that checkpoint."""
     from rlhf_tasks.pipeline import local
+    from rlhf_tasks.pipeline.warm import warm_stages
 
     env = local.airflow_env(h)
     env["RLHF_HOME"] = str(h)
@@ -120,7 +123,7 @@ def pipeline_through_airflow(h: Path) -> Iterator[PipelineRun]:
     stop, killed = threading.Event(), {}
     watcher = threading.Thread(target=_kill_sft_after_first_checkpoint,
                                args=(Path(env["RLHF_STORAGE"]), stop, killed), daemon=True)
-    with local.mlflow_server(h) as url:
+    with local.mlflow_server(h) as url, warm_stages(h, env):  # the stages forked warm, as make run does
         env["MLFLOW_TRACKING_URI"] = url
         watcher.start()
         t0 = time.time()

@@ -193,3 +193,26 @@ def test_generation_bench_compares_both_backends_on_the_same_work(tmp_path):
     text = md.read_text()
     assert text.count("<!-- generation-cpu:begin -->") == 1 and "untouched" in text
     assert "| tiny |" in text and "speed-up" in text
+
+
+def test_logits_memory_bench_measures_both_paths_and_ours_is_lower():
+    """bench/logits_memory.py at a small vocabulary: every step measured both ways, the
+    chunked head's peak below the whole logits' (half of each row is prompt)."""
+    import logits_memory
+
+    results = logits_memory.rows(vocab=8192, B=2, T=128)
+    assert [r["case"] for r in results] == list(logits_memory.steps(logits_memory.model_for(64), 1, 4, 64))
+    assert all(0 < r["ours"] < r["old"] for r in results), results
+    assert "| 8,192 | 2 x 128 |" in logits_memory.table(results)
+
+
+def test_peers_report_sets_ours_beside_the_plain_loop_and_trl():
+    import peers
+
+    md = peers.render([{"stage": "sft", "steps": 10, "ours": [110.0, 120.0], "plain": [100.0, 100.0], "ratio": 1.15}],
+                      [{"algorithm": "GRPO", "steps": 40, "ours_rate": 128.0, "trl_rate": 64.0, "unit": "answers/s",
+                        "quality": "held-out reward", "before": 2.8, "ours_quality": 4.6, "trl_quality": 3.2}],
+                      "a 2-core VM", "")
+    assert "| sft (10 steps) | 110 (110), 120 (120) | 100 (100), 100 (100) | 1.15x (1.15x) |" in md
+    assert ("| GRPO (40 steps) | 128.0 / 64.0 answers/s | 2.00x | 128.0 / 64.0 | 2.00x | held-out reward | 2.800 "
+            "| 4.600 | 3.200 |") in md

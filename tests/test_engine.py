@@ -110,3 +110,31 @@ print(t.tolist(), ds_dist.cdb.shm_comm_op)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:2] == ["(0, 1)", "[1.0, 1.0, 1.0] None"], proc.stdout
     assert not (tmp_path / "ext").exists()
+
+
+def test_one_fp32_process_skips_the_lone_allreduce_and_clips_as_deepspeed_does(tmp_path):
+    """fp32 at ZeRO-0 in one process: no gradient all-reduce over a group of one, and the
+    gradient clipping without DeepSpeed's all-reduce of the norm leaves the very gradients
+    (to the bit) of DeepSpeed's own clip_grad_norm_."""
+    code = """
+import torch
+from deepspeed.runtime.utils import clip_grad_norm_
+from rlhf_tasks.config.train import EngineConfig
+from rlhf_tasks.runtime.engine import Batching, init_distributed, initialize
+init_distributed(torch.device("cpu"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+engine = initialize(model, EngineConfig(max_grad_norm=0.01), Batching(4, 1, "fp32", 10), torch.device("cpu"), 1)
+engine.backward(model(torch.randn(4, 8)).pow(2).sum())
+want = [p.grad.clone() for p in model.parameters()]
+ref = [torch.nn.Parameter(torch.zeros_like(w)) for w in want]
+for r, w in zip(ref, want):
+    r.grad = w.clone()
+clip_grad_norm_(ref, 0.01)
+engine.clip_fp32_gradients()
+print(engine.enable_backward_allreduce, all(torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), ref)))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "False True", proc.stdout

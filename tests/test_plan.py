@@ -226,3 +226,45 @@ def test_deep_models_extrapolated_from_two_depths_equal_a_full_trace(arch):
     for spec in (StepSpec("lm", 4, 128, "fp32", dropout=0.0),
                  StepSpec("policy", 4, 128, "bf16", checkpointing=True, lora_dim=8, only_lora=True)):
         assert _trace(config, spec) == _trace_once(config, spec)
+
+
+def test_plan_exits_6_when_a_stage_does_not_fit(storage, capsys, tiny):
+    """`plan` is a check a script can use: exit 6 (5 is a stalled rank) and, on stderr, each
+    stage over the capacity with the smallest change that fits; 0 when everything fits."""
+    cfg, configs = tiny
+    sft = plan_stage(cfg, configs, "sft").peak
+    assert main(["plan", "--preset", "tiny-cpu", "--gpu-memory-gb", str(sft * 0.9 / 1e9)]) == 6
+    err = capsys.readouterr().err
+    assert "error: stage sft plans a peak of" in err and "smallest change that fits" in err
+    assert main(["plan", "--preset", "tiny-cpu", "--gpu-memory-gb", "1000"]) == 0
+
+
+def test_ema_and_unsupervised_loss_are_planned(tiny):
+    """ppo.enable_ema holds an fp32 copy of the actor on the device in every phase; the SFT
+    loss mixed into PPO's update is a phase of its own (an lm step of the actor)."""
+    cfg, configs = tiny
+    base = plan_stage(cfg, configs, "ppo")
+    ema = plan_stage(with_changes(cfg, {"ppo.enable_ema": True}), configs, "ppo")
+    actor = trace("actor", configs["actor"], StepSpec("forward_lm", 1, 8, "fp32")).counts.total
+    assert all(p["ema"] == 4 * actor for p in ema.phases.values())
+    assert ema.peak == base.peak + 4 * actor
+    mixed = plan_stage(with_changes(cfg, {"ppo.unsupervised_coef": 0.5}), configs, "ppo")
+    assert mixed.phases["actor_unsupervised"]["activations"] > 0 and "actor_unsupervised" not in base.phases
+
+
+@pytest.mark.parametrize("name, attn, measured_gb", [("opt-125m", "sdpa", 4.9), ("opt-350m", "sdpa", 10.8),
+                                                      ("opt-1.3b", "sdpa", 35.4), ("opt-1.3b", "eager", 56.5)])
+def test_plan_of_the_measured_h100_steps(tmp_path, name, attn, measured_gb):
+    """The H100 rows of ../shared/gpu/README.md (a plain transformers + DeepSpeed loop: bf16,
+    ZeRO-0, batch 8 x 512, whole logits and transformers' labels= loss): the plan of the same
+    step is at most 10% under each measured peak and at most 20% over it, whether that peak
+    was in GB or GiB. Its optimizer step is DeepSpeed's FP16_Optimizer (bf16 at ZeRO-0)."""
+    from rlhf_tasks.plan.stages import supervised
+
+    cfg = PipelineConfig.load("opt-1.3b", ["sft.dtype=bf16", "sft.zero_stage=0", "sft.per_device_train_batch_size=8",
+                                           "sft.gradient_accumulation_steps=1", "sft.lora_dim=0", "data.max_seq_len=512",
+                                           f"model.attn_implementation={attn}"])
+    plan = supervised(cfg, {"actor": read_config(write_opt_config(tmp_path, name))}, "sft", logits="whole")
+    for measured in (measured_gb * 1e9, measured_gb * 2**30):
+        assert -0.10 <= plan.peak / measured - 1 <= 0.20, (plan.peak / 1e9, measured_gb, plan.parts)
+    assert plan.peak_phase == "optimizer_step" or name == "opt-125m"

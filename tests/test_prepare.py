@@ -90,7 +90,7 @@ def test_tiny_cpu_prepare_succeeds(storage, tmp_path):
     assert env_json["torch"]["cuda_available"] is False and env_json["torch"]["torch"]
     assert env_json["disk"]["storage"] == str(storage.resolve()) and env_json["disk"]["free_gb"] > 0
     assert env_json["models"]["actor"]["model_type"] == "opt"
-    assert env_json["models"]["rm"]["name"] == "builtin:tiny-opt"
+    assert env_json["models"]["rm"]["name"] == "builtin:tiny-rm"  # tiny-cpu's 2 x 64 reward model, the actor's tokenizer
     assert env_json["models"]["tokenizer"]["vocab_size"] > 0
     assert env_json["data"] == result["data"]
 

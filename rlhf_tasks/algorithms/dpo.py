@@ -34,13 +34,13 @@ from ..data import DPOCollator
 from ..data.phases import dpo_pairs
 from ..runtime import loop
 from ..runtime.engine import inference_config, inference_engine, partitioned_loading, torch_dtype
+from ..runtime.lm_head import token_log_probs
 from ..runtime.models import load_causal_lm, load_tokenizer, load_trainable, unwrap_for_saving
 from ..runtime.params import eval_mode, is_partitioned
 from ..runtime.stage import StageContext, stage
 from ..runtime.watchdog import beat, phase
 from .dpo_pairs import generated_pairs
 from .maths.preference import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
-from .maths.tokens import log_probs_from_logits
 from .rl.models import memory_report, require_outputs
 
 log = logging.getLogger("rlhf_tasks")
@@ -49,9 +49,9 @@ log = logging.getLogger("rlhf_tasks")
 def pair_log_probs(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
     """(2B,) log-prob of each answer (chosen rows, then rejected) under ``model``, summed
     over its tokens (averaged with ``average``), in nats, float32."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    tokens = log_probs_from_logits(logits[:, :-1].float(), batch["input_ids"][:, 1:])  # (2B, T-1): token t at t-1
-    return answer_log_probs(tokens, batch["answer_mask"][:, 1:], average)
+    ids, answer = batch["input_ids"], batch["answer_mask"][:, 1:]  # token t is predicted at t-1
+    tokens = token_log_probs(model, ids, batch["attention_mask"], ids[:, 1:], where=answer)  # (2B, T-1)
+    return answer_log_probs(tokens, answer, average)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:

@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data import SFTCollator
 from ..data.phases import sft_rows
 from ..runtime import loop
+from ..runtime.lm_head import lm_loss, token_log_probs
 from ..runtime.models import load_tokenizer, load_trainable, unwrap_for_saving
 from ..runtime.params import eval_mode
 from ..runtime.stage import StageContext, stage
@@ -31,11 +31,11 @@ def evaluate(model, eval_ds, collate, batch_size: int, device, rank: int = 0, wo
         tok_t = torch.zeros((), device=device, dtype=torch.float64)
         for batch, real in loop.eval_batches(eval_ds, batch_size, collate, rank, world):
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at t-1
+            logp = token_log_probs(model, batch["input_ids"], batch["attention_mask"], labels, where=labels != -100)
             if not real:  # a rank's padding pass (every rank runs as many forward passes)
                 continue
-            labels = batch["labels"][:, 1:]  # (B, T-1): token t is predicted at t-1
-            nll_t += F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+            nll_t -= logp.sum()
             tok_t += (labels != -100).sum()
         nll_sum, n_tok = loop.all_reduce_sum([nll_t.item(), tok_t.item()], device)
     mean = nll_sum / max(n_tok, 1.0)
@@ -56,9 +56,10 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     collate = SFTCollator(tok.pad_token_id)
 
     def loss_fn(engine, batch):
-        out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                     use_cache=False)
-        return out.loss, batch["attention_mask"].sum()  # real tokens processed: what the FLOPs are spent on
+        # transformers' labels= loss, through the LM head in chunks and only at the labelled
+        # positions (runtime/lm_head.py): never the whole (B, T, V) logits
+        loss, _ = lm_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return loss, batch["attention_mask"].sum()  # real tokens processed: what the FLOPs are spent on
 
     def eval_fn(engine):
         return evaluate(engine.module, eval_ds, collate, t.per_device_eval_batch_size, ctx.device,

@@ -143,8 +143,8 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     kls = []
     with torch.no_grad(), phase("scoring"):
         for ro in ro_ppo:
-            lp = actor_log_probs(aligned, ro.sequences, ro.attention_mask).float()
-            lq = actor_log_probs(sft, ro.sequences, ro.attention_mask).float()
+            lp = actor_log_probs(aligned, ro.sequences, ro.attention_mask, ro.action_mask)
+            lq = actor_log_probs(sft, ro.sequences, ro.attention_mask, ro.action_mask)
             kls.append(((lp - lq) * ro.action_mask).sum(-1).cpu())
     kl = torch.cat(kls) if kls else torch.zeros(0)
     with phase("gathering"):

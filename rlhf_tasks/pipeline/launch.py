@@ -202,8 +202,14 @@ def run_stage(stage: str, run_dir: str | Path, *, env: dict[str, str] | None = N
                        visible_devices=None if res.cpu else child_env.get("CUDA_VISIBLE_DEVICES"))
     echo = echo or (lambda line: print(line, flush=True))
     echo(f"$ {' '.join(argv)}")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env=child_env, start_new_session=True)
+    proc = None
+    if argv[0] == sys.executable:  # one process: forked from the warm server when one runs (make run)
+        from . import warm
+
+        proc = warm.start([stage, *args], child_env)
+    if proc is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env=child_env, start_new_session=True)
 
     def forward(signum, _frame):
         echo(f"received signal {signum}: stopping the {stage} stage (it resumes from its last checkpoint)")

@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..runtime.ranks import free_port
+from .warm import warm_stages
 
 REPO = Path(__file__).resolve().parents[2]  # rlhf_tasks/pipeline/local.py -> the repository
 DAG_ID = "rlhf_pipeline"
@@ -151,12 +152,21 @@ def airflow(args: list[str], env: dict[str, str], check: bool = True, **kw) -> s
     return subprocess.run([bin_path("airflow"), *args], env=env, check=check, **kw)
 
 
+# `airflow db migrate` and `airflow pools set` by Airflow's own CLI in one process: one import of it.
+_INIT_AIRFLOW = """
+import sys
+from airflow.cli.cli_parser import get_parser
+for argv in (["db", "migrate"], ["pools", "set", "gpu", sys.argv[1], sys.argv[2]]):
+    args = get_parser().parse_args(argv)
+    args.func(args)
+"""
+
+
 def init_airflow(env: dict[str, str], gpu_slots: int = 1) -> None:
     """Create or upgrade the metadata DB and the ``gpu`` pool (idempotent)."""
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    airflow(["db", "migrate"], env, stdout=subprocess.DEVNULL)
-    airflow(["pools", "set", "gpu", str(gpu_slots), "GPU slots: 1 serialises SFT and RM on one GPU"], env,
-            stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-c", _INIT_AIRFLOW, str(gpu_slots), "GPU slots: 1 serialises SFT and RM on one GPU"],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
 
 
 def run_pipeline(conf: dict, env: dict[str, str], run_id: str | None = None) -> int:
@@ -182,11 +192,19 @@ def cmd_run(args) -> int:
     env = airflow_env(h)
     print(f"==> state in {h} (Airflow home, MLflow store, shared storage)", flush=True)
     t0 = time.time()
-    init_airflow(env)
     conf = {"preset": args.preset, "overrides": args.set or []}
     with contextlib.ExitStack() as stack:
+        # MLflow and the warm stages import while Airflow sets up its database (two cores, three start-ups)
+        mlflow = None
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            env["MLFLOW_TRACKING_URI"] = stack.enter_context(mlflow_server(h))
+            port = free_port()
+            mlflow = mlflow_process(h, port, h / "mlflow" / "server.log")
+            stack.callback(stop_groups, [mlflow])
+            env["MLFLOW_TRACKING_URI"] = f"http://{LOOPBACK}:{port}"
+        stack.enter_context(warm_stages(h, env))  # the stages the DAG launches fork from it
+        init_airflow(env)
+        if mlflow is not None:
+            wait_http(f"{env['MLFLOW_TRACKING_URI']}/health", 120, mlflow)
         print(f"==> MLflow tracking at {env['MLFLOW_TRACKING_URI']}", flush=True)
         print(f"==> running DAG {DAG_ID} through Airflow ({conf})", flush=True)
         code = run_pipeline(conf, env)

@@ -24,7 +24,7 @@ from ..config import ALGORITHMS, STAGES, ConfigError, PipelineConfig
 from ..storage import RunDir
 
 ALLOW_REMOTE_CODE_ENV = "RLHF_ALLOW_REMOTE_CODE"
-BUILTIN_MODELS = ("builtin:tiny-opt",)
+BUILTIN_MODELS = ("builtin:tiny-opt", "builtin:tiny-rm")
 # A Hugging Face hub id: "name" or "owner/name", letters, digits, "-", "_", ".".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",

@@ -5,8 +5,9 @@
 prints it; the ``prepare`` stage (the DAG's install task) plans against the worker's free
 GPU memory and refuses a config that cannot fit, naming the stage, its planned peak and
 the smallest change that fits (:func:`check`). Sizes are decimal GB, as the stages'
-measured ``peak_memory_gb``; the plan counts allocated tensors (what
-``torch.cuda.max_memory_allocated`` measures), not the allocator's cache or the CUDA context.
+measured ``peak_memory_gb``. A stage's ``peak`` counts the tensors alive at once and what
+PyTorch's caching allocator holds beside them at that moment (``allocator_cache``, see
+:mod:`.stages`); ``allocated`` leaves that out. The CUDA context is in neither.
 """
 
 from __future__ import annotations

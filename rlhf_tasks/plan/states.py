@@ -106,6 +106,42 @@ def frozen_weights(c: Counts, dtype: str, zero3: bool, offload: bool, world_size
     return c.total * b
 
 
+def flat_fp32_step(e: Engine) -> bool:
+    """Whether the optimizer step flattens fp32 copies of the gradients: DeepSpeed's
+    ``FP16_Optimizer``, which fp16 at ZeRO-0 gets, and bf16 at ZeRO-0 too (DeepSpeed 0.19
+    picks it for bf16 whenever ``data_types.grad_accum_dtype`` is unset, as in our
+    engine; ``BF16_Optimizer`` only with an fp32 accumulation dtype). Its ``step`` makes
+    each gradient's fp32 copy, then concatenates them into one flat fp32 buffer
+    (``_flatten_dense_tensors([p.grad.to(fp32) ...])``): 8 bytes a trained parameter at
+    once, on top of the half-precision gradients, which it frees only afterwards."""
+    return e.dtype != "fp32" and e.zero_stage == 0 and not e.offload
+
+
+def eager_attention_reserve(arch: dict, batch: int, seq_len: int, dtype: str) -> int:
+    """What eager attention costs on a GPU beyond the tensors a trace sees it keep.
+
+    A trace of eager attention keeps, per layer, the softmax's fp32 output and its
+    half-precision copy (``B x heads x T x T`` each): 6 bytes a score in 16-bit training.
+    On the H100 (../shared/gpu/README.md: OPT-1.3B, bf16, batch 8 x 512) eager took 21.1 GB
+    more than sdpa, twice those 9.7 GB: the backward's score-size temporaries (the fp32
+    gradient of the softmax and its half-precision casts, one set per layer) held by the
+    caching allocator. This is that second share, the same 6 bytes a score again, per layer;
+    a fitted allowance, not a traced tensor (BENCHMARKS.md, "Memory plan")."""
+    scores = batch * arch["heads"] * seq_len * seq_len
+    return arch["layers"] * scores * (FP32 + DTYPE_BYTES[dtype])
+
+
+def reusable_logits_blocks(vocab: int, batch: int, seq_len: int, whole: bool, chunk_bytes: int) -> int:
+    """The cached blocks an optimizer step's new gradient buffers can take over.
+
+    The caching allocator serves a request from a freed block at least as large. The
+    backward frees per-layer activations, each smaller than a parameter's fp32 gradient
+    copy, and the loss's logits: with the whole logits, three ``B x T x V`` fp32 blocks (the
+    upcast, the log-softmax, its gradient), large enough to take the step's copies; with
+    the chunked head (runtime/lm_head.py), three chunks of ``chunk_bytes``."""
+    return 3 * (batch * seq_len * vocab * FP32 if whole else chunk_bytes)
+
+
 def kv_cache(arch: dict, batch: int, seq_len: int, dtype: str) -> int:
     """The rollout's KV cache: keys and values of every layer for ``batch`` rows of
     ``seq_len`` tokens (the static decode backend preallocates exactly this; HF's dynamic

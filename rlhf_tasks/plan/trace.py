@@ -51,6 +51,7 @@ class StepSpec:
     only_lora: bool = False
     attn: str = "sdpa"
     dropout: float | None = None
+    logits: str = "chunked"  # "whole": the (B, T, V) logits and transformers' labels= loss (ZeRO-3, a plain loop)
 
 
 @dataclass(frozen=True)
@@ -133,31 +134,43 @@ def count(model: torch.nn.Module) -> Counts:
                   largest_layer=largest)
 
 
+def _whole_log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs from the whole (B, T, V) logits: the stages' path under ZeRO-3, whose
+    partitioned head the chunked one cannot read (runtime/lm_head.py)."""
+    from ..algorithms.maths.tokens import log_probs_from_logits
+
+    return log_probs_from_logits(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), ids[:, 1:])
+
+
 def _step(model, spec: StepSpec, vocab: int) -> None:
     """The stage's own forward and loss on a (batch, seq_len) batch, then backward."""
     from ..algorithms.maths.policy import clipped_surrogate, value_loss
     from ..algorithms.maths.preference import pairwise_loss
     from ..algorithms.rl.models import actor_log_probs
+    from ..runtime.lm_head import lm_loss
     from ..runtime.models import read_score
 
     B, T = spec.batch, spec.seq_len
     ids = torch.randint(0, vocab, (B, T))
     mask = torch.ones(B, T, dtype=torch.long)
+    log_probs = actor_log_probs if spec.logits == "chunked" else _whole_log_probs
     if spec.kind == "forward_lm":
         with torch.no_grad():
-            actor_log_probs(model, ids, mask)
+            log_probs(model, ids, mask)  # every position: the plan's upper bound
         return
     if spec.kind == "forward_value":
         with torch.no_grad():
             model(ids, mask)
         return
-    if spec.kind == "lm":
+    if spec.kind == "lm" and spec.logits == "whole":
         loss = model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss
+    elif spec.kind == "lm":
+        loss = lm_loss(model, ids, mask, ids, only_labelled=False)[0]
     elif spec.kind == "reward":
         chosen, rejected = read_score(model(ids, mask), mask).chunk(2)
         loss = pairwise_loss(chosen, rejected)
     elif spec.kind == "policy":
-        logp = actor_log_probs(model, ids, mask).float()
+        logp = log_probs(model, ids, mask)
         amask = torch.ones(B, T - 1)
         loss = clipped_surrogate(logp, torch.zeros(B, T - 1), torch.ones(B, T - 1), amask)[0]
     else:

@@ -70,6 +70,8 @@ class Speed:
         self.tokens = torch.zeros((), device=device, dtype=torch.long)  # since the clock started
         self.window_tokens = torch.zeros((), device=device, dtype=torch.long)
         self.t0: float | None = None
+        self.cpu0 = 0.0  # process CPU seconds when the clock started: on a shared machine, tokens per
+        self.paused_cpu_s = 0.0  # CPU second is the rate that other processes do not move
         self.window_t = time.perf_counter()
         self.paused_s, self.steps = 0.0, 0
         self.phases: dict[str, float] = defaultdict(float)  # seconds per phase over the timed steps
@@ -96,7 +98,7 @@ class Speed:
     def step_done(self) -> None:
         if self.t0 is None:
             _sync(self.device)
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         else:
             self.steps += 1
             for k, v in self.last.items():
@@ -107,12 +109,13 @@ class Speed:
     def paused(self):
         """Evaluation and checkpoints are not training time."""
         _sync(self.device)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
             dt = time.perf_counter() - t
             self.paused_s += dt if self.t0 is not None else 0.0
+            self.paused_cpu_s += time.process_time() - c if self.t0 is not None else 0.0
             self.window_t += dt
 
     def window(self) -> dict[str, float]:
@@ -130,8 +133,11 @@ class Speed:
             return {}
         _sync(self.device)
         seconds = time.perf_counter() - self.t0 - self.paused_s
-        tok_s = self.tokens.item() * self.world_size / seconds
+        tokens = self.tokens.item()
+        tok_s = tokens * self.world_size / seconds
+        cpu_s = time.process_time() - self.cpu0 - self.paused_cpu_s
         out = {f"{prefix}tokens_per_s": tok_s, f"{prefix}tflops": tok_s * self.flops_per_token / 1e12,
+               f"{prefix}tokens_per_cpu_s": tokens / max(cpu_s, 1e-9),
                f"{prefix}timed_steps": self.steps, f"{prefix}timed_s": seconds,
                **{f"{k}_s": v / self.steps for k, v in self.phases.items()}}
         if self.device.type == "cuda":

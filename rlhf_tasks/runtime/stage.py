@@ -33,7 +33,10 @@ METRIC_PREFIX = {**{s: s for s in STAGES}, "evaluate": "eval"}
 # A finished stage waits up to RLHF_MLFLOW_FLUSH_TIMEOUT_S for its last metrics to be sent
 # (how long a stage waits for the server at start, and holds metrics through an outage:
 # tracking.runs.MLFLOW_START_TIMEOUT_S and MLFLOW_OUTAGE_BUDGET_S).
-MLFLOW_FLUSH_TIMEOUT_S = float(os.environ.get("RLHF_MLFLOW_FLUSH_TIMEOUT_S") or 60.0)
+# Read when a stage ends, not at import: a warm stage process imported this module earlier
+# (rlhf_tasks/pipeline/warm.py).
+def mlflow_flush_timeout_s() -> float:
+    return float(os.environ.get("RLHF_MLFLOW_FLUSH_TIMEOUT_S") or 60.0)
 
 
 def setup_logging() -> None:
@@ -123,7 +126,10 @@ class StageContext:
     def cost_metrics(self) -> dict[str, float]:
         elapsed, res, on_gpu = self.elapsed_s, self.cfg.resources, self.device.type == "cuda"
         gpus = res.num_gpus * res.num_nodes
-        return {"time/wall_clock_s": elapsed, "cost/gpu_hours": gpu_hours(elapsed, gpus, on_gpu),
+        # CPU seconds of this process (this attempt; a warm-started stage's own, without the
+        # imports its server paid): wall-clock on a shared machine says more about the others.
+        return {"time/wall_clock_s": elapsed, "time/cpu_s": time.process_time(),
+                "cost/gpu_hours": gpu_hours(elapsed, gpus, on_gpu),
                 "cost/usd": cost_usd(elapsed, res.gpu_hourly_usd, gpus, on_gpu)}
 
 
@@ -183,7 +189,7 @@ def end_stage(ctx: StageContext, status: str) -> StageEnd:
     points: dict[str, float] = {}
     if ctx.is_main:
         ctx.tracker.log_metrics(cost, step=0)
-        ctx.tracker.flush(timeout=MLFLOW_FLUSH_TIMEOUT_S)
+        ctx.tracker.flush(timeout=mlflow_flush_timeout_s())
         points = {f"tracking/{k}": float(v) for k, v in ctx.tracker.stats().items()}
     ctx.tracker.close(status, timeout=1.0)  # flushed above: what is still pending is dropped, counted
     if ctx.is_main:

@@ -4,7 +4,7 @@ Everything the update needs is here and nothing else: the update never calls the
 reference or reward model again, and the rollout never looks at optimiser state.
 Tensors are per-token over the ``T - 1`` next-token positions of a sequence:
 position ``t`` holds the quantity for the action "emit token ``t + 1``", so it lines
-up with ``log_probs_from_logits(logits[:, :-1], sequences[:, 1:])``.
+up with ``actor_log_probs(model, sequences, attention_mask)`` (rl/models.py: the LM head in chunks).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ whether a critic is trained.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from pathlib import Path
 
@@ -85,6 +86,8 @@ def rl_speed(speed: Speed, prompts_per_iteration: int) -> dict[str, float]:
     out["prompts_per_s"] = prompts_per_iteration / max(sum(speed.phases.values()) / n, 1e-9)
     out["generation_tokens_per_s"] = speed.tokens.item() / max(speed.phases.get("generation", 0.0), 1e-9)
     out["timed_iterations"] = n
+    # CPU seconds per iteration of this process (what another process on the machine does not move)
+    out["cpu_s_per_iteration"] = (time.process_time() - speed.cpu0 - speed.paused_cpu_s) / n
     if speed.device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(speed.device) / 1e9
     return out

@@ -26,17 +26,20 @@ from ...runtime.engine import (
     partitioned_loading,
     torch_dtype,
 )
+from ...runtime.lm_head import token_log_probs
 from ...runtime.models import RewardModel, load_causal_lm, load_trainable, positions_from_mask
 from ...runtime.params import numel
 from ...runtime.stage import StageContext
-from ..maths.tokens import log_probs_from_logits
 
 
-def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T-1) log-prob of each next token under ``model``."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=positions_from_mask(attention_mask), use_cache=False).logits
-    return log_probs_from_logits(logits[:, :-1], sequences[:, 1:])
+def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    action_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) -> (B, T-1) fp32 log-prob of each next token under ``model``, through the LM
+    head in chunks (runtime/lm_head.py). ``action_mask`` (B, T-1): only the answer tokens
+    are computed, the rest read 0 (every user selects them away); the prompt's positions
+    never reach the head."""
+    return token_log_probs(model, sequences, attention_mask, sequences[:, 1:], where=action_mask,
+                           position_ids=positions_from_mask(attention_mask))
 
 
 def shares_reference(a: EngineConfig) -> bool:
@@ -55,11 +58,12 @@ class Reference:
         return self.model is None
 
     @torch.no_grad()
-    def log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                  action_mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.model is not None:
-            return actor_log_probs(self.model, sequences, attention_mask)
+            return actor_log_probs(self.model, sequences, attention_mask, action_mask)
         with self.actor.module.disable_adapter():  # the SFT weights, exactly: LoRA B starts at 0 and only it trains
-            return actor_log_probs(self.actor, sequences, attention_mask)
+            return actor_log_probs(self.actor, sequences, attention_mask, action_mask)
 
 
 def model_bytes(model: torch.nn.Module | None) -> int:

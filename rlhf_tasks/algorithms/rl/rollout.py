@@ -53,8 +53,8 @@ class Scorer:
         with self.speed.phase("scoring"):
             seq, attn, amask = ro.sequences, ro.attention_mask, ro.action_mask.to(torch.float32)  # (B, T), (B, T-1)
             m.train(False)
-            logp = actor_log_probs(m.actor, seq, attn).float()  # (B, T-1)
-            ref_logp = m.ref.log_probs(seq, attn).float()
+            logp = actor_log_probs(m.actor, seq, attn, amask)  # (B, T-1), 0 off the answers
+            ref_logp = m.ref.log_probs(seq, attn, amask)
             values = m.critic(seq, attn)[:, :-1].float() if m.critic is not None else None  # V before each action
             rm_scores = m.reward.score(seq, attn).float()  # (B,)
             m.train(True)

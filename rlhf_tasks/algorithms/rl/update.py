@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ...runtime.lm_head import lm_loss
 from ...runtime.ranks import sum_across_ranks, world_size
 from ..maths.policy import POLICY_LOSSES, kl_k3, value_loss
 from ..maths.tokens import Normaliser, aggregate, masked_mean
@@ -56,7 +57,7 @@ def update(m: Models, exp: Experience, sec, kl_coef: float, max_answer_len: int,
     n = 0
     for _ in range(sec.ppo_epochs):
         for mb, norm in zip(micro, norms, strict=True):
-            logp = actor_log_probs(m.actor, mb.sequences, mb.attention_mask).float()
+            logp = actor_log_probs(m.actor, mb.sequences, mb.attention_mask, mb.action_mask)
             spec = loss_fn.spec(sec.cliprange, sec.cliprange_high, norm)
             policy, metrics = loss_fn.fn(logp, mb.action_log_probs, mb.advantages, mb.action_mask, spec)
             loss = policy
@@ -72,8 +73,7 @@ def update(m: Models, exp: Experience, sec, kl_coef: float, max_answer_len: int,
             m.actor.step()
             if unsupervised is not None:
                 b = next(unsupervised)
-                u_loss = m.actor(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                                 use_cache=False).loss
+                u_loss, _ = lm_loss(m.actor, b["input_ids"], b["attention_mask"], b["labels"])
                 m.actor.backward(sec.unsupervised_coef * u_loss)
                 m.actor.step()
                 step["unsupervised_loss"] = u_loss
