@@ -268,3 +268,20 @@ def test_plan_of_the_measured_h100_steps(tmp_path, name, attn, measured_gb):
     for measured in (measured_gb * 1e9, measured_gb * 2**30):
         assert -0.10 <= plan.peak / measured - 1 <= 0.20, (plan.peak / 1e9, measured_gb, plan.parts)
     assert plan.peak_phase == "optimizer_step" or name == "opt-125m"
+
+
+def test_a_stage_over_only_by_the_allocators_cache_is_tight_not_refused():
+    """Refused (exit 6) only when the tensors alive at once exceed the GPU; over only by what
+    PyTorch's allocator caches (and gives back before an out-of-memory), it runs with a warning."""
+    from rlhf_tasks.plan import Plan, render
+    from rlhf_tasks.plan.stages import StagePlan
+
+    gb = 10**9
+    stages = {"sft": StagePlan("sft", {"optimizer_step": {"weights": 30 * gb, "allocator_cache": 15 * gb}}),
+              "rm": StagePlan("rm", {"training": {"weights": 10 * gb}}),
+              "ppo": StagePlan("ppo", {"actor_step": {"weights": 45 * gb}})}
+    plan = Plan(40.0, stages)
+    assert plan.too_big() == ["ppo"] and plan.tight() == ["sft"] and not plan.fits
+    text = render(plan)
+    assert "tight" in text and "warning: stage sft fits only if PyTorch's allocator gives its cache back" in text
+    assert Plan(40.0, {k: v for k, v in stages.items() if k != "ppo"}).fits

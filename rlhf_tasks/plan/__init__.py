@@ -95,7 +95,15 @@ class Plan:
         return None if self.gpu_memory_gb is None else int(self.gpu_memory_gb * GB)
 
     def too_big(self) -> list[str]:
-        return [] if self.capacity is None else [s for s, p in self.stages.items() if p.peak > self.capacity]
+        """The stages whose tensors alive at once (``allocated``) exceed the GPU: they cannot run."""
+        return [] if self.capacity is None else [s for s, p in self.stages.items() if p.allocated > self.capacity]
+
+    def tight(self) -> list[str]:
+        """The stages that fit only if PyTorch's caching allocator gives back what it holds (it
+        does, before it reports out-of-memory, but a fragmented cache may not serve the
+        optimizer step's new buffers): run, with a warning."""
+        return [] if self.capacity is None else [s for s, p in self.stages.items()
+                                                 if p.peak > self.capacity >= p.allocated]
 
     @property
     def fits(self) -> bool:
@@ -113,6 +121,18 @@ class Plan:
     def messages(self) -> list[str]:
         return [describe_fix(self.stages[s], self.fixes.get(s), self.capacity) for s in self.too_big()]
 
+    def warnings(self) -> list[str]:
+        out = []
+        for s in self.tight():
+            p, fix = self.stages[s], self.fixes.get(s)
+            safe = "" if fix is None else (f"; to be safe: {fix['change']} (--set "
+                                           + " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                                      for k, v in fix["set"].items()) + ")")
+            out.append(f"stage {s} fits only if PyTorch's allocator gives its cache back: {p.allocated / GB:.1f} GB "
+                       f"of tensors alive at once, {p.peak / GB:.1f} GB with the cache, {self.capacity / GB:.1f} GB "
+                       f"free{safe}")
+        return out
+
 
 def make_plan(cfg: PipelineConfig, configs: dict, gpu_memory_gb: float | None = None, suggest: bool = False,
               fixes: bool = True) -> Plan:
@@ -120,7 +140,7 @@ def make_plan(cfg: PipelineConfig, configs: dict, gpu_memory_gb: float | None = 
     not fit (``fixes``) and, with ``suggest``, each stage's largest per-device batch."""
     plan = Plan(gpu_memory_gb, {s: plan_stage(cfg, configs, s) for s in stage_names(cfg)})
     if plan.capacity is not None and fixes:
-        plan.fixes = {s: smallest_fix(cfg, configs, s, plan.capacity) for s in plan.too_big()}
+        plan.fixes = {s: smallest_fix(cfg, configs, s, plan.capacity) for s in plan.too_big() + plan.tight()}
     if suggest and plan.capacity is not None:
         plan.batch = {s: largest_batch(cfg, configs, s, plan.capacity) for s in plan.stages}
     return plan
@@ -132,7 +152,8 @@ def render(plan: Plan) -> str:
     rows = []
     for s, p in plan.stages.items():
         parts = p.parts
-        fits = "–" if plan.capacity is None else ("yes" if p.peak <= plan.capacity else "NO")
+        fits = ("–" if plan.capacity is None else "yes" if p.peak <= plan.capacity else
+                "NO" if p.allocated > plan.capacity else "tight")
         rows.append([s, p.peak_phase, *(f"{parts[k] / GB:.2f}" for k in PARTS), f"{p.peak / GB:.2f}", fits])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -140,7 +161,7 @@ def render(plan: Plan) -> str:
     cap = "no GPU capacity given" if plan.capacity is None else f"{plan.gpu_memory_gb:g} GB per GPU"
     out = [f"Memory plan (GB per GPU; {cap})", *lines]
     out += [f"  {s}: largest per-device batch that fits: {b}" for s, b in plan.batch.items()]
-    out += [f"  {m}" for m in plan.messages()]
+    out += [f"  {m}" for m in plan.messages()] + [f"  warning: {m}" for m in plan.warnings()]
     untraced = [s for s, p in plan.stages.items() if not p.traced]
     if untraced:
         out.append(f"  {', '.join(untraced)}: the model could not be traced; activations from formulas")
