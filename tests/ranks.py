@@ -6,9 +6,9 @@ tests/faults/test_ranks_faults.py (one pytest-xdist group: the runs are made onc
 The runs are short tiny-cpu ones: 8 SFT / RM steps of micro-batch 8, a checkpoint every
 4, 40 held-out rows, 2 RL iterations of 8 prompts; each run directory holds one setting:
 
-    one      1 process, gradient_accumulation_steps=2   (the parity reference)
+    one      1 process, gradient_accumulation_steps=2   (the parity reference: sft, rm, kto)
     zero0    2 ranks, ZeRO-0
-    zero3    2 ranks, ZeRO-3 for every trained model: sft, rm, ppo, grpo, rloo, dpo, evaluate
+    zero3    2 ranks, ZeRO-3 for every trained model: sft, rm, ppo, grpo, rloo, dpo, kto, evaluate
     zero1    2 ranks, ZeRO-1 (sft)
     zero2off 2 ranks, ZeRO-2 with the optimizer offloaded to CPU (sft)
 
@@ -38,14 +38,18 @@ RL = [f"{a}.{k}" for a in ("ppo", "grpo", "rloo") for k in ("max_steps=2", "chec
     "ppo.per_device_generation_batch_size=8", "ppo.per_device_train_batch_size=8",
     "grpo.per_device_generation_batch_size=2", "rloo.per_device_generation_batch_size=2",
     "grpo.per_device_train_batch_size=8", "rloo.per_device_train_batch_size=8"]
-DPO = ["dpo.max_steps=4", "dpo.generated_prompts=16", "dpo.per_device_train_batch_size=4",
-       "dpo.per_device_eval_batch_size=16", "dpo.log_every_steps=1", "dpo.checkpoint_every_steps=0"]
+DPO = [f"{a}.{k}" for a in ("dpo", "kto") for k in (
+    "max_steps=4", "generated_prompts=16", "per_device_train_batch_size=4", "per_device_eval_batch_size=16",
+    "log_every_steps=1", "checkpoint_every_steps=0")]
+# KTO on the dataset's answers (the same on 1 and 2 ranks, where generated ones are not), at a
+# rate that moves the weights well past the parity tolerance in 4 steps.
+KTO = ["kto.answers=dataset", "kto.learning_rate=1e-3", "kto.num_warmup_steps=0"]
 BASE = ["data.max_eval_samples=40", "tracking.system_metrics=false", "evaluate.prompts=24",
-        "evaluate.per_device_batch_size=6", *SUPERVISED, *RL, *DPO]
+        "evaluate.per_device_batch_size=6", *SUPERVISED, *RL, *DPO, *KTO]
 ZERO3 = ["sft.zero_stage=3", "rm.zero_stage=3", *(f"{a}.actor.zero_stage=3" for a in ("ppo", "grpo", "rloo")),
-         "ppo.critic.zero_stage=3", "dpo.zero_stage=3"]
+         "ppo.critic.zero_stage=3", "dpo.zero_stage=3", "kto.zero_stage=3"]
 SETTINGS = {
-    "one": ["resources.cpu_processes=1", "sft.gradient_accumulation_steps=2", "rm.gradient_accumulation_steps=2"],
+    "one": ["resources.cpu_processes=1", *(f"{s}.gradient_accumulation_steps=2" for s in ("sft", "rm", "kto"))],
     "zero0": [f"resources.cpu_processes={RANKS}"],
     "zero3": [f"resources.cpu_processes={RANKS}", *ZERO3],
     "zero1": [f"resources.cpu_processes={RANKS}", "sft.zero_stage=1"],
@@ -103,16 +107,17 @@ class RankRuns:
             PipelineConfig.load("tiny-cpu", [*BASE, *SETTINGS[setting], *extra]).save(run.config_path)
         return run
 
-    def stage(self, setting: str, stage: str, *extra: str, needs: tuple[str, ...] = ()) -> Launched:
+    def stage(self, setting: str, stage: str, *extra: str, needs: tuple[str, ...] = (),
+              needs_from: str | None = None) -> Launched:
         """``stage`` run to its end in the run directory of ``setting`` (with ``extra``
         overrides: a directory of its own, whose ``needs`` stages are copied from the
-        setting's own run, made first)."""
+        setting's own run, or ``needs_from``'s, made first)."""
         key = (setting + "|" + ",".join(extra), stage)
         if key in self.done:
             return self.done[key]
         run = self.run_dir(setting, *extra)
         for need in needs:
-            base = self.stage(setting, need)
+            base = self.stage(needs_from or setting, need)
             if not run.final(need).is_dir():
                 import shutil
 

@@ -214,6 +214,54 @@ def test_kto_batches():
 
 # --- the stage's parts -----------------------------------------------------------------------------
 
+class Counting(Bigram):
+    """Bigram counting its forward passes: under ZeRO-3 each is a collective, so every rank
+    must run as many."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return super().forward(*args, **kwargs)
+
+
+def test_the_reference_pass_runs_as_many_forward_passes_on_every_rank():
+    from rlhf_tasks.algorithms.kto import answer_table
+
+    # 5 rows in batches of 2: 3 batches, rank 0 scores batches 0 and 2, rank 1 batch 1 and a
+    # padding pass (its result dropped). No process group here: each rank's table is its part,
+    # and the two parts add up to the one-process table.
+    rows = datasets.Dataset.from_list([{"input_ids": [5] + [6 + i % 3] * (i + 1) + [2], "prompt_len": 1,
+                                        "length": i + 3} for i in range(5)])
+    collate, cpu = KTOCollator(0), torch.device("cpu")
+    whole = answer_table(Bigram(), rows, collate, 2, cpu)
+    parts, calls = [], []
+    for rank in (0, 1):
+        model = Counting()
+        parts.append(answer_table(model, rows, collate, 2, cpu, rank=rank, world=2))
+        calls.append(model.calls)
+    assert calls == [2, 2] and whole.shape == (5,) and (whole < 0).all()
+    assert torch.allclose(parts[0] + parts[1], whole) and (parts[1] == 0).sum() == 3  # rank 1: 1 batch of 2 real
+
+
+def test_the_reference_point_costs_every_rank_the_same_forward_passes():
+    from rlhf_tasks.algorithms.kto import ReferencePoint
+
+    rows = [{"input_ids": [5, 6 + i % 3, 2], "prompt_len": 1, "ref_logps": -1.0} for i in range(3)]
+    calls = set()
+    for rank in (0, 1):
+        for step in (0, 1, 5):  # the walk (3 pairs) runs out and cycles: still 8 pairs, 4 batches of 2
+            ctx = SimpleNamespace(name="kto", cfg=PipelineConfig.load("tiny-cpu"), device=torch.device("cpu"),
+                                  rank=rank, world_size=2)
+            model = Counting()
+            ReferencePoint(ctx, rows, KTOCollator(0), per_step=8, micro=2)(SimpleNamespace(module=model,
+                                                                                           global_steps=step))
+            calls.add(model.calls)
+    assert calls == {4}
+
+
 def test_the_reference_point_is_estimated_once_per_step_over_its_pairs():
     from rlhf_tasks.algorithms.dpo import pair_log_probs
     from rlhf_tasks.algorithms.kto import ReferencePoint
@@ -250,7 +298,6 @@ def test_kl_pool_is_what_the_steps_draw():
     ("kto.beta=0", "kto.beta", "> 0"),
     ("kto.desirable_weight=0", "kto.desirable_weight", "> 0"),
     ("kto.undesirable_weight=-1", "kto.undesirable_weight", "> 0"),
-    ("kto.zero_stage=3", "kto.zero_stage", "0, 1 or 2 for kto"),
     ("kto.dtype=fp16", "kto.dtype", "fp16 needs a GPU"),
 ])
 def test_bad_settings_name_the_field(override, field, allowed):
@@ -269,6 +316,7 @@ def test_kto_is_a_row_of_the_table():
     cfg = PipelineConfig.load("tiny-cpu", {"algorithm": "kto", "kto.answers": "dataset"})
     assert stage_inputs("kto", cfg) == ("sft",) and stage_inputs("evaluate", cfg) == ("sft", "rm", "kto")
     assert set(cfg.engines()) == {"sft", "rm", "kto"}
+    assert PipelineConfig.load("tiny-cpu", ["kto.zero_stage=3"]).kto.zero_stage == 3  # like every stage
     # Its own answers ranked by the reward model: the RM is an input, and the plan has the generation phase.
     generated = PipelineConfig.load("tiny-cpu", {"algorithm": "kto", "kto.answers": "generated"})
     assert stage_inputs("kto", generated) == ("sft", "rm")

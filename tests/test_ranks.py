@@ -8,8 +8,9 @@ DAG's task starts them), at ZeRO 0-3 and with offload, and what must hold there:
   (with offload) and 3 train the same weights as ZeRO-0, to float tolerance;
 - ``final/`` of a ZeRO-3 run is a plain ``save_pretrained`` directory, gathered from the
   ranks' shards; its checkpoints hold every rank's part;
-- ppo, grpo, rloo, dpo on both kinds of pairs and evaluate run at ZeRO-3 on 2 ranks
-  (generation synchronised across ranks: HF generate's ``synced_gpus``);
+- ppo, grpo, rloo, dpo on both kinds of pairs, kto and evaluate run at ZeRO-3 on 2 ranks
+  (generation synchronised across ranks: HF generate's ``synced_gpus``); KTO's 2 ranks at
+  ZeRO-3 train what 1 rank with 2 accumulation steps does;
 - what MLflow gets is over all ranks, logged once, by rank 0, in one run per stage.
 
 The runs are shared (tests/ranks.py) and short; the fault cases (a rank killed, a rank
@@ -143,6 +144,39 @@ def test_alignment_stages_run_on_two_ranks_at_zero3(rank_runs, stage, extra):
     AutoModelForCausalLM.from_pretrained(done.run.final(stage))
 
 
+# A smaller third phase for KTO (694 training answers, not 8586): its reference pass scores them all.
+KTO_RUN = ("data.data_split=2,4,0.2",)
+
+
+def test_kto_at_zero3_on_two_ranks_equals_one_rank_with_two_accumulation_steps(rank_runs):
+    """KTO's reference pass (on the engine, gathered), its held-out evaluation and its
+    reference point z0 (every step, on every rank) in lockstep at ZeRO-3; from one SFT
+    model, 2 ranks at ZeRO-3 train the weights of 1 rank with 2 accumulation steps at ZeRO-0
+    (the same global batches, z0 over the same mismatched pairs)."""
+    one, z3 = (rank_runs.stage(s, "kto", *KTO_RUN, needs=("sft",), needs_from="one") for s in ("one", "zero3"))
+    a, b = one.result["metrics"], z3.result["metrics"]
+    diff = max_weight_diff(one.run, z3.run, "kto")
+    sft, kto = weights(one.run, "sft"), weights(one.run, "kto")
+    moved = max((kto[k] - sft[k]).abs().max().item() for k in sft)
+    print(f"PARITY kto 1 rank x 2 accumulation (ZeRO-0) vs 2 ranks ZeRO-3: reward_accuracy {a['reward_accuracy']:.6f} "
+          f"vs {b['reward_accuracy']:.6f}, eval_loss {a['eval_loss']:.6f} vs {b['eval_loss']:.6f}, max |weight diff| "
+          f"{diff:.2e} (moved from SFT: {moved:.2e})")
+    assert a["global_step"] == b["global_step"] == 4 and a["train_answers"] == b["train_answers"] > 0
+    assert moved > 20 * WEIGHT_ATOL and diff <= WEIGHT_ATOL
+    for key in ("reward_accuracy", "eval_margin", "eval_kl", "eval_loss"):
+        assert math.isclose(a[key], b[key], rel_tol=METRIC_RTOL, abs_tol=1e-6), (key, a[key], b[key])
+    # What MLflow got per step is over every rank: z0's estimate (unclamped: it is 0 at step 1, then
+    # negative here, so the loss saw max(0, z0) = 0) and the training rewards match one process's.
+    for metric in ("kl", "desirable_reward", "undesirable_reward"):
+        x, y = (logged_curve(rank_runs, launched, metric, 4) for launched in (one, z3))
+        print(f"PARITY kto logged {metric}: {x} vs {y}")
+        assert all(math.isclose(p, q, rel_tol=METRIC_RTOL, abs_tol=1e-6) for p, q in zip(x, y, strict=True))
+    assert "world_size=2 rank=1" in z3.log and b["reward_accuracy"] > b["reward_accuracy_before"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(z3.run.final("kto"))
+
+
 def test_evaluate_shards_the_prompts_over_two_ranks(rank_runs):
     rank_runs.stage("zero3", "ppo", needs=("sft", "rm"))
     done = rank_runs.stage("zero3", "evaluate")
@@ -154,23 +188,25 @@ def test_evaluate_shards_the_prompts_over_two_ranks(rank_runs):
         assert f"evaluate: rank {rank} of 2 answered 12 of the 24 prompts" in done.log, done.log[-3000:]
 
 
+def logged_curve(rank_runs, launched, metric: str, steps: int) -> list[float]:
+    """``<stage>/<metric>`` as the stage's one MLflow run holds it: one point per step."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(rank_runs.mlflow_url)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.`rlhf.stage` = '{launched.stage}' and tags.`rlhf.run_dir` = '{launched.run.path}'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    assert runs[0].info.run_id == launched.result["mlflow_run_id"]
+    history = client.get_metric_history(runs[0].info.run_id, f"{launched.stage}/{metric}")
+    assert sorted(h.step for h in history) == list(range(1, steps + 1))
+    return [h.value for h in sorted(history, key=lambda h: h.step)]
+
+
 def test_metrics_are_over_all_ranks_logged_once_by_rank_zero(rank_runs):
     """One MLflow run per stage whatever the ranks; its loss curve has one point per step
     and is the whole step's loss: the one-process run's (the same global batches)."""
-    from mlflow.tracking import MlflowClient
-
     one, two = rank_runs.stage("one", "sft"), rank_runs.stage("zero0", "sft")
-    client = MlflowClient(rank_runs.mlflow_url)
-    curves = {}
-    for launched in (one, two):
-        runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  f"tags.`rlhf.stage` = 'sft' and tags.`rlhf.run_dir` = '{launched.run.path}'")
-        assert len(runs) == 1, [r.info.run_id for r in runs]
-        assert runs[0].info.run_id == launched.result["mlflow_run_id"]
-        history = client.get_metric_history(runs[0].info.run_id, "sft/loss")
-        assert sorted(h.step for h in history) == list(range(1, STEPS + 1))
-        curves[launched.run.path] = [h.value for h in sorted(history, key=lambda h: h.step)]
-    a, b = curves.values()
+    a, b = (logged_curve(rank_runs, launched, "loss", STEPS) for launched in (one, two))
     print(f"PARITY sft logged loss, 1 rank x 2 accumulation vs 2 ranks: {a} vs {b}")
     assert all(math.isclose(x, y, rel_tol=METRIC_RTOL) for x, y in zip(a, b, strict=True))
     assert os.environ.get("MLFLOW_TRACKING_URI") is None  # the runs got the server through their own env

@@ -64,19 +64,20 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_log_probs(model, ds, collate, batch_size: int, device, average: bool, rank: int = 0,
-                        world: int = 1) -> torch.Tensor:
-    """(N, 2) float64 log-probs of every row's (chosen, rejected) answer under ``model``:
-    each rank scores every world-th batch (length order, least padding; as many forward
-    passes on every rank, loop.shard_batches), then one sum across ranks gives every rank
-    the whole table."""
+                        world: int = 1, per_row: int = 2) -> torch.Tensor:
+    """(N, per_row) float64 log-probs of every row's answers under ``model``: a DPO pair's
+    (chosen, rejected), a KTO row's one answer (``per_row=1``, its reference pass and its
+    held-out evaluation). Each rank scores every world-th batch (length order, least
+    padding; as many forward passes on every rank, loop.shard_batches), then one sum across
+    ranks gives every rank the whole table."""
     lengths = ds["length"] if len(ds) else []  # one column read: ds[i] would decode every row's lists
     shard = loop.shard_batches(lengths, batch_size, rank, world)
-    table = torch.zeros(len(ds), 2, dtype=torch.float64, device=device)
+    table = torch.zeros(len(ds), per_row, dtype=torch.float64, device=device)
     loader = DataLoader(ds, batch_sampler=[b for b, _ in shard], collate_fn=collate)
     with eval_mode(model):
         for (idx, real), batch in zip(shard, loader, strict=True):
             batch = {k: v.to(device) for k, v in batch.items()}
-            scored = pair_log_probs(model, batch, average).double().view(2, -1).T  # (B, 2)
+            scored = pair_log_probs(model, batch, average).double().view(per_row, -1).T  # (B, per_row)
             beat()
             if real:
                 table[idx] = scored
@@ -159,13 +160,14 @@ def load_policy(ctx: StageContext) -> torch.nn.Module:
 
 
 def pair_policy(ctx: StageContext, model: torch.nn.Module):
-    """The policy that answers for ``dpo.pairs=generated``: the loaded one, or under ZeRO-3
-    (whose shards run only inside an engine, which cannot exist before the pairs, since its
-    LR schedule counts them) the SFT model as a frozen ZeRO-3 inference engine, dropped
-    before training. Answer with ``.module`` of what it returns."""
+    """The policy that answers for ``dpo.pairs=generated`` (``kto.answers=generated``: the
+    running stage's section): the loaded one, or under ZeRO-3 (whose shards run only inside
+    an engine, which cannot exist before the pairs, since its LR schedule counts them) the
+    SFT model as a frozen ZeRO-3 inference engine, dropped before training. Answer with
+    ``.module`` of what it returns."""
     if not is_partitioned(model):
         return SimpleNamespace(module=model)
-    d = ctx.cfg.dpo
+    d = getattr(ctx.cfg, ctx.name)
     with partitioned_loading(inference_config(d.dtype, d.offload, ctx.world_size)):
         sft = load_causal_lm(str(ctx.run.final("sft")), dtype=torch_dtype(d.dtype),
                              trust_remote_code=ctx.cfg.model.trust_remote_code,

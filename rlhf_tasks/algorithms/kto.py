@@ -8,10 +8,12 @@ DPO's shape (rlhf_tasks/algorithms/dpo.py), without rollouts or critic:
 1. load the SFT actor (LoRA adapters on it when ``kto.lora_dim``); with ``kto.answers:
    generated`` the training answers are instead its own, to the third phase's prompts, the
    reward model's best of ``kto.candidates`` desirable and its worst undesirable, made once
-   before training as DPO's generated pairs are (the people's labelled answers stay);
-2. the reference pass: before any update, the model's log-probs of every answer, and of
-   every mismatched pair (a row's prompt with another row's answer), train and held-out,
-   computed once and stored as dataset columns: only the policy is on the device;
+   before training as DPO's generated pairs are (the people's labelled answers stay; under
+   ZeRO-3 they are made by a frozen inference engine of the SFT model, dpo.pair_policy);
+2. the reference pass: once the engine exists and before any update (or resumed
+   checkpoint), the engine's model's log-probs of every answer, and of every mismatched pair
+   (a row's prompt with another row's answer), train and held-out, computed once and stored
+   as dataset columns (DPO's pass, one answer per row): only the policy is on the device;
 3. train with the shared supervised loop (rlhf_tasks/runtime/loop.py) on the loss of
    rlhf_tasks/algorithms/maths/preference.py. Its reference point z0 is the policy's mean
    log-ratio to the reference on mismatched pairs, clamped at 0 and detached, estimated once
@@ -19,6 +21,13 @@ DPO's shape (rlhf_tasks/algorithms/dpo.py), without rollouts or critic:
    (:class:`ReferencePoint`): the mismatched pairs are drawn per step from the training rows'
    (a seeded walk), not from the micro-batch, so that z0 is the same for every micro-batch of
    a step, whatever the gradient accumulation and the number of ranks.
+
+Several ranks, any ZeRO stage: every forward pass outside training is one every rank runs
+as often (under ZeRO-3 each is a collective). The reference pass and the held-out
+evaluation give every rank as many batches (loop.shard_batches: a rank one short scores a
+padding batch and drops it); z0 costs every rank the same ``gradient_accumulation_steps``
+forward passes of ``per_device_train_batch_size`` pairs per optimizer step (the walk hands
+each rank as many pairs, cycling when it runs out).
 
 Metrics: ``kto/loss``, ``kto/desirable_reward``, ``kto/undesirable_reward``, ``kto/kl`` (z0's
 estimate) on the training batches; on the held-out answers before, during and after training
@@ -36,7 +45,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..config.algorithms import KTOConfig
 from ..data import KTOCollator
@@ -45,10 +53,10 @@ from ..data.phases import kto_rows
 from ..data.unpaired import from_token_pairs, mismatched
 from ..runtime import loop
 from ..runtime.models import load_tokenizer, unwrap_for_saving
-from ..runtime.params import eval_mode
 from ..runtime.ranks import sum_across_ranks
 from ..runtime.stage import StageContext, stage, stage_seed
-from .dpo import load_policy, pair_log_probs
+from ..runtime.watchdog import beat, phase
+from .dpo import load_policy, pair_log_probs, pair_policy, reference_log_probs
 from .dpo_pairs import generated_pairs
 from .maths.preference import kto_loss, mean_log_ratio, reward_auc
 from .rl.models import memory_report, require_outputs
@@ -56,20 +64,11 @@ from .rl.models import memory_report, require_outputs
 log = logging.getLogger("rlhf_tasks")
 
 
-@torch.no_grad()
 def answer_table(model, ds, collate, batch_size: int, device, rank: int = 0, world: int = 1) -> torch.Tensor:
-    """(N,) float64 log-prob of every row's answer under ``model``, summed over its tokens:
-    each rank scores every world-th batch (length order, least padding), then one sum across
-    ranks gives every rank the whole table."""
-    lengths = ds["length"] if len(ds) else []
-    order = sorted(range(len(ds)), key=lengths.__getitem__)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
-    table = torch.zeros(len(ds), dtype=torch.float64, device=device)
-    with eval_mode(model):
-        for idx, batch in zip(batches, DataLoader(ds, batch_sampler=batches, collate_fn=collate), strict=True):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            table[idx] = pair_log_probs(model, batch, average=False).double()
-    return sum_across_ranks(table).cpu()
+    """(N,) float64 log-prob of every row's answer under ``model``, summed over its tokens,
+    every rank holding the whole table: DPO's table with one answer per row (as many
+    forward passes on every rank)."""
+    return reference_log_probs(model, ds, collate, batch_size, device, False, rank, world, per_row=1)[:, 0]
 
 
 def mismatched_rows(ds, seed: int, max_seq_len: int, eos_id: int) -> datasets.Dataset:
@@ -78,17 +77,13 @@ def mismatched_rows(ds, seed: int, max_seq_len: int, eos_id: int) -> datasets.Da
     return datasets.Dataset.from_dict({"input_ids": ids, "prompt_len": prompt_lens, "length": [len(x) for x in ids]})
 
 
-def with_reference(model, ds, collate, ctx: StageContext, batch_size: int) -> datasets.Dataset:
-    """``ds`` with its reference pass's column ``ref_logps``, which :class:`KTOCollator` batches."""
-    table = answer_table(model, ds, collate, batch_size, ctx.device, ctx.rank, ctx.world_size)
-    return ds.add_column("ref_logps", table.tolist())
-
-
 class ReferencePoint:
     """KTO's KL estimate for each optimizer step: the policy's mean log-ratio to the reference
     on ``per_step`` mismatched pairs per rank, drawn from a seeded walk over ``kl_ds`` (step s,
     rank r: the walk's rows from (s x world + r) x per_step on, cycling), computed without
-    gradients at the step's first micro-batch and averaged over every rank (one collective)."""
+    gradients at the step's first micro-batch and averaged over every rank (one collective).
+    Every rank scores ``per_step`` pairs in batches of ``micro``: as many forward passes,
+    whatever the rank and the step."""
 
     def __init__(self, ctx: StageContext, kl_ds, collate, per_step: int, micro: int):
         self.ctx, self.ds, self.collate, self.per_step, self.micro = ctx, kl_ds, collate, per_step, micro
@@ -106,12 +101,14 @@ class ReferencePoint:
         n, start = len(self.walk), (step * self.ctx.world_size + self.ctx.rank) * self.per_step
         rows = [self.walk[(start + k) % n] for k in range(self.per_step)]
         policy, ref = [], []
-        for i in range(0, len(rows), self.micro):
-            batch = self.collate([self.ds[j] for j in rows[i:i + self.micro]])
-            batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
-            policy.append(pair_log_probs(model, batch, average=False))
-            ref.append(batch["ref_log_probs"])
-        return mean_log_ratio(torch.cat(policy), torch.cat(ref), sum_across_ranks).to(self.ctx.device)
+        with phase("reference point z0"):
+            for i in range(0, len(rows), self.micro):
+                batch = self.collate([self.ds[j] for j in rows[i:i + self.micro]])
+                batch = {k: v.to(self.ctx.device) for k, v in batch.items()}
+                policy.append(pair_log_probs(model, batch, average=False))
+                ref.append(batch["ref_log_probs"])
+                beat()
+            return mean_log_ratio(torch.cat(policy), torch.cat(ref), sum_across_ranks).to(self.ctx.device)
 
 
 @torch.no_grad()
@@ -150,7 +147,8 @@ class TrainRewards:
             self.flush(engine.global_steps + 1)
 
     def flush(self, step: int) -> None:
-        good, n_good, bad, n_bad, kl, micro = self.sums.tolist()
+        # every rank's answers (every rank flushes at this step); z0 is already every rank's
+        good, n_good, bad, n_bad, kl, micro = sum_across_ranks(self.sums).tolist()
         if micro == 0:
             return
         m = {"desirable_reward": good / max(n_good, 1), "undesirable_reward": bad / max(n_bad, 1), "kl": kl / micro}
@@ -170,17 +168,23 @@ def kl_pool(rows: int, k: KTOConfig, world: int) -> int:
     return min(rows, steps * k.per_device_train_batch_size * k.gradient_accumulation_steps * world)
 
 
-def with_references(ctx: StageContext, model, tok, collate, train_ds, eval_ds) -> list[datasets.Dataset]:
-    """The training and held-out answers and mismatched pairs (training: a seeded sample of
-    :func:`kl_pool` rows; held-out: one per row), each with its reference log-probs (the
-    model as loaded: the SFT policy)."""
+def mismatched_sets(ctx: StageContext, tok, train_ds, eval_ds) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The mismatched pairs of the training answers (a seeded sample of :func:`kl_pool`
+    rows) and of the held-out ones (one per row): the same on every rank (seeded)."""
     cfg, seed = ctx.cfg, stage_seed(ctx.name, ctx.cfg)
     pool = np.random.default_rng(seed).permutation(len(train_ds))[:kl_pool(len(train_ds), cfg.kto, ctx.world_size)]
-    out = []
-    for ds, kl_source in ((train_ds, train_ds.select(np.sort(pool))), (eval_ds, eval_ds)):
-        kl_ds = mismatched_rows(kl_source, seed, cfg.data.max_seq_len, tok.eos_token_id)
-        out += [with_reference(model, d, collate, ctx, cfg.kto.per_device_eval_batch_size) for d in (ds, kl_ds)]
-    return out
+    train_kl, eval_kl = (mismatched_rows(source, seed, cfg.data.max_seq_len, tok.eos_token_id)
+                         for source in (train_ds.select(np.sort(pool)), eval_ds))
+    return train_kl, eval_kl
+
+
+def with_references(ctx: StageContext, model, collate, sets) -> list[datasets.Dataset]:
+    """Each of ``sets`` (answers or mismatched pairs) with its reference log-probs under
+    ``model`` (the engine's, before any step: the SFT policy) as the column ``ref_logps``,
+    which :class:`KTOCollator` batches."""
+    size = ctx.cfg.kto.per_device_eval_batch_size
+    return [ds.add_column("ref_logps", answer_table(model, ds, collate, size, ctx.device, ctx.rank,
+                                                    ctx.world_size).tolist()) for ds in sets]
 
 
 def people_and_generated(ctx: StageContext, model, tok, train_ds) -> tuple[datasets.Dataset, dict[str, float]]:
@@ -203,19 +207,34 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     model = load_policy(ctx)
     generated: dict[str, float] = {}
     if k.answers == "generated":  # held-out answers stay the labelled ones: reward_accuracy is the people's
-        train_ds, generated = people_and_generated(ctx, model, tok, train_ds)
+        with phase("answer generation"):
+            policy = pair_policy(ctx, model)  # under ZeRO-3 a frozen inference engine of the SFT model
+            train_ds, generated = people_and_generated(ctx, policy.module, tok, train_ds)
+            del policy
         ctx.log_metrics(generated, 0)
     collate = KTOCollator(tok.pad_token_id)
-    t0 = time.perf_counter()
-    train_ds, train_kl, eval_ds, eval_kl = with_references(ctx, model, tok, collate, train_ds, eval_ds)
-    reference_s = time.perf_counter() - t0
+    train_kl, eval_kl = mismatched_sets(ctx, tok, train_ds, eval_ds)
     desirable = sum(train_ds["desirable"])
-    log.info("kto: %d answers (%d desirable, %d undesirable) + %d held-out, their mismatched pairs' and their "
-             "reference log-probs in %.1f s", len(train_ds), desirable, len(train_ds) - desirable, len(eval_ds),
-             reference_s)
     flops = loop.flops_per_token(model, int(sum(train_ds["length"]) / len(train_ds)))
-    point = ReferencePoint(ctx, train_kl, collate, k.per_device_train_batch_size * k.gradient_accumulation_steps,
-                           k.per_device_train_batch_size)
+    point: ReferencePoint | None = None
+    reference_s = 0.0
+
+    def reference_pass(engine):
+        """The reference log-probs, on the engine's model before any step (before a resumed
+        checkpoint loads): the weights training starts from, gathered under ZeRO-3."""
+        nonlocal eval_ds, eval_kl, point, reference_s
+        t0 = time.perf_counter()
+        with phase("reference pass"):
+            train, scored_kl, eval_ds, eval_kl = with_references(ctx, engine.module, collate,
+                                                                 (train_ds, train_kl, eval_ds, eval_kl))
+        reference_s = time.perf_counter() - t0
+        point = ReferencePoint(ctx, scored_kl, collate, k.per_device_train_batch_size * k.gradient_accumulation_steps,
+                               k.per_device_train_batch_size)
+        log.info("kto: %d answers (%d desirable, %d undesirable) + %d held-out, their mismatched pairs' and their "
+                 "reference log-probs in %.1f s", len(train), desirable, len(train) - desirable, len(eval_ds),
+                 reference_s)
+        return train
+
     rewards = TrainRewards(ctx, k.log_every_steps)
 
     def loss_fn(engine, batch):
@@ -229,7 +248,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     def eval_fn(engine):
         return evaluate(engine.module, eval_ds, eval_kl, collate, k, ctx)
 
-    out = loop.train(ctx, k, model, train_ds, collate, loss_fn, eval_fn, flops)
+    out = loop.train(ctx, k, model, train_ds, collate, loss_fn, eval_fn, flops, with_engine=reference_pass)
     rewards.flush(out.global_step)
     memory = memory_report(policy=out.engine.module)  # the reference is a table of numbers, not a model
     ctx.log_metrics(memory, 0)

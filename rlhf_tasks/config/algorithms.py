@@ -281,13 +281,6 @@ class KTOConfig(SupervisedConfig):
     def trains_with_reward_model(self) -> bool:
         return self.answers == "generated"
 
-    @model_validator(mode="after")
-    def _check_kto(self) -> KTOConfig:
-        if self.zero_stage == 3:
-            raise _rule("zero_stage", 3, "0, 1 or 2 for kto (its reference log-probs are computed before "
-                                         "the engine exists, which a ZeRO-3 model needs to run)")
-        return self
-
 
 # -- the table --------------------------------------------------------------------------------------
 
