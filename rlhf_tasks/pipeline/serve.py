@@ -1,6 +1,6 @@
 """Serve the champion with MLflow's own scoring server, on the state of ``make run``.
 
-    .venv/bin/python -m rlhf_tasks.pipeline.serve [--port 5002] [--ref champion] [--name rlhf-actor]
+    .venv/bin/python -m rlhf_tasks.pipeline.serve [--port 5002] [--ref champion] [--name NAME]
     make serve [SERVE_PORT=5002]
 
 Runs ``mlflow models serve -m models:/<name>@<ref> --env-manager local -h 127.0.0.1 -p PORT``
@@ -23,10 +23,9 @@ import signal
 import sys
 from pathlib import Path
 
-from .local import LOOPBACK, bin_path, home, mlflow_server, spawn, stop_groups, wait_http
+from .local import LOOPBACK, bin_path, home, latest_run_dir, mlflow_server, spawn, stop_groups, wait_http
 
 DEFAULT_SERVE_PORT = 5002
-DEFAULT_NAME = "rlhf-actor"
 
 
 class NotServable(RuntimeError):
@@ -52,6 +51,17 @@ def servable_uri(tracking_uri: str, name: str, ref: str) -> str:
     return f"models:/{name}/{number}" if number.isdigit() else f"models:/{name}@{ref}"
 
 
+def default_name(h: Path) -> str:
+    """The registered model of the newest run of ``make run``'s storage (its config's
+    ``tracking.registered_model``), else the tiny-cpu preset's."""
+    from ..config import PipelineConfig
+
+    run = latest_run_dir(Path(os.environ.get("RLHF_STORAGE") or h / "storage"))
+    if run is not None and (run / "config.yaml").is_file():
+        return PipelineConfig.load(run / "config.yaml").tracking.registered_model
+    return PipelineConfig.load("tiny-cpu").tracking.registered_model
+
+
 def serve_argv(model_uri: str, port: int, workers: int = 1) -> list[str]:
     return [bin_path("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", LOOPBACK,
             "-p", str(port), "-w", str(workers)]
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m rlhf_tasks.pipeline.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--port", type=int, default=DEFAULT_SERVE_PORT)
-    ap.add_argument("--name", default=DEFAULT_NAME, help="registered model (config tracking.registered_model)")
+    ap.add_argument("--name", help="registered model (default: tracking.registered_model of the newest run)")
     ap.add_argument("--ref", default="champion", help="alias, version (3, v3), newest or run:<id>")
     args = ap.parse_args(argv)
     h = home()
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"serve: no MLflow store in {h / 'mlflow'}: run `make run` first", file=sys.stderr)
                     return 2
                 uri = stack.enter_context(mlflow_server(h))
-            model_uri = servable_uri(uri, args.name, args.ref)
+            model_uri = servable_uri(uri, args.name or default_name(h), args.ref)
             log = h / "serve" / "server.log"
             proc = spawn(serve_argv(model_uri, args.port), log, serve_env(uri))
             url = f"http://{LOOPBACK}:{args.port}"
