@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .config import ALGORITHMS, ConfigError, PipelineConfig, list_presets
 from .pipeline.launch import RESULT_PREFIX
+from .runtime.budget import EXIT_OVER_BUDGET, BudgetExceeded
 from .runtime.run_config import resolve_run_config
 from .storage import (
     RunDir,
@@ -42,6 +43,7 @@ from .storage import (
 
 EXIT_BAD_INPUT, EXIT_BUSY, EXIT_STORAGE_FULL = 2, 3, 4
 EXIT_DOES_NOT_FIT = 6  # `plan`: a stage does not fit the GPU capacity given (or found)
+
 # Stage -> "module:entry point", called run(cfg, run_dir) (step 3's, from the algorithm table,
 # run(cfg, run_dir, name=<algorithm>)).
 STAGE_MODULES = {"prepare": "rlhf_tasks.pipeline.prepare:run", "sft": "rlhf_tasks.algorithms.sft:run",
@@ -150,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             fn = getattr(importlib.import_module(module), entry)
             # Step 3's entry points may serve several algorithms (the RL loop): they are told which.
             result = fn(cfg, run, name=args.command) if args.command in ALGORITHMS else fn(cfg, run)
+    except BudgetExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        from .pipeline.report import write_report
+
+        write_report(cfg, run)  # the report says why the run stopped
+        return EXIT_OVER_BUDGET
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY
