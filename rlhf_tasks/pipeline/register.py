@@ -47,6 +47,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     uri = tracking_uri(cfg)
     if uri and "evaluate" in results:
         from ..tracking import Tracker, register_model
+        from ..tracking.calls import retry_for
 
         parent = ensure_parent_run(cfg, run_dir)
         t = Tracker.start(uri, cfg.tracking.experiment, run_name="", resume_run_id=parent)
@@ -57,7 +58,10 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t.log_metrics(summary, step=0)
         ev = results["evaluate"]
         algo = cfg.algorithm
-        ids = models.log_sft_and_rm(uri, cfg, run_dir, results, parent)
+        # The SFT and RM models and the evaluation's links are the record, not the job: an
+        # MLflow outage longer than the retries leaves them out (warning), the registering goes on.
+        ids = retry_for(lambda: models.log_sft_and_rm(uri, cfg, run_dir, results, parent),
+                        "logging the SFT and reward models", 120.0)[1] or {}
         # With human approval the alias stays where it is: the approval DAG moves it, or not.
         reg = register_model(uri, run_dir.final(algo), cfg.tracking.registered_model, CHAMPION_METRIC,
                              float(ev.metrics["aligned_reward"]),
@@ -66,7 +70,8 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
                              **models.aligned_model_spec(cfg, run_dir, ids))
         ids[algo] = reg["model_id"]
         reg["models"] = ids
-        reg["eval_dataset"] = models.log_evaluation(uri, cfg, run_dir, results, parent, ids)
+        reg["eval_dataset"] = retry_for(lambda: models.log_evaluation(uri, cfg, run_dir, results, parent, ids),
+                                        "logging the evaluation", 120.0)[1]
         reg["approval"] = "pending" if pending else "auto"
         t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.approval": reg["approval"],
                     "rlhf.promoted": str(reg.get("promoted") and not pending)})

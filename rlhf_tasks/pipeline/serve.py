@@ -45,8 +45,9 @@ def servable_uri(tracking_uri: str, name: str, ref: str) -> str:
         raise NotServable(
             f"{name} version {v['version']} ({ref}) was registered before the pipeline logged MLflow models: its "
             f"source {v['source']} is a plain save_pretrained directory without an MLmodel file, which MLflow "
-            "cannot load or serve. Chat with it with `.venv/bin/python -m rlhf_tasks chat` (it loads such "
-            "versions), or register a model trained since (the register stage logs a servable one).")
+            "cannot load or serve. The project's own tools still read it: the labelling DAG's `model` field "
+            "takes the version, and `.venv/bin/python -m rlhf_tasks chat --path <run directory>/<algorithm>/final` "
+            "its run's files; or serve a version registered since (the register stage logs a servable model).")
     number = ref[1:] if ref[:1] in "vV" and ref[1:].isdigit() else ref
     return f"models:/{name}/{number}" if number.isdigit() else f"models:/{name}@{ref}"
 
