@@ -80,7 +80,7 @@ def aligned_model_spec(cfg: PipelineConfig, run_dir: RunDir, ids: dict[str, str]
     params = {"algorithm": cfg.algorithm, "sft_dir": str(run_dir.final("sft")), "rm_dir": str(run_dir.final("rm")),
               **{f"generation.{k}": v for k, v in gen.items()}}
     return {"artifact_path": model_name("aligned", cfg.algorithm), "model_tags": tags, "model_params": params,
-            "model_config": gen}
+            "model_config": gen, "trust_remote_code": cfg.model.trust_remote_code}
 
 
 def log_evaluation(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any], parent: str | None,

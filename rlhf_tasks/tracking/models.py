@@ -65,7 +65,8 @@ def has_chat_template(model_dir: Path) -> bool:
 
 
 def log_chat_model(uri: str, experiment_id: str, model_dir: Path, name: str, source_run_id: str | None, *,
-                   tags: Mapping[str, str], params: Mapping[str, Any], model_config: Mapping[str, Any]) -> str:
+                   tags: Mapping[str, str], params: Mapping[str, Any], model_config: Mapping[str, Any],
+                   trust_remote_code: bool = False) -> str:
     """``model_dir`` (save_pretrained, with its tokenizer) as a transformers-flavor chat
     LoggedModel; its model_id. ``model_config``: the generation settings a request gets
     unless it sets its own."""
@@ -85,10 +86,11 @@ def log_chat_model(uri: str, experiment_id: str, model_dir: Path, name: str, sou
 
     # In memory, then saved by the flavor (save_pretrained): the weights' one copy in MLflow.
     # (MLflow 3.17's path-only logging cannot read transformers 5's pipeline table.)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     if not has_chat_template(Path(model_dir)):
         tok.chat_template = DSCHAT_TEMPLATE
-    components = {"model": AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto"), "tokenizer": tok}
+    lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", trust_remote_code=trust_remote_code)
+    components = {"model": lm, "tokenizer": tok}
     with _use_tracking_uri(uri):
         mlflow.transformers.log_model(components, name=name, task=CHAT_TASK, model_id=model.model_id,
                                       model_card=card, model_config=dict(model_config),

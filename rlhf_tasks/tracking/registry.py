@@ -22,7 +22,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
                    alias: str = CHAMPION_ALIAS, budget_s: float = 120.0, move_alias: bool = True,
                    tags: dict[str, str] | None = None, model_tags: dict[str, str] | None = None,
                    model_params: dict[str, Any] | None = None,
-                   model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+                   model_config: dict[str, Any] | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Register ``model_dir`` (a causal LM's save_pretrained directory, with its tokenizer)
     as a new version of ``name``, and move ``alias`` to it only if it beats the current holder.
 
@@ -56,7 +56,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
     experiment_id = call(lambda: client.get_run(run_id), "reading the run").info.experiment_id
     model_id = call(lambda: log_chat_model(tracking_uri, experiment_id, model_dir, artifact_path, run_id,
                                            tags=model_tags or {}, params=model_params or {},
-                                           model_config=model_config or {}),
+                                           model_config=model_config or {}, trust_remote_code=trust_remote_code),
                     f"logging {model_dir} as a model of run {run_id}")
     source = f"models:/{model_id}"
     try:
