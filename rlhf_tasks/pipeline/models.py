@@ -48,9 +48,9 @@ def lineage(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, str]:
 
 def log_sft_and_rm(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any],
                    parent: str | None) -> dict[str, str]:
-    """The SFT actor and the reward model as LoggedModels (weights left in the run
-    directory), their stage's metrics linked; {role: model_id}."""
-    from ..tracking.models import ROLE_TAG, link_metrics, log_external_model
+    """The SFT actor (weights left in the run directory) and the reward model (a pyfunc
+    scoring model) as LoggedModels, their stage's metrics linked; {role: model_id}."""
+    from ..tracking.models import ROLE_TAG, link_metrics, log_external_model, log_scoring_model
     from ..tracking.registry import experiment_of
 
     ids: dict[str, str] = {}
@@ -59,9 +59,11 @@ def log_sft_and_rm(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
         final, run_id = run_dir.final(stage), _run_of(results, stage, parent)
         if stage not in results or not final.is_dir() or run_id is None:
             continue
-        ids[stage] = log_external_model(uri, experiment_of(uri, run_id), final, model_name(stage, cfg.algorithm),
-                                        run_id, tags={**base, ROLE_TAG: stage}, params={"stage": stage},
-                                        model_type=kind)
+        exp, name, tags = experiment_of(uri, run_id), model_name(stage, cfg.algorithm), {**base, ROLE_TAG: stage}
+        ids[stage] = (log_scoring_model(uri, exp, final, name, run_id, tags=tags, params={"stage": stage},
+                                        chat_template=cfg.model.chat_template) if stage == "rm" else
+                      log_external_model(uri, exp, final, name, run_id, tags=tags, params={"stage": stage},
+                                         model_type=kind))
         link_metrics(uri, run_id, ids[stage], _numbers(results[stage].metrics, stage))
     return ids
 

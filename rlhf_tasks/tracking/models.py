@@ -4,9 +4,10 @@
   (``llm/v1/chat``): MLflow's own tools load it (``mlflow.transformers.load_model``,
   ``mlflow.pyfunc.load_model``) and serve it (``mlflow models serve``). Its weights are
   stored once, in the LoggedModel's artifacts (the run's artifacts hold no other copy).
-- The SFT actor and the reward model: LoggedModels whose weights stay in the run directory
-  (MLflow's "external" models: a model page, params, tags and linked metrics, no copy of
-  the weights).
+- The reward model: a pyfunc scoring model (:mod:`.scorer`: prompt and answer -> score), its
+  directory stored once in the LoggedModel's artifacts.
+- The SFT actor: a LoggedModel whose weights stay in the run directory (MLflow's "external"
+  models: a model page, params, tags and linked metrics, no copy of the weights).
 
 Each is found again by (name, source run): a retried register task reuses the models it
 logged. Metrics are linked to a model by ``model_id`` and, for evaluations, to the
@@ -115,6 +116,26 @@ def _installed(package: str) -> bool:
         return bool(version(package))
     except PackageNotFoundError:
         return False
+
+
+def log_scoring_model(uri: str, experiment_id: str, model_dir: Path, name: str, source_run_id: str | None, *,
+                      tags: Mapping[str, str], params: Mapping[str, Any], chat_template: str = "auto") -> str:
+    """The reward model ``model_dir`` as a pyfunc scoring model (:mod:`.scorer`: rows of
+    prompt and answer -> scores), its directory stored once in the LoggedModel's artifacts;
+    its model_id."""
+    client = _client(uri)
+    if found := find_model(client, experiment_id, name, source_run_id):
+        return found.model_id
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from .scorer import log_scorer
+
+    model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, tags=dict(tags),
+                                       params={k: str(v) for k, v in params.items()}, model_type="reward-model")
+    with _use_tracking_uri(uri):
+        log_scorer(model.model_id, str(model_dir), chat_template, _requirements())
+    log.info("mlflow: %s logged as model %s (pyfunc scoring model)", name, model.model_id)
+    return model.model_id
 
 
 def log_external_model(uri: str, experiment_id: str, model_dir: Path, name: str, source_run_id: str | None, *,

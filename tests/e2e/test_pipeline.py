@@ -104,7 +104,8 @@ def test_models_are_logged_models_mlflow_loads(pipeline_run, client, monkeypatch
     """The SFT actor, the reward model and the aligned actor are LoggedModels of their stage's
     run, with their metrics linked; the evaluation compares SFT and PPO under the same names on
     the held-out prompts' dataset; the champion is the PPO LoggedModel, weights stored once in
-    the artifacts, and mlflow.transformers.load_model("models:/<name>@champion") generates."""
+    the artifacts, and mlflow.transformers.load_model("models:/<name>@champion") generates; the
+    reward model loads as a pyfunc that scores answers."""
     import mlflow
 
     from rlhf_tasks.config import PipelineConfig
@@ -123,7 +124,15 @@ def test_models_are_logged_models_mlflow_loads(pipeline_run, client, monkeypatch
     name = PipelineConfig.load("tiny-cpu").tracking.registered_model
     assert client.get_model_version_by_alias(name, "champion").source == f"models:/{ppo.model_id}"
     weights = list((pipeline_run.log.parent / "mlflow" / "artifacts").rglob("*.safetensors"))
-    assert len(weights) == 1 and ppo.model_id in str(weights[0]), weights
+    # one copy each, in the LoggedModels' artifacts: the chat model's, the scoring reward model's
+    owners = [[m for m in (sft, rm, ppo) if m.model_id in str(w)] for w in weights if w.name == "model.safetensors"]
+    assert sorted(o[0].name for o in owners) == ["ppo-actor", "reward-model"], weights
     monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run.mlflow_url)
     pipe = mlflow.transformers.load_model(f"models:/{name}@champion")
     assert isinstance(pipe("\n\nHuman: Hello\n\nAssistant:", max_new_tokens=4)[0]["generated_text"], str)
+    import pandas as pd
+
+    scorer = mlflow.pyfunc.load_model(f"models:/{rm.model_id}")  # the reward model scores answers
+    scores = scorer.predict(pd.DataFrame({"prompt": ["\n\nHuman: What colour is a lemon?\n\nAssistant:"] * 2,
+                                          "answer": [" A lemon is yellow.", " purple purple purple"]}))
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
