@@ -37,10 +37,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
     (a person approves the champion) the alias stays; ``promoted`` then says whether the
     metric alone would have moved it.
 
-    Unlike the Tracker, this raises on failure: registering is the task's whole job,
-    and the orchestrator should retry it.
-
-    Returns {version, champion_version, promoted, previous_champion_metric, source, model_id}.
+    Unlike the Tracker, this raises on failure (registering is the task's whole job). Returns {version, champion_version, promoted, previous_champion_metric, source, model_id}.
     """
     configure_http()
     from mlflow import MlflowClient
@@ -59,16 +56,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
                                            model_config=model_config or {}, trust_remote_code=trust_remote_code),
                     f"logging {model_dir} as a model of run {run_id}")
     source = f"models:/{model_id}"
-    try:
-        call(lambda: client.get_registered_model(name), f"reading registered model {name}")
-    except Exception as exc:
-        if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        try:
-            client.create_registered_model(name, description="RLHF actor (PPO, GRPO, RLOO or DPO); alias 'champion' = best so far")
-        except Exception as exc2:  # a concurrent register created it
-            if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
-                raise
+    _ensure_registered(client, name, call)
     existing = call(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"),
                     "searching model versions")
     mine = [mv for mv in existing if mv.source == source]
@@ -107,6 +95,20 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
              else f"kept, {metric_name}={previous}")
     return {"version": str(mv.version), "champion_version": str(champion), "promoted": promoted,
             "previous_champion_metric": previous, "source": source, "model_id": model_id}
+
+
+def _ensure_registered(client, name: str, call: Callable[[Callable[[], Any], str], Any]) -> None:
+    """The registered model ``name``, created if missing (a concurrent register may win)."""
+    try:
+        call(lambda: client.get_registered_model(name), f"reading registered model {name}")
+    except Exception as exc:
+        if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="RLHF actor (PPO, GRPO, RLOO or DPO); alias 'champion' = best so far")
+        except Exception as exc2:  # a concurrent register created it
+            if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
+                raise
 
 
 def _better(new: float, old: float, higher_is_better: bool) -> bool:
