@@ -156,6 +156,12 @@ def load_reward_model(ctx: StageContext, cfg: PipelineConfig, dtype: str, zero3:
     return inference_engine(reward, dtype, False, ctx.world_size) if zero3 else reward.to(ctx.device).eval()
 
 
+def reads_reward_model(ctx: StageContext) -> bool:
+    """Whether this stage loads the trained reward model: the run's reward includes it and the
+    stage's own section scores with it (the stage may be run by name, not as the run's algorithm)."""
+    return ctx.cfg.needs_reward_model() and getattr(ctx.cfg, ctx.name).trains_with_reward_model()
+
+
 def require_outputs(ctx: StageContext, *stages: str) -> None:
     for name in stages:
         path = ctx.run.final(name)
