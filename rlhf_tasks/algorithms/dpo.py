@@ -34,12 +34,12 @@ from ..data import DPOCollator
 from ..data.phases import dpo_pairs
 from ..runtime import loop
 from ..runtime.engine import inference_config, inference_engine, partitioned_loading, torch_dtype
-from ..runtime.lm_head import token_log_probs
 from ..runtime.models import load_causal_lm, load_tokenizer, load_trainable, unwrap_for_saving
 from ..runtime.params import eval_mode, is_partitioned
 from ..runtime.stage import StageContext, stage
 from ..runtime.watchdog import beat, phase
 from .dpo_pairs import generated_pairs
+from .lm_head import token_log_probs
 from .maths.preference import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
 from .rl.models import memory_report, reads_reward_model, require_outputs
 

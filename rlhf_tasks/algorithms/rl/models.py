@@ -26,16 +26,16 @@ from ...runtime.engine import (
     partitioned_loading,
     torch_dtype,
 )
-from ...runtime.lm_head import token_log_probs
 from ...runtime.models import RewardModel, load_causal_lm, load_trainable, positions_from_mask
 from ...runtime.params import numel
 from ...runtime.stage import StageContext
+from ..lm_head import token_log_probs
 
 
 def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                     action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) -> (B, T-1) fp32 log-prob of each next token under ``model``, through the LM
-    head in chunks (runtime/lm_head.py). ``action_mask`` (B, T-1): only the answer tokens
+    head in chunks (algorithms/lm_head.py). ``action_mask`` (B, T-1): only the answer tokens
     are computed, the rest read 0 (every user selects them away); the prompt's positions
     never reach the head."""
     return token_log_probs(model, sequences, attention_mask, sequences[:, 1:], where=action_mask,
