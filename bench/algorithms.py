@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_suite import replace_section  # noqa: E402
 
 from rlhf_tasks.config import ALGORITHMS  # noqa: E402
-from rlhf_tasks.pipeline.launch import RESULT_PREFIX  # noqa: E402
+from rlhf_tasks.storage import RESULT_PREFIX  # noqa: E402
 
 # label -> (algorithm, overrides): every algorithm of the table as its preset sets it up, then
 # GRPO-style group sampling with each loss of the 2025-26 set (the recipes their papers give).

@@ -51,7 +51,7 @@ for _p in (str(REPO), str(BENCH)):
 
 import throughput  # noqa: E402  (bench/throughput.py: model sizes, timing helpers)
 
-from rlhf_tasks.pipeline.launch import RESULT_PREFIX  # noqa: E402
+from rlhf_tasks.storage import RESULT_PREFIX  # noqa: E402
 from rlhf_tasks.tracking import git_commit  # noqa: E402
 
 MARKERS = {"gpu": ("<!-- gpu-suite:begin -->", "<!-- gpu-suite:end -->"),

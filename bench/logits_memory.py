@@ -9,7 +9,7 @@ accounting (every allocation, as bench/plan_accuracy.py), in one process, the ol
 ours in turn:
 
 - SFT: transformers' ``labels=`` loss (the whole logits, fp32 upcast, log-softmax) against
-  ``runtime.lm_head.lm_loss`` (the head in 64 MiB chunks, only the labelled positions);
+  ``algorithms.lm_head.lm_loss`` (the head in 64 MiB chunks, only the labelled positions);
 - RL update: log-probs of every position from the whole logits, then the policy loss,
   against ``actor_log_probs`` on the answer tokens (DPO's pair log-probs are the same path);
 - scoring: the same without backward (rollout scoring, the reference pass, evaluate).
@@ -58,10 +58,10 @@ def peak_bytes(step) -> int:
 
 def steps(model, B: int, T: int, vocab: int) -> dict[str, tuple]:
     """(old, ours) step functions per case."""
+    from rlhf_tasks.algorithms.lm_head import lm_loss
     from rlhf_tasks.algorithms.maths.policy import clipped_surrogate
     from rlhf_tasks.algorithms.maths.tokens import log_probs_from_logits
     from rlhf_tasks.algorithms.rl.models import actor_log_probs
-    from rlhf_tasks.runtime.lm_head import lm_loss
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)

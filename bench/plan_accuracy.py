@@ -68,7 +68,7 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     from torch.profiler._memory_profiler import Category, MemoryProfileTimeline
     from transformers import AutoModelForCausalLM
 
-    from rlhf_tasks.runtime.lm_head import lm_loss
+    from rlhf_tasks.algorithms.lm_head import lm_loss
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -79,7 +79,7 @@ def measure(config, batch: int, seq_len: int, checkpointing: bool) -> dict[str, 
     ids = torch.randint(0, config.vocab_size, (batch, seq_len))
 
     def step() -> None:
-        loss = lm_loss(model, ids, torch.ones_like(ids), ids)[0]  # the SFT stage's loss (runtime/lm_head.py)
+        loss = lm_loss(model, ids, torch.ones_like(ids), ids)[0]  # the SFT stage's loss (algorithms/lm_head.py)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def section(results: list[dict]) -> str:
     return (f"{MARKERS[0]}\nMeasured {time.strftime('%Y-%m-%d')} on a {MACHINE} (torch {torch.__version__}, {platform.python_implementation()} "
             f"{platform.python_version()}), by `python bench/plan_accuracy.py --update-benchmarks`: 4-layer, 128-wide "
             f"random-init models, vocabulary {VOCAB}, fp32, one step of the SFT stage's loss (the chunked LM head of "
-            "runtime/lm_head.py), backward, AdamW, the second step's peak from torch's profiler memory accounting; the "
+            "algorithms/lm_head.py), backward, AdamW, the second step's peak from torch's profiler memory accounting; the "
             "plan's `allocated` peak (a CPU has no caching allocator: the GPU-only allocator share is 0 in fp32 at "
             "ZeRO-0 anyway).\n\n" + table(results) + f"\n{MARKERS[1]}")
 

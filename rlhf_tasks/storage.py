@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The line a stage process prints last, before its result as JSON (the launcher reads it).
+RESULT_PREFIX = "RLHF_RESULT "
 MARKER = "COMPLETE"
 
 

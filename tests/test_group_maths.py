@@ -12,13 +12,8 @@ import torch
 from rlhf_tasks.algorithms.maths.advantages import group_advantages, leave_one_out_advantages, sequence_kl
 from rlhf_tasks.algorithms.maths.policy import POLICY_LOSSES, LossSpec, kl_k3
 from rlhf_tasks.algorithms.maths.tokens import aggregate
-from rlhf_tasks.algorithms.rl.rewards import (
-    ALLOW_REWARD_FUNCTION_ENV,
-    RewardTerms,
-    length_term,
-    load_function,
-    repetition_term,
-)
+from rlhf_tasks.algorithms.rl.rewards import RewardTerms, length_term, repetition_term
+from rlhf_tasks.algorithms.verifiers import ALLOW_REWARD_FUNCTION_ENV, load_function
 from rlhf_tasks.config import ConfigError, PipelineConfig
 from rlhf_tasks.config.sections import RewardConfig
 

@@ -337,3 +337,19 @@ def test_the_memory_plan_reads_the_row(storage):
     assert "pair_generation" not in kto.phases and "pair_generation" not in dpo.phases
     generated = PipelineConfig.load("tiny-cpu", {"algorithm": "kto"})  # tiny-cpu's: kto.answers=generated
     assert "pair_generation" in plan_stage(generated, configs, "kto").phases
+
+
+@pytest.mark.parametrize("stage, overrides, reads", [
+    ("kto", ["kto.answers=generated"], True),
+    ("kto", ["kto.answers=dataset"], False),
+    ("kto", ["kto.answers=generated", "reward.source=verifier"], False),
+    ("dpo", ["dpo.pairs=generated"], True),
+    ("dpo", ["dpo.pairs=dataset"], False),
+])
+def test_an_offline_stage_run_by_name_reads_the_reward_model_by_its_own_section(stage, overrides, reads):
+    """The ranks matrix runs every stage in one run directory whose algorithm is ppo: whether
+    kto or dpo needs the rm stage first is its own section's answer, not ppo's."""
+    from rlhf_tasks.algorithms.rl.models import reads_reward_model
+
+    cfg = PipelineConfig.load("tiny-cpu", ["algorithm=ppo", *overrides])
+    assert reads_reward_model(SimpleNamespace(cfg=cfg, name=stage)) is reads

@@ -1,6 +1,6 @@
 """The chunked LM head: log-probs and their gradients equal to those of the whole logits,
 for the pure function (tokens.log_probs_from_hidden) and for every architecture the model
-path (runtime/lm_head.py) takes it on."""
+path (algorithms/lm_head.py) takes it on."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rlhf_tasks.algorithms.lm_head import CHUNKED_MODEL_TYPES, head_of, lm_loss, token_log_probs
 from rlhf_tasks.algorithms.maths.tokens import chunk_rows, log_probs_from_hidden
-from rlhf_tasks.runtime.lm_head import CHUNKED_MODEL_TYPES, head_of, lm_loss, token_log_probs
 from tests.test_ppo_generation import tiny_lm
 
 V, H, N = 97, 16, 23
@@ -133,7 +133,7 @@ def test_lm_loss_is_transformers_labels_loss():
     assert n == (labels[:, 1:] != -100).sum()
     got.backward()
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6)  # fp32 sums in another order (one thread: 3.9e-7 seen)
 
 
 def test_unknown_architecture_or_adapted_head_keeps_whole_logits():

@@ -144,8 +144,9 @@ def test_alignment_stages_run_on_two_ranks_at_zero3(rank_runs, stage, extra):
     AutoModelForCausalLM.from_pretrained(done.run.final(stage))
 
 
-# A smaller third phase for KTO (694 training answers, not 8586): its reference pass scores them all.
-KTO_RUN = ("data.data_split=2,4,0.2",)
+# A smaller third phase for KTO (694 training answers, not 8586): its reference pass scores them all;
+# the dataset's answers (the preset's generated ones need the reward model and a sampling pass).
+KTO_RUN = ("data.data_split=2,4,0.2", "kto.answers=dataset")
 
 
 def test_kto_at_zero3_on_two_ranks_equals_one_rank_with_two_accumulation_steps(rank_runs):

@@ -34,14 +34,14 @@ from ..data import DPOCollator
 from ..data.phases import dpo_pairs
 from ..runtime import loop
 from ..runtime.engine import inference_config, inference_engine, partitioned_loading, torch_dtype
-from ..runtime.lm_head import token_log_probs
 from ..runtime.models import load_causal_lm, load_tokenizer, load_trainable, unwrap_for_saving
 from ..runtime.params import eval_mode, is_partitioned
 from ..runtime.stage import StageContext, stage
 from ..runtime.watchdog import beat, phase
 from .dpo_pairs import generated_pairs
+from .lm_head import token_log_probs
 from .maths.preference import answer_log_probs, chosen_nll, dpo_loss, reward_accuracy
-from .rl.models import memory_report, require_outputs
+from .rl.models import memory_report, reads_reward_model, require_outputs
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -179,7 +179,7 @@ def pair_policy(ctx: StageContext, model: torch.nn.Module):
 @stage("dpo")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, d = ctx.cfg, ctx.cfg.dpo
-    require_outputs(ctx, "sft", *(("rm",) if ctx.cfg.step3_reads_reward_model() else ()))  # before any data or model loads
+    require_outputs(ctx, "sft", *(("rm",) if reads_reward_model(ctx) else ()))  # before any data or model loads
     tok = load_tokenizer(str(ctx.run.final("sft")), cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, dpo_pairs, tok, "pairs", "DPO (third)")
     model = load_policy(ctx)

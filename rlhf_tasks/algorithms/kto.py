@@ -59,7 +59,7 @@ from ..runtime.watchdog import beat, phase
 from .dpo import load_policy, pair_log_probs, pair_policy, reference_log_probs
 from .dpo_pairs import generated_pairs
 from .maths.preference import kto_loss, mean_log_ratio, reward_auc
-from .rl.models import memory_report, require_outputs
+from .rl.models import memory_report, reads_reward_model, require_outputs
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -201,7 +201,7 @@ def people_and_generated(ctx: StageContext, model, tok, train_ds) -> tuple[datas
 @stage("kto")
 def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
     cfg, k = ctx.cfg, ctx.cfg.kto
-    require_outputs(ctx, "sft", *(("rm",) if ctx.cfg.step3_reads_reward_model() else ()))  # before data or models load
+    require_outputs(ctx, "sft", *(("rm",) if reads_reward_model(ctx) else ()))  # before data or models load
     tok = load_tokenizer(str(ctx.run.final("sft")), cfg.model.trust_remote_code)
     train_ds, eval_ds = loop.train_eval_data(ctx, kto_rows, tok, "answers", "KTO (third)")  # bad data fails early
     model = load_policy(ctx)

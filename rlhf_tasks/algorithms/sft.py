@@ -14,10 +14,10 @@ import torch
 from ..data import SFTCollator
 from ..data.phases import sft_rows
 from ..runtime import loop
-from ..runtime.lm_head import lm_loss, token_log_probs
 from ..runtime.models import load_tokenizer, load_trainable, unwrap_for_saving
 from ..runtime.params import eval_mode
 from ..runtime.stage import StageContext, stage
+from .lm_head import lm_loss, token_log_probs
 
 log = logging.getLogger("rlhf_tasks")
 
@@ -57,7 +57,7 @@ def run(ctx: StageContext) -> tuple[Path, dict[str, float]]:
 
     def loss_fn(engine, batch):
         # transformers' labels= loss, through the LM head in chunks and only at the labelled
-        # positions (runtime/lm_head.py): never the whole (B, T, V) logits
+        # positions (algorithms/lm_head.py): never the whole (B, T, V) logits
         loss, _ = lm_loss(engine, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return loss, batch["attention_mask"].sum()  # real tokens processed: what the FLOPs are spent on
 

@@ -22,11 +22,14 @@ on the worker: gated by ``RLHF_ALLOW_REWARD_FUNCTION`` as ``reward.function`` is
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ..config import ConfigError
 from ..data.samples.generate import CAPITALS, COLOURS, NUMBER_WORDS, OPPOSITES, SOUNDS
 
 BUILTIN = "world"
@@ -137,12 +140,33 @@ class Verifier:
         return [None if v is None else float(v) for v in values]
 
 
+ALLOW_REWARD_FUNCTION_ENV = "RLHF_ALLOW_REWARD_FUNCTION"
+
+
+def function_allowed() -> bool:
+    return os.environ.get(ALLOW_REWARD_FUNCTION_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def load_function(spec: str, field: str = "reward.function") -> Callable[[list[str], list[str]], list[float]]:
+    """Import ``module:function``; refused (ConfigError, exit 2) without the worker's consent."""
+    if not function_allowed():
+        raise ConfigError(f"{field}={spec!r} is refused on this worker: a reward function is Python code run on "
+                          f"the worker, which needs the operator's consent ({ALLOW_REWARD_FUNCTION_ENV}=1 in the "
+                          "worker's environment)")
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{field}={spec!r} is invalid: cannot import it on this worker ({e})") from None
+    if not callable(fn):
+        raise ConfigError(f"{field}={spec!r} is invalid: {module}.{name} is not callable")
+    return fn
+
+
 def load_verifier(spec: str) -> Verifier:
     """``world`` or an operator's ``module:function`` (refused without the worker's consent)."""
     if spec == BUILTIN:
         return Verifier(BUILTIN, world)
-    from .rl.rewards import load_function
-
     return Verifier(spec, load_function(spec, field="reward.verifier"))
 
 

@@ -126,10 +126,6 @@ class RunSettings(Section):
         alone needs none: the DAG's ``rm`` task skips itself."""
         return self.reward.source != "verifier"
 
-    def step3_reads_reward_model(self) -> bool:
-        """Whether step 3 loads the trained reward model (RL scoring, DPO's generated pairs)."""
-        return self.needs_reward_model() and self.step3_section.trains_with_reward_model()
-
     # -- serialisation ----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ALGORITHMS, PipelineConfig
-from ..storage import CONFIG_FILE
+from ..storage import CONFIG_FILE, RESULT_PREFIX
 
-RESULT_PREFIX = "RLHF_RESULT "
 log = logging.getLogger("rlhf_tasks.pipeline.launch")
 
 

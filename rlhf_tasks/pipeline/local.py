@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,10 +26,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..runtime.ranks import free_port
+from .procs import become_subreaper, reap_adopted, spawn, stop_all, stop_groups
 from .warm import warm_stages
 
 REPO = Path(__file__).resolve().parents[2]  # rlhf_tasks/pipeline/local.py -> the repository
@@ -57,6 +59,18 @@ def bin_path(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def home_secret(h: Path) -> str:
+    """This home's JWT signing key, made once (readable by its owner only)."""
+    path = h / "airflow" / "jwt_secret"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}")
+        tmp.write_text(secrets.token_hex(32))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
 def airflow_env(h: Path, dags_folder: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RLHF_STORAGE", str(h / "storage"))
@@ -72,6 +86,9 @@ def airflow_env(h: Path, dags_folder: Path | None = None) -> dict[str, str]:
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
         or f"sqlite:///{h / 'airflow' / 'airflow.db'}",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": env.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "INFO"),
+        # One signing key for every component: unset, each process that starts before airflow.cfg
+        # exists makes its own, and the api-server refuses the scheduler's task tokens (403).
+        "AIRFLOW__API_AUTH__JWT_SECRET": env.get("AIRFLOW__API_AUTH__JWT_SECRET") or home_secret(h),
         "RLHF_RETRY_DELAY_S": env.get("RLHF_RETRY_DELAY_S", "5"),
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
@@ -91,37 +108,6 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
         except OSError:
             time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
-
-
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``argv`` in a session of its own (a terminal's Ctrl-C reaches only us; we stop
-    its whole process group), output appended to ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as f:
-        return subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-
-
-def stop_groups(procs: Iterable[subprocess.Popen], grace_s: float = 30) -> None:
-    """SIGTERM to the process group of each of ``procs`` at once; SIGKILL to a group whose
-    leader is still there after ``grace_s`` seconds."""
-    procs = list(procs)
-    for proc in procs:
-        _signal_group(proc, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"==> {' '.join(map(str, proc.args[:3]))} did not stop within {grace_s:.0f} s: SIGKILL", flush=True)
-            _signal_group(proc, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    # The group outlives its leader (a worker it forked): signal it even after the leader exited.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
 
 
 def mlflow_process(h: Path, port: int, log: Path) -> subprocess.Popen:
@@ -250,55 +236,6 @@ def check_port_free(port: int, make_var: str) -> None:
         except OSError as e:
             raise SystemExit(f"port {port} on {LOOPBACK} is taken ({e.strerror}); choose another: "
                              f"make ui {make_var}={free_port()}") from None
-
-
-def become_subreaper() -> None:
-    """On Linux, descendants orphaned while we run (a task runner, a stage in a session of its
-    own) are re-parented to this process rather than to init, so that stopping finds them."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        pr_set_child_subreaper = 36  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
-
-
-def stop_all(procs: Iterable[subprocess.Popen], grace_s: float = 30) -> None:
-    """Stop ``procs``' process groups, then every descendant of ours still alive."""
-    import psutil
-
-    me = psutil.Process()
-    before = me.children(recursive=True)
-    stop_groups(procs, grace_s)
-    left = {p for p in (*before, *me.children(recursive=True)) if _alive(p)}
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, alive = psutil.wait_procs(left, timeout=10)
-    for p in alive:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
-def _alive(p) -> bool:
-    import psutil
-
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def reap_adopted(ours: Iterable[subprocess.Popen]) -> None:
-    """Collect exited orphans re-parented to us (:func:`become_subreaper`); ``ours`` are left
-    to their Popen, which reads their exit code."""
-    import psutil
-
-    pids = {p.pid for p in ours}
-    for child in psutil.Process().children():
-        with contextlib.suppress(psutil.Error, ChildProcessError):
-            if child.pid not in pids and child.status() == psutil.STATUS_ZOMBIE:
-                os.waitpid(child.pid, os.WNOHANG)
 
 
 def _interrupt(signum, _frame) -> None:

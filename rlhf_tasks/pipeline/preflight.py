@@ -170,7 +170,7 @@ def check(stage: str, cfg: PipelineConfig, run: RunDir) -> None:
     if stage in STAGES_WITH_DATA:
         check_datasets(cfg)
     if cfg.reward.function and (stage == "prepare" or stage in ALGORITHMS and ALGORITHMS[stage].rollouts):
-        from ..algorithms.rl.rewards import load_function
+        from ..algorithms.verifiers import load_function
 
         load_function(cfg.reward.function)
     if cfg.reward.verifier != "world" and (stage in ("prepare", "evaluate") or stage in ALGORITHMS):

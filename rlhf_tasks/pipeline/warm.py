@@ -38,11 +38,11 @@ from pathlib import Path
 
 SOCKET_ENV = "RLHF_WARM_SOCKET"  # set by local.py: where the server listens
 PRELOAD = ("torch", "numpy", "transformers", "datasets", "deepspeed", "mlflow", "peft", "safetensors.torch",
-           "transformers.models.opt.modeling_opt", "deepspeed.runtime.engine", "rlhf_tasks.__main__")
+           "transformers.models.opt.modeling_opt", "deepspeed.runtime.engine", "rlhf_tasks.pipeline.cli")
 
 
 def _stage_modules() -> list[str]:
-    from rlhf_tasks.__main__ import STAGE_MODULES
+    from .cli import STAGE_MODULES
 
     return sorted({m.partition(":")[0] for m in STAGE_MODULES.values()})
 
@@ -142,7 +142,7 @@ def _child(conn: socket.socket, request: dict, out_fd: int) -> None:
         os.environ.update(request["env"])
         sys.argv = ["rlhf_tasks", *request["args"]]
         conn.send(json.dumps({"pid": os.getpid()}).encode())
-        from rlhf_tasks.__main__ import main
+        from .cli import main
 
         code = main(request["args"])
     except SystemExit as e:

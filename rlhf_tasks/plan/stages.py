@@ -104,7 +104,7 @@ def _spec(cfg, t: Trained, kind: str | None = None, batch: int | None = None, se
                     lora_module_name=s.lora_module_name if training else "auto",
                     only_lora=s.only_optimize_lora and training, attn=cfg.model.attn_implementation,
                     dropout=s.dropout if training else None,
-                    # ZeRO-3 partitions the LM head, which the chunked path cannot read (runtime/lm_head.py)
+                    # ZeRO-3 partitions the LM head, which the chunked path cannot read (algorithms/lm_head.py)
                     logits="whole" if s.zero_stage == 3 else "chunked")
 
 

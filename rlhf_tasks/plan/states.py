@@ -138,7 +138,7 @@ def reusable_logits_blocks(vocab: int, batch: int, seq_len: int, whole: bool, ch
     backward frees per-layer activations, each smaller than a parameter's fp32 gradient
     copy, and the loss's logits: with the whole logits, three ``B x T x V`` fp32 blocks (the
     upcast, the log-softmax, its gradient), large enough to take the step's copies; with
-    the chunked head (runtime/lm_head.py), three chunks of ``chunk_bytes``."""
+    the chunked head (algorithms/lm_head.py), three chunks of ``chunk_bytes``."""
     return 3 * (batch * seq_len * vocab * FP32 if whole else chunk_bytes)
 
 

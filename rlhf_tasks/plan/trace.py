@@ -136,7 +136,7 @@ def count(model: torch.nn.Module) -> Counts:
 
 def _whole_log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Log-probs from the whole (B, T, V) logits: the stages' path under ZeRO-3, whose
-    partitioned head the chunked one cannot read (runtime/lm_head.py)."""
+    partitioned head the chunked one cannot read (algorithms/lm_head.py)."""
     from ..algorithms.maths.tokens import log_probs_from_logits
 
     return log_probs_from_logits(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), ids[:, 1:])
@@ -144,10 +144,10 @@ def _whole_log_probs(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tens
 
 def _step(model, spec: StepSpec, vocab: int) -> None:
     """The stage's own forward and loss on a (batch, seq_len) batch, then backward."""
+    from ..algorithms.lm_head import lm_loss
     from ..algorithms.maths.policy import clipped_surrogate, value_loss
     from ..algorithms.maths.preference import pairwise_loss
     from ..algorithms.rl.models import actor_log_probs
-    from ..runtime.lm_head import lm_loss
     from ..runtime.models import read_score
 
     B, T = spec.batch, spec.seq_len

@@ -237,17 +237,17 @@ def test_sigterm_to_make_stops_every_process(make_ui):
 _ORPHAN_SCRIPT = """
 import sys, time
 from pathlib import Path
-from rlhf_tasks.pipeline import local
+from rlhf_tasks.pipeline import procs
 
-local.become_subreaper()
+procs.become_subreaper()
 log = Path(sys.argv[1])
 # A leader whose child moves to a session of its own (as a stage does) and outlives it.
 child = "import subprocess; p = subprocess.Popen(['sleep', '600'], start_new_session=True); print(p.pid, flush=True)"
-leader = local.spawn([sys.executable, "-c", child + "; import time; time.sleep(600)"], log)
+leader = procs.spawn([sys.executable, "-c", child + "; import time; time.sleep(600)"], log)
 while not log.read_text().strip():
     time.sleep(0.1)
 print(log.read_text().strip(), flush=True)
-local.stop_all([leader], grace_s=10)
+procs.stop_all([leader], grace_s=10)
 """
 
 

@@ -26,16 +26,16 @@ from ...runtime.engine import (
     partitioned_loading,
     torch_dtype,
 )
-from ...runtime.lm_head import token_log_probs
 from ...runtime.models import RewardModel, load_causal_lm, load_trainable, positions_from_mask
 from ...runtime.params import numel
 from ...runtime.stage import StageContext
+from ..lm_head import token_log_probs
 
 
 def actor_log_probs(model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                     action_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) -> (B, T-1) fp32 log-prob of each next token under ``model``, through the LM
-    head in chunks (runtime/lm_head.py). ``action_mask`` (B, T-1): only the answer tokens
+    head in chunks (algorithms/lm_head.py). ``action_mask`` (B, T-1): only the answer tokens
     are computed, the rest read 0 (every user selects them away); the prompt's positions
     never reach the head."""
     return token_log_probs(model, sequences, attention_mask, sequences[:, 1:], where=action_mask,
@@ -154,6 +154,12 @@ def load_reward_model(ctx: StageContext, cfg: PipelineConfig, dtype: str, zero3:
                                              attn_implementation=cfg.model.attn_implementation)
     reward.requires_grad_(False)
     return inference_engine(reward, dtype, False, ctx.world_size) if zero3 else reward.to(ctx.device).eval()
+
+
+def reads_reward_model(ctx: StageContext) -> bool:
+    """Whether this stage loads the trained reward model: the run's reward includes it and the
+    stage's own section scores with it (the stage may be run by name, not as the run's algorithm)."""
+    return ctx.cfg.needs_reward_model() and getattr(ctx.cfg, ctx.name).trains_with_reward_model()
 
 
 def require_outputs(ctx: StageContext, *stages: str) -> None:

@@ -18,17 +18,11 @@ shows (answers that grow or repeat because the reward model likes it):
 
 from __future__ import annotations
 
-import importlib
-import os
-from collections.abc import Callable
-
 import torch
 
-from ...config import ConfigError
 from ...config.sections import RewardConfig
 from ...data.chat import Renderer, renderer
-
-ALLOW_REWARD_FUNCTION_ENV = "RLHF_ALLOW_REWARD_FUNCTION"
+from ..verifiers import load_function, load_verifier
 
 
 def length_term(action_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -56,26 +50,6 @@ def repetition_term(answers: torch.Tensor, answer_mask: torch.Tensor, n: int) ->
     return out
 
 
-def function_allowed() -> bool:
-    return os.environ.get(ALLOW_REWARD_FUNCTION_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
-def load_function(spec: str, field: str = "reward.function") -> Callable[[list[str], list[str]], list[float]]:
-    """Import ``module:function``; refused (ConfigError, exit 2) without the worker's consent."""
-    if not function_allowed():
-        raise ConfigError(f"{field}={spec!r} is refused on this worker: a reward function is Python code run on "
-                          f"the worker, which needs the operator's consent ({ALLOW_REWARD_FUNCTION_ENV}=1 in the "
-                          "worker's environment)")
-    module, _, name = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{field}={spec!r} is invalid: cannot import it on this worker ({e})") from None
-    if not callable(fn):
-        raise ConfigError(f"{field}={spec!r} is invalid: {module}.{name} is not callable")
-    return fn
-
-
 def questions(tok, render: Renderer, sequences: torch.Tensor, prompt_len: int) -> list[str]:
     """(B, T) prompt + answer ids -> each conversation's last user turn, what a verifier
     checks (decoded with the special tokens, so that a chat template's turns can be told apart)."""
@@ -93,8 +67,6 @@ class RewardTerms:
     per-answer values (before weighting) for the log."""
 
     def __init__(self, t: RewardConfig, max_new_tokens: int, tokenizer=None, render: Renderer | None = None):
-        from ..verifiers import load_verifier
-
         self.t, self.max_new_tokens, self.tok = t, max_new_tokens, tokenizer
         self.render = render if render is not None or tokenizer is None else renderer(tokenizer)
         self.fn = load_function(t.function) if t.function else None

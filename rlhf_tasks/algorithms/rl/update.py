@@ -15,8 +15,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ...runtime.lm_head import lm_loss
 from ...runtime.ranks import sum_across_ranks, world_size
+from ..lm_head import lm_loss
 from ..maths.policy import POLICY_LOSSES, kl_k3, value_loss
 from ..maths.tokens import Normaliser, aggregate, masked_mean
 from .experience import Experience

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..algorithms.maths.tokens import LOGITS_CHUNK_BYTES, log_probs_from_hidden, log_probs_from_logits
+from .maths.tokens import LOGITS_CHUNK_BYTES, log_probs_from_hidden, log_probs_from_logits
 
 log = logging.getLogger("rlhf_tasks")
 
