@@ -61,11 +61,34 @@ def log_sft_and_rm(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
             continue
         exp, name, tags = experiment_of(uri, run_id), model_name(stage, cfg.algorithm), {**base, ROLE_TAG: stage}
         ids[stage] = (log_scoring_model(uri, exp, final, name, run_id, tags=tags, params={"stage": stage},
-                                        chat_template=cfg.model.chat_template) if stage == "rm" else
+                                        loader=f"{__name__}:reward_scorer",
+                                        model_config={"chat_template": cfg.model.chat_template}) if stage == "rm" else
                       log_external_model(uri, exp, final, name, run_id, tags=tags, params={"stage": stage},
                                          model_type=kind))
         link_metrics(uri, run_id, ids[stage], _numbers(results[stage].metrics, stage))
     return ids
+
+
+def reward_scorer(path: str, config: dict[str, Any]):
+    """The logged reward model's scoring function (loaded by MLflow: tracking/scorer.py):
+    ``score(prompts, answers) -> scores``, each row tokenised as the rm stage tokenised its
+    pairs (the prompt rendered as the run did, the answer, EOS) and scored at its last token."""
+    import torch
+
+    from ..data.chat import renderer
+    from ..runtime.models import RewardModel, load_tokenizer
+
+    tok = load_tokenizer(path)
+    render = renderer(tok, config.get("chat_template", "auto"))
+    rm = RewardModel.from_pretrained(path).eval()
+
+    @torch.no_grad()
+    def score(prompts: list[str], answers: list[str]) -> list[float]:
+        ids = zip(render.encode_prompts(prompts),
+                  tok([render.answer(a) for a in answers], add_special_tokens=False)["input_ids"], strict=True)
+        rows = [torch.tensor([p + a + [tok.eos_token_id]]) for p, a in ids]
+        return [float(rm.score(r, torch.ones_like(r))[0]) for r in rows]
+    return score
 
 
 def aligned_model_spec(cfg: PipelineConfig, run_dir: RunDir, ids: dict[str, str]) -> dict[str, Any]:

@@ -119,10 +119,10 @@ def _installed(package: str) -> bool:
 
 
 def log_scoring_model(uri: str, experiment_id: str, model_dir: Path, name: str, source_run_id: str | None, *,
-                      tags: Mapping[str, str], params: Mapping[str, Any], chat_template: str = "auto") -> str:
-    """The reward model ``model_dir`` as a pyfunc scoring model (:mod:`.scorer`: rows of
-    prompt and answer -> scores), its directory stored once in the LoggedModel's artifacts;
-    its model_id."""
+                      tags: Mapping[str, str], params: Mapping[str, Any], loader: str,
+                      model_config: Mapping[str, Any]) -> str:
+    """``model_dir`` as a pyfunc scoring model (:mod:`.scorer`: rows of prompt and answer ->
+    scores, by ``loader``), its directory stored once in the LoggedModel's artifacts; its model_id."""
     client = _client(uri)
     if found := find_model(client, experiment_id, name, source_run_id):
         return found.model_id
@@ -133,7 +133,7 @@ def log_scoring_model(uri: str, experiment_id: str, model_dir: Path, name: str, 
     model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, tags=dict(tags),
                                        params={k: str(v) for k, v in params.items()}, model_type="reward-model")
     with _use_tracking_uri(uri):
-        log_scorer(model.model_id, str(model_dir), chat_template, _requirements())
+        log_scorer(model.model_id, str(model_dir), loader, dict(model_config), _requirements())
     log.info("mlflow: %s logged as model %s (pyfunc scoring model)", name, model.model_id)
     return model.model_id
 
