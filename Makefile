@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Pip finds the CPU torch wheel in /opt/wheels on our machines; elsewhere from PyTorch's CPU index.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv run test test-fast lint ui clean system-deps
+.PHONY: venv run test test-fast lint ui serve clean system-deps
 
 venv: $(STAMP)
 
@@ -52,6 +52,11 @@ lint: venv
 # shell syntax, so that make runs python itself (no shell between) and forwards its SIGTERM to it.
 ui: venv
 	$(BIN)/python -m rlhf_tasks.pipeline.local ui $(if $(AIRFLOW_PORT),--airflow-port $(AIRFLOW_PORT)) $(if $(MLFLOW_PORT),--mlflow-port $(MLFLOW_PORT))
+
+# MLflow's scoring server (`mlflow models serve`, loopback) on the champion of `make run`'s state;
+# Ctrl-C stops it. Other port: make serve SERVE_PORT=5003 (default 5002).
+serve: venv
+	$(BIN)/python -m rlhf_tasks.pipeline.serve $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 clean:
 	rm -rf .rlhf

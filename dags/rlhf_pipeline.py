@@ -86,6 +86,7 @@ FORM = {
     "Reward": ["reward.source", "reward.verifier_coef", "reward.length_coef", "reward.repetition_coef",
                "reward.overlong_buffer"],
     "Hardware": ["resources.num_gpus", "resources.cpu_processes", "resources.gpu_hourly_usd",
+                 "resources.budget_usd", "resources.budget_gpu_hours",
                  "resources.collective_timeout_minutes"],
 }
 
@@ -119,7 +120,8 @@ def _labelled_by_people(ctx) -> bool:
 def _run(stage: str, run_dir: str, **kw) -> dict:
     import logging
 
-    from rlhf_tasks.pipeline.launch import run_stage
+    from rlhf_tasks.pipeline.launch import StageFailed, run_stage
+    from rlhf_tasks.runtime.budget import EXIT_OVER_BUDGET
 
     ctx = get_current_context()
     ti, dag_run = ctx["ti"], ctx["dag_run"]
@@ -127,7 +129,15 @@ def _run(stage: str, run_dir: str, **kw) -> dict:
            "AIRFLOW_CTX_TASK_ID": ti.task_id, "AIRFLOW_CTX_TRY_NUMBER": str(ti.try_number)}
     # GPUs, nodes and hostfile come from the run's resolved config.yaml (resources.*),
     # read by the launcher itself.
-    return run_stage(stage, run_dir, env=env, echo=logging.getLogger("airflow.task").info, **kw)
+    try:
+        return run_stage(stage, run_dir, env=env, echo=logging.getLogger("airflow.task").info, **kw)
+    except StageFailed as e:
+        if e.code == EXIT_OVER_BUDGET:  # the run spent its budget: a retry would spend more
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"stage {stage} stopped: the run is over its budget "
+                                       f"(resources.budget_usd / budget_gpu_hours); see the report\n{e}") from None
+        raise
 
 
 gpu_task = dict(queue=GPU_QUEUE, pool=GPU_POOL, retries=RETRIES, retry_delay=RETRY_DELAY,

@@ -158,13 +158,10 @@ def test_resume_continues_the_same_run(server, client, caplog):
     gone.close()
 
 
-def test_register_model_alias_moves_only_on_improvement(server, client, tmp_path, monkeypatch):
+def test_register_model_alias_moves_only_on_improvement(server, client, tmp_path, monkeypatch, tiny_model_dir):
     import mlflow.artifacts
 
-    model = tmp_path / "final"
-    model.mkdir()
-    (model / "config.json").write_text('{"model_type": "opt"}')
-    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    model = tiny_model_dir  # logged as a LoggedModel in the transformers flavor: a real model
 
     def run_id() -> str:
         t = Tracker.start(server.url, "registry", "ppo")
@@ -173,7 +170,7 @@ def test_register_model_alias_moves_only_on_improvement(server, client, tmp_path
 
     first = register_model(server.url, model, "actor", "eval/ppo_reward", 1.0, run_id())
     assert first == {"version": "1", "champion_version": "1", "promoted": True, "previous_champion_metric": None,
-                     "source": first["source"]}
+                     "source": first["source"], "model_id": first["model_id"]}
     worse = register_model(server.url, model, "actor", "eval/ppo_reward", 0.5, run_id())
     assert (worse["version"], worse["champion_version"], worse["promoted"]) == ("2", "1", False)
     assert worse["previous_champion_metric"] == 1.0
@@ -192,7 +189,9 @@ def test_register_model_alias_moves_only_on_improvement(server, client, tmp_path
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.chdir(tmp_path)
     got = Path(mlflow.artifacts.download_artifacts("models:/actor@champion", dst_path=str(tmp_path / "dl")))
-    assert (got / "config.json").read_text() == '{"model_type": "opt"}'
+    assert "transformers" in (got / "MLmodel").read_text()
+    assert (got / "model" / "config.json").read_text() == (model / "config.json").read_text()
+    assert better["source"] == f"models:/{better['model_id']}" and again["model_id"] == better["model_id"]
     with pytest.raises(FileNotFoundError):
         register_model(server.url, tmp_path / "nope", "actor", "eval/ppo_reward", 3.0, better_run)
 

@@ -160,6 +160,10 @@ class ResourcesConfig(Section):
     """DeepSpeed hostfile; required for num_nodes > 1"""
     gpu_hourly_usd: Annotated[Float, Field(ge=0)] = 0.0
     """Price of one GPU-hour, for cost/usd"""
+    budget_usd: Annotated[Float, Field(gt=0)] | None = None
+    """The run's budget in dollars (cost/usd of its stages together): a stage warns at 80% and stops at it"""
+    budget_gpu_hours: Annotated[Float, Field(gt=0)] | None = None
+    """The run's budget in GPU-hours (cost/gpu_hours together): a stage warns at 80% and stops at it"""
     collective_timeout_minutes: Annotated[Float, Field(gt=0, le=1440)] = 30.0
     """A rank of a multi-process stage that makes no progress this long (waiting in a collective for
     another rank) fails the stage, naming the stage, phase and rank"""

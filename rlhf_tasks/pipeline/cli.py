@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 from ..config import ALGORITHMS, ConfigError, PipelineConfig, list_presets
+from ..runtime.budget import EXIT_OVER_BUDGET, BudgetExceeded
 from ..runtime.run_config import resolve_run_config
 from ..storage import (
     RESULT_PREFIX,
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             fn = getattr(importlib.import_module(module), entry)
             # Step 3's entry points may serve several algorithms (the RL loop): they are told which.
             result = fn(cfg, run, name=args.command) if args.command in ALGORITHMS else fn(cfg, run)
+    except BudgetExceeded as e:
+        print(f"error: {e}", file=sys.stderr)
+        from .report import write_report
+
+        write_report(cfg, run)  # the report says why the run stopped
+        return EXIT_OVER_BUDGET
     except RunDirBusy as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BUSY

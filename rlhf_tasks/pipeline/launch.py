@@ -34,7 +34,12 @@ log = logging.getLogger("rlhf_tasks.pipeline.launch")
 
 
 class StageFailed(RuntimeError):
-    """The stage's process exited non-zero; the message carries the last lines it printed."""
+    """The stage's process exited non-zero; the message carries the last lines it printed,
+    ``code`` its exit code."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 # Stages whose code runs one rank per GPU (or CPU process): DeepSpeed engines, sharded
@@ -241,7 +246,7 @@ def run_stage(stage: str, run_dir: str | Path, *, env: dict[str, str] | None = N
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
     if code != 0 or result is None:
-        raise StageFailed(f"stage {stage!r} exited with code {code}; last lines:\n" + "\n".join(tail[-15:]))
+        raise StageFailed(f"stage {stage!r} exited with code {code}; last lines:\n" + "\n".join(tail[-15:]), code)
     return result
 
 

@@ -2,9 +2,10 @@
 
 The report mirrors the seed guide's two tables – time and cost per step, and the
 quality metric of each step – as ``report.md`` and ``report.html`` in the run directory
-and as artifacts of the MLflow parent run. The aligned actor becomes a version of the
-registered model; the alias ``champion`` moves to it only when its evaluated average
-reward beats the current champion's.
+and as artifacts of the MLflow parent run. The SFT actor, the reward model and the aligned
+actor become MLflow LoggedModels (:mod:`.models`), the aligned one in the transformers
+flavor, and it becomes a version of the registered model; the alias ``champion`` moves to it
+only when its evaluated average reward beats the current champion's.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ..config import PipelineConfig
 from ..runtime.stage import setup_logging
 from ..storage import RunDir, write_json
 from ..tracking import ensure_parent_run, tracking_uri
+from . import models
 from .report import champion_section, collect, render_html, render_markdown, stage_cost_usd
 
 log = logging.getLogger("rlhf_tasks")
@@ -45,6 +47,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
     uri = tracking_uri(cfg)
     if uri and "evaluate" in results:
         from ..tracking import Tracker, register_model
+        from ..tracking.calls import retry_for
 
         parent = ensure_parent_run(cfg, run_dir)
         t = Tracker.start(uri, cfg.tracking.experiment, run_name="", resume_run_id=parent)
@@ -55,11 +58,20 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         t.log_metrics(summary, step=0)
         ev = results["evaluate"]
         algo = cfg.algorithm
+        # The SFT and RM models and the evaluation's links are the record, not the job: an
+        # MLflow outage longer than the retries leaves them out (warning), the registering goes on.
+        ids = retry_for(lambda: models.log_sft_and_rm(uri, cfg, run_dir, results, parent),
+                        "logging the SFT and reward models", 120.0)[1] or {}
         # With human approval the alias stays where it is: the approval DAG moves it, or not.
         reg = register_model(uri, run_dir.final(algo), cfg.tracking.registered_model, CHAMPION_METRIC,
                              float(ev.metrics["aligned_reward"]),
                              run_id=(results[algo].mlflow_run_id if algo in results else None) or parent,
-                             move_alias=not pending, tags={"rlhf.algorithm": algo, **version_tags(cfg, results)})
+                             move_alias=not pending, tags={"rlhf.algorithm": algo, **version_tags(cfg, results)},
+                             **models.aligned_model_spec(cfg, run_dir, ids))
+        ids[algo] = reg["model_id"]
+        reg["models"] = ids
+        reg["eval_dataset"] = retry_for(lambda: models.log_evaluation(uri, cfg, run_dir, results, parent, ids),
+                                        "logging the evaluation", 120.0)[1]
         reg["approval"] = "pending" if pending else "auto"
         t.set_tags({"rlhf.model_version": str(reg.get("version")), "rlhf.approval": reg["approval"],
                     "rlhf.promoted": str(reg.get("promoted") and not pending)})

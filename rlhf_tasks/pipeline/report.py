@@ -141,6 +141,7 @@ def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any
     lines += ["", "## Quality per step", "", "| step | metric | before | after |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in quality]
     lines += sample_lines(run_dir, cfg.algorithm)
+    lines += budget_lines(cfg, run_dir, results)
     if memory := memory_rows(run_dir, results):
         lines += ["", "## Memory plan (GB per GPU)", "", "| stage | planned peak phase | planned peak | measured peak |",
                   "|---|---|---|---|"]
@@ -176,6 +177,33 @@ def render_html(markdown: str) -> str:
     style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}")
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def budget_lines(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any]) -> list[str]:
+    """The budget (resources.budget_usd / budget_gpu_hours) against what the run spent, and
+    why it stopped if a stage stopped it (budget.json)."""
+    from ..runtime.budget import BUDGET_FILE, has_budget, spent_by_others
+
+    stopped = run_dir.path / BUDGET_FILE
+    if not has_budget(cfg) and not stopped.is_file():
+        return []
+    res, spent = cfg.resources, spent_by_others(cfg, run_dir, "")
+    limits = [f"{res.budget_usd:g} USD" if res.budget_usd is not None else "",
+              f"{res.budget_gpu_hours:g} GPU-hours" if res.budget_gpu_hours is not None else ""]
+    out = ["", "## Budget", "", f"Budget {' and '.join(x for x in limits if x)}; spent by the finished steps "
+           f"{spent.usd:.2f} USD, {spent.gpu_hours:.3f} GPU-hours."]
+    if stopped.is_file():
+        why = json.loads(stopped.read_text())
+        out += ["", f"**Stopped in {why['stage']}**: {why['reason']}."]
+    return out
+
+
+def write_report(cfg: PipelineConfig, run_dir: RunDir) -> str:
+    """report.md and report.html of what the run has done so far; the markdown."""
+    md = render_markdown(cfg, run_dir, collect(run_dir))
+    (run_dir.path / "report.md").write_text(md)
+    (run_dir.path / "report.html").write_text(render_html(md))
+    return md
 
 
 def champion_section(reg: Mapping[str, Any]) -> str:

@@ -22,6 +22,7 @@ import torch
 from ..config import ALGORITHMS, STAGES, PipelineConfig
 from ..storage import MARKER, RunDir, StageResult, latest_checkpoint, write_json
 from ..tracking import TrackerLike, open_stage_tracker
+from . import budget
 from .cost import cost_usd, gpu_hours
 from .engine import init_distributed, resolve_device
 from .watchdog import Watchdog, phase, watching
@@ -215,7 +216,8 @@ def finish(ctx: StageContext, end: StageEnd, final_dir: Path, metrics: dict[str,
     """Write result.json (the DAG reads it) and return the result: the body's metrics, the
     cost and the point counts of ``end``."""
     result = StageResult(stage=ctx.name, final_dir=str(final_dir),
-                         metrics={**metrics, "cost_usd": end.cost["cost/usd"], **end.points},
+                         metrics={**metrics, "cost_usd": end.cost["cost/usd"],
+                                  "cost_gpu_hours": end.cost["cost/gpu_hours"], **end.points},
                          mlflow_run_id=ctx.tracker.run_id, wall_clock_s=round(end.cost["time/wall_clock_s"], 3))
     if ctx.is_main:
         write_json(ctx.run.result_path(ctx.name), dataclasses.asdict(result))
@@ -240,7 +242,8 @@ def stage(name: str | None = None) -> Callable[[StageBody], StageEntry]:
                 raise TypeError(f"{body.__module__}.{body.__name__} runs several stages: give name=<stage>")
             if (done := finished(name, run_dir)) is not None:
                 return done
-            with stage_run(name, cfg, run_dir) as ctx:
+            with stage_run(name, cfg, run_dir) as ctx, budget.enforced(
+                    cfg, run_dir, name, budget.current_of(cfg, lambda: ctx.elapsed_s, ctx.device.type == "cuda")):
                 final_dir, metrics = body(ctx)
             assert ctx.end is not None  # set by stage_run on the way out
             return finish(ctx, ctx.end, final_dir, metrics)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .calls import configure_http, error_code, retry_for
+from .models import log_chat_model
 
 log = logging.getLogger("rlhf_tasks.tracking")
 
@@ -19,12 +20,16 @@ CHAMPION_ALIAS = "champion"
 def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_name: str, metric_value: float,
                    run_id: str, higher_is_better: bool = True, *, artifact_path: str = "model",
                    alias: str = CHAMPION_ALIAS, budget_s: float = 120.0, move_alias: bool = True,
-                   tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Register ``model_dir`` (a plain save_pretrained directory) as a new version of
-    ``name``, and move ``alias`` to it only if it beats the current holder.
+                   tags: dict[str, str] | None = None, model_tags: dict[str, str] | None = None,
+                   model_params: dict[str, Any] | None = None,
+                   model_config: dict[str, Any] | None = None, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Register ``model_dir`` (a causal LM's save_pretrained directory, with its tokenizer)
+    as a new version of ``name``, and move ``alias`` to it only if it beats the current holder.
 
-    The directory is logged as artifacts of ``run_id`` under ``artifact_path``, and the
-    version's source is that artifact location (no MLmodel file needed). The version is
+    The directory is logged as a LoggedModel of ``run_id`` called ``artifact_path``, in
+    MLflow's transformers flavor as a chat model (:func:`.models.log_chat_model`: its
+    ``model_tags``, ``model_params``, and ``model_config`` the generation settings), and the
+    version's source is that model (``models:/<model_id>``): MLflow loads and serves it. The version is
     tagged ``<metric_name>=<metric_value>`` (and ``tags``, e.g. the algorithm); the alias moves when there is no champion
     yet, or when the value is strictly better than the champion's tag. A champion
     without that tag is kept (warning): it cannot be compared. Idempotent: a retried
@@ -32,10 +37,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
     (a person approves the champion) the alias stays; ``promoted`` then says whether the
     metric alone would have moved it.
 
-    Unlike the Tracker, this raises on failure: registering is the task's whole job,
-    and the orchestrator should retry it.
-
-    Returns {version, champion_version, promoted, previous_champion_metric}.
+    Unlike the Tracker, this raises on failure (registering is the task's whole job). Returns {version, champion_version, promoted, previous_champion_metric, source, model_id}.
     """
     configure_http()
     from mlflow import MlflowClient
@@ -48,19 +50,13 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
     def call(fn: Callable[[], Any], what: str) -> Any:
         return retry_for(fn, what, budget_s, raise_on_failure=True)[1]
 
-    call(lambda: client.log_artifacts(run_id, str(model_dir), artifact_path),
-         f"uploading {model_dir} to run {run_id}")
-    source = f"{call(lambda: client.get_run(run_id), 'reading the run').info.artifact_uri}/{artifact_path}"
-    try:
-        call(lambda: client.get_registered_model(name), f"reading registered model {name}")
-    except Exception as exc:
-        if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        try:
-            client.create_registered_model(name, description="RLHF actor (PPO, GRPO, RLOO or DPO); alias 'champion' = best so far")
-        except Exception as exc2:  # a concurrent register created it
-            if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
-                raise
+    experiment_id = call(lambda: client.get_run(run_id), "reading the run").info.experiment_id
+    model_id = call(lambda: log_chat_model(tracking_uri, experiment_id, model_dir, artifact_path, run_id,
+                                           tags=model_tags or {}, params=model_params or {},
+                                           model_config=model_config or {}, trust_remote_code=trust_remote_code),
+                    f"logging {model_dir} as a model of run {run_id}")
+    source = f"models:/{model_id}"
+    _ensure_registered(client, name, call)
     existing = call(lambda: client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"),
                     "searching model versions")
     mine = [mv for mv in existing if mv.source == source]
@@ -70,8 +66,11 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
         mv = max(mine, key=lambda m: int(m.version))
         log.info("mlflow: run %s already registered as %s version %s", run_id, name, mv.version)
     else:
-        mv = call(lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=60),
-                  f"creating a version of {name}")
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        with _use_tracking_uri(tracking_uri):  # a store URI (sqlite:) resolves models:/ in this process
+            mv = call(lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=60,
+                                                          model_id=model_id), f"creating a version of {name}")
 
     aliases = call(lambda: client.get_registered_model(name), f"reading registered model {name}").aliases
     champion = aliases.get(alias)
@@ -95,7 +94,21 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
              champion, ("promoted" if move_alias else "better: awaiting approval") if promoted
              else f"kept, {metric_name}={previous}")
     return {"version": str(mv.version), "champion_version": str(champion), "promoted": promoted,
-            "previous_champion_metric": previous, "source": source}
+            "previous_champion_metric": previous, "source": source, "model_id": model_id}
+
+
+def _ensure_registered(client, name: str, call: Callable[[Callable[[], Any], str], Any]) -> None:
+    """The registered model ``name``, created if missing (a concurrent register may win)."""
+    try:
+        call(lambda: client.get_registered_model(name), f"reading registered model {name}")
+    except Exception as exc:
+        if error_code(exc) != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name, description="RLHF actor (PPO, GRPO, RLOO or DPO); alias 'champion' = best so far")
+        except Exception as exc2:  # a concurrent register created it
+            if error_code(exc2) != "RESOURCE_ALREADY_EXISTS":
+                raise
 
 
 def _better(new: float, old: float, higher_is_better: bool) -> bool:
@@ -109,6 +122,10 @@ def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri)
+
+
+def experiment_of(tracking_uri: str, run_id: str) -> str:
+    return _client(tracking_uri).get_run(run_id).info.experiment_id
 
 
 def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION_ALIAS) -> dict[str, Any] | None:
@@ -163,18 +180,40 @@ def resolve_version(tracking_uri: str, name: str, ref: str) -> dict[str, Any]:
 
 
 def download_version(tracking_uri: str, source: str, target: Path) -> Path:
-    """The version's files in ``target`` (downloaded once: reused when complete)."""
+    """The version's files in ``target`` (downloaded once: reused when complete): a
+    save_pretrained directory with its tokenizer, whether the version is a LoggedModel in
+    the transformers flavor (``models:/<model_id>``: its ``model/`` and its tokenizer
+    component) or a plain directory registered before the models became LoggedModels."""
     if (target / "config.json").is_file():
         return target
     configure_http()
     import shutil
 
     from mlflow.artifacts import download_artifacts
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    path = Path(download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
+    with _use_tracking_uri(tracking_uri):  # models:/ resolves against the (default) registry URI
+        path = Path(download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
+    if (path / "MLmodel").is_file():
+        path = hf_directory(path)
+    elif not (path / "config.json").is_file():
+        raise ValueError(f"model version source {source} holds neither an MLmodel nor a config.json")
     path.rename(target)
     shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def hf_directory(mlflow_model: Path) -> Path:
+    """A transformers-flavor MLflow model's ``model/`` directory, its tokenizer component
+    moved in beside the weights (what ``from_pretrained`` reads from one directory)."""
+    hf = mlflow_model / "model"
+    if not (hf / "config.json").is_file():
+        raise ValueError(f"{mlflow_model} is an MLflow model without a transformers model/ directory")
+    tok = mlflow_model / "components" / "tokenizer"
+    for f in tok.iterdir() if tok.is_dir() else ():
+        if not (hf / f.name).exists():
+            f.rename(hf / f.name)
+    return hf

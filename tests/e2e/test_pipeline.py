@@ -98,3 +98,41 @@ def test_mlflow_holds_runs_metrics_artifacts_and_model(client):
     name = PipelineConfig.load("tiny-cpu").tracking.registered_model
     version = client.get_model_version_by_alias(name, "champion")
     assert version.version == "1"
+
+
+def test_models_are_logged_models_mlflow_loads(pipeline_run, client, monkeypatch):
+    """The SFT actor, the reward model and the aligned actor are LoggedModels of their stage's
+    run, with their metrics linked; the evaluation compares SFT and PPO under the same names on
+    the held-out prompts' dataset; the champion is the PPO LoggedModel, weights stored once in
+    the artifacts, and mlflow.transformers.load_model("models:/<name>@champion") generates; the
+    reward model loads as a pyfunc that scores answers."""
+    import mlflow
+
+    from rlhf_tasks.config import PipelineConfig
+
+    exp = client.get_experiment_by_name("rlhf-tiny-cpu")
+    models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
+    assert {"sft-actor", "reward-model", "ppo-actor"} <= set(models), sorted(models)
+    sft, rm, ppo = models["sft-actor"], models["reward-model"], models["ppo-actor"]
+    assert ppo.tags["rlhf.sft_model_id"] == sft.model_id and ppo.tags["rlhf.rm_model_id"] == rm.model_id
+    assert int(ppo.params["generation.max_new_tokens"]) > 0
+    linked = {m.model_id: {x.key: x for x in m.metrics or []} for m in (sft, rm, ppo)}
+    assert "rm/accuracy" in linked[rm.model_id] and "sft/perplexity" in linked[sft.model_id]
+    for m in (sft, ppo):  # the same names on the same dataset: the UI compares them
+        assert linked[m.model_id]["eval/reward"].dataset_name == "tiny-cpu-heldout-prompts"
+    assert linked[ppo.model_id]["eval/reward"].value > linked[sft.model_id]["eval/reward"].value
+    name = PipelineConfig.load("tiny-cpu").tracking.registered_model
+    assert client.get_model_version_by_alias(name, "champion").source == f"models:/{ppo.model_id}"
+    weights = list((pipeline_run.log.parent / "mlflow" / "artifacts").rglob("*.safetensors"))
+    # one copy each, in the LoggedModels' artifacts: the chat model's, the scoring reward model's
+    owners = [[m for m in (sft, rm, ppo) if m.model_id in str(w)] for w in weights if w.name == "model.safetensors"]
+    assert sorted(o[0].name for o in owners) == ["ppo-actor", "reward-model"], weights
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", pipeline_run.mlflow_url)
+    pipe = mlflow.transformers.load_model(f"models:/{name}@champion")
+    assert isinstance(pipe("\n\nHuman: Hello\n\nAssistant:", max_new_tokens=4)[0]["generated_text"], str)
+    import pandas as pd
+
+    scorer = mlflow.pyfunc.load_model(f"models:/{rm.model_id}")  # the reward model scores answers
+    scores = scorer.predict(pd.DataFrame({"prompt": ["\n\nHuman: What colour is a lemon?\n\nAssistant:"] * 2,
+                                          "answer": [" A lemon is yellow.", " purple purple purple"]}))
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
