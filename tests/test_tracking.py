@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -252,3 +253,21 @@ def test_outage_neither_raises_nor_blocks_and_metrics_arrive(server, client):
     drop.close()
     assert history(client, keep.run_id, "ppo/reward") == [(s, float(s)) for s in range(4)]
     assert client.get_run(keep.run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("before", [None, "http://127.0.0.1:1"])
+def test_using_another_tracking_uri_gives_the_environment_back(monkeypatch, tmp_path, before):
+    """MLflow's own context manager deletes MLFLOW_TRACKING_URI on the way out when its global
+    was unset: the register stage took the variable from the process that called it."""
+    import mlflow
+
+    from rlhf_tasks.tracking.calls import using_tracking_uri
+
+    if before is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", before)
+    inside = f"sqlite:///{tmp_path / 'x.db'}"
+    with using_tracking_uri(inside):
+        assert mlflow.get_tracking_uri() == inside
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before

@@ -3,11 +3,13 @@ a wall-clock retry budget, and opening (or reopening) a run in the project's exp
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import posixpath
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("rlhf_tasks.tracking")
@@ -137,3 +139,21 @@ def open_run(client: Any, experiment: str, run_name: str | None, parent_run_id: 
             return client.get_run(resume_run_id)
     run_tags = {**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     return client.create_run(experiment_id(client, experiment), run_name=run_name or None, tags=run_tags)
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (``models:/`` URIs, ``log_model``) on ``uri`` for the block. MLflow's
+    own context manager puts its earlier global back, and, where that was unset, deletes
+    ``MLFLOW_TRACKING_URI`` from this process's environment: the caller's variable is restored."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        with _use_tracking_uri(uri):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before

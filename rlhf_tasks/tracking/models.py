@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .calls import configure_http
+from .calls import configure_http, using_tracking_uri
 
 log = logging.getLogger("rlhf_tasks.tracking")
 
@@ -77,7 +77,6 @@ def log_chat_model(uri: str, experiment_id: str, model_dir: Path, name: str, sou
         return found.model_id
     import mlflow.transformers
     from huggingface_hub import ModelCard
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
                                        tags={**tags, ROLE_TAG: tags.get(ROLE_TAG, "actor")},
@@ -92,7 +91,7 @@ def log_chat_model(uri: str, experiment_id: str, model_dir: Path, name: str, sou
         tok.chat_template = DSCHAT_TEMPLATE
     lm = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="auto", trust_remote_code=trust_remote_code)
     components = {"model": lm, "tokenizer": tok}
-    with _use_tracking_uri(uri):
+    with using_tracking_uri(uri):
         mlflow.transformers.log_model(components, name=name, task=CHAT_TASK, model_id=model.model_id,
                                       model_card=card, model_config=dict(model_config),
                                       pip_requirements=_requirements())
@@ -126,13 +125,11 @@ def log_scoring_model(uri: str, experiment_id: str, model_dir: Path, name: str, 
     client = _client(uri)
     if found := find_model(client, experiment_id, name, source_run_id):
         return found.model_id
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
     from .scorer import log_scorer
 
     model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, tags=dict(tags),
                                        params={k: str(v) for k, v in params.items()}, model_type="reward-model")
-    with _use_tracking_uri(uri):
+    with using_tracking_uri(uri):
         log_scorer(model.model_id, str(model_dir), loader, dict(model_config), _requirements())
     log.info("mlflow: %s logged as model %s (pyfunc scoring model)", name, model.model_id)
     return model.model_id

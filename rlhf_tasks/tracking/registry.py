@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calls import configure_http, error_code, retry_for
+from .calls import configure_http, error_code, retry_for, using_tracking_uri
 from .models import log_chat_model
 
 log = logging.getLogger("rlhf_tasks.tracking")
@@ -66,9 +66,7 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
         mv = max(mine, key=lambda m: int(m.version))
         log.info("mlflow: run %s already registered as %s version %s", run_id, name, mv.version)
     else:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-
-        with _use_tracking_uri(tracking_uri):  # a store URI (sqlite:) resolves models:/ in this process
+        with using_tracking_uri(tracking_uri):  # a store URI (sqlite:) resolves models:/ in this process
             mv = call(lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, await_creation_for=60,
                                                           model_id=model_id), f"creating a version of {name}")
 
@@ -190,12 +188,11 @@ def download_version(tracking_uri: str, source: str, target: Path) -> Path:
     import shutil
 
     from mlflow.artifacts import download_artifacts
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     tmp = target.with_name(f".{target.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    with _use_tracking_uri(tracking_uri):  # models:/ resolves against the (default) registry URI
+    with using_tracking_uri(tracking_uri):  # models:/ resolves against the (default) registry URI
         path = Path(download_artifacts(artifact_uri=source, dst_path=str(tmp), tracking_uri=tracking_uri))
     if (path / "MLmodel").is_file():
         path = hf_directory(path)
