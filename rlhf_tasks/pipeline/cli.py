@@ -1,7 +1,8 @@
 """Command line: ``python -m rlhf_tasks <stage> --preset P --set key=value ... --output DIR``.
 
 Stages: ``prepare`` (check the worker, resolve the config, validate data and models),
-``sft``, ``rm``, the alignment step ``ppo``, ``grpo``, ``rloo`` or ``dpo``, ``evaluate``, ``register`` (which writes the run report); ``chat``
+``sft``, ``rm``, the alignment step (a row of the algorithm table: ``ppo``, ``grpo``, ``rloo``, ``dpo``,
+``kto``), ``evaluate``, ``register`` (which writes the run report); ``chat``
 talks to a trained actor; ``config`` prints a resolved config; ``presets`` lists presets;
 ``plan`` prints each stage's peak GPU memory (from the models' config.json, no weights).
 
@@ -13,7 +14,8 @@ before any training; 3 the run directory's stage is already running in another p
 4 the storage is full (the previous checkpoint is intact); 5 a rank of a multi-process
 stage made no progress for ``resources.collective_timeout_minutes`` (runtime/watchdog.py);
 6 (`plan`) a stage does not fit the GPU capacity, each such stage and the smallest change that
-fits it on stderr.
+fits it on stderr; 7 the run has spent its budget (``resources.budget_usd``/``budget_gpu_hours``,
+runtime/budget.py).
 
 Under DeepSpeed's launcher every rank runs this; rank 0 alone prints the result line.
 """
