@@ -118,14 +118,19 @@ def test_num_gpus_override_reaches_the_launcher(monkeypatch, tmp_path):
     assert argv[5:] == ["--no_local_rank", "--module", "rlhf_tasks", "ppo", "--output", str(run)]
 
 
-def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
+def form_run(monkeypatch, tmp_path: Path, preset: str, field: str, value) -> Path:
+    """A run directory whose config the DAG's trigger form made from ``field=value``."""
     from rlhf_tasks.config import PipelineConfig
 
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    module = load_dag_module("dag_for_launch")
-    values = module.form_values({"resources.num_gpus": 2, "overrides": []})
+    module = load_dag_module("dag_for_form")
     run = tmp_path / "run"
-    PipelineConfig.load("opt-1.3b", values).save(run / "config.yaml")
+    PipelineConfig.load(preset, module.form_values({field: value, "overrides": []})).save(run / "config.yaml")
+    return run
+
+
+def test_form_num_gpus_is_the_config_field(monkeypatch, tmp_path):
+    run = form_run(monkeypatch, tmp_path, "opt-1.3b", "resources.num_gpus", 2)
     assert planned_argv(monkeypatch, "sft", run)[:3] == ["deepspeed", "--num_gpus", "2"]
 
 

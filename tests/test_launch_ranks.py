@@ -10,20 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import load_dag_module
-from tests.test_launch import planned_argv, resolved_run
+from tests.test_launch import form_run, planned_argv, resolved_run
 
 
 def test_form_cpu_processes_start_ranks_on_cpu(monkeypatch, tmp_path):
     """The trigger form's ``resources.cpu_processes`` on the embedded default starts that many
     CPU ranks through DeepSpeed's launcher, the path of a multi-GPU worker."""
-    from rlhf_tasks.config import PipelineConfig
-
-    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
-    module = load_dag_module("dag_for_cpu_ranks")
-    values = module.form_values({"resources.cpu_processes": 2, "overrides": []})
-    run = tmp_path / "run"
-    PipelineConfig.load("tiny-cpu", values).save(run / "config.yaml")
+    run = form_run(monkeypatch, tmp_path, "tiny-cpu", "resources.cpu_processes", 2)
     assert planned_argv(monkeypatch, "rm", run)[:3] == ["deepspeed", "--num_gpus", "2"]
 
 
