@@ -30,14 +30,14 @@ def model_name(role: str, algo: str) -> str:
     return {"sft": "sft-actor", "rm": "reward-model"}.get(role, f"{algo}-actor")
 
 
-def _run_of(results: dict[str, Any], stage: str, parent: str | None) -> str | None:
+def run_of(results: dict[str, Any], stage: str, parent: str | None) -> str | None:
+    """The MLflow run of ``stage``'s result, else the parent run."""
     r = results.get(stage)
     return (r.mlflow_run_id if r is not None else None) or parent
 
 
-def _numbers(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {f"{prefix}/{k}": v for k, v in metrics.items()}  # link_metrics keeps the numbers
 
 
 def lineage(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, str]:
@@ -56,7 +56,7 @@ def log_sft_and_rm(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
     ids: dict[str, str] = {}
     base = lineage(cfg, run_dir)
     for stage, kind in (("sft", "actor"), ("rm", "reward-model")):
-        final, run_id = run_dir.final(stage), _run_of(results, stage, parent)
+        final, run_id = run_dir.final(stage), run_of(results, stage, parent)
         if stage not in results or not final.is_dir() or run_id is None:
             continue
         exp, name, tags = experiment_of(uri, run_id), model_name(stage, cfg.algorithm), {**base, ROLE_TAG: stage}
@@ -65,7 +65,7 @@ def log_sft_and_rm(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
                                         model_config={"chat_template": cfg.model.chat_template}) if stage == "rm" else
                       log_external_model(uri, exp, final, name, run_id, tags=tags, params={"stage": stage},
                                          model_type=kind))
-        link_metrics(uri, run_id, ids[stage], _numbers(results[stage].metrics, stage))
+        link_metrics(uri, run_id, ids[stage], _prefixed(results[stage].metrics, stage))
     return ids
 
 
@@ -114,7 +114,7 @@ def log_evaluation(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
     actors' metrics on it, linked to their models; the dataset's (name, digest)."""
     from ..tracking.models import link_metrics, log_eval_dataset
 
-    run_id = _run_of(results, "evaluate", parent)
+    run_id = run_of(results, "evaluate", parent)
     samples = run_dir.stage("evaluate") / "samples.json"
     if run_id is None or "evaluate" not in results:
         return None
@@ -128,6 +128,6 @@ def log_evaluation(uri: str, cfg: PipelineConfig, run_dir: RunDir, results: dict
         if role in ids:
             link_metrics(uri, run_id, ids[role], {new: ev[old] for old, new in names.items() if old in ev}, dataset)
     if algo in ids and algo in results:
-        link_metrics(uri, _run_of(results, algo, parent), ids[algo], _numbers(results[algo].metrics, algo))
+        link_metrics(uri, run_of(results, algo, parent), ids[algo], _prefixed(results[algo].metrics, algo))
     log.info("register: evaluation of %s on %s linked in MLflow", sorted(ids), dataset)
     return dataset

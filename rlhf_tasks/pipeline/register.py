@@ -65,7 +65,7 @@ def run(cfg: PipelineConfig, run_dir: RunDir) -> dict[str, Any]:
         # With human approval the alias stays where it is: the approval DAG moves it, or not.
         reg = register_model(uri, run_dir.final(algo), cfg.tracking.registered_model, CHAMPION_METRIC,
                              float(ev.metrics["aligned_reward"]),
-                             run_id=(results[algo].mlflow_run_id if algo in results else None) or parent,
+                             run_id=models.run_of(results, algo, parent),
                              move_alias=not pending, tags={"rlhf.algorithm": algo, **version_tags(cfg, results)},
                              **models.aligned_model_spec(cfg, run_dir, ids))
         ids[algo] = reg["model_id"]

@@ -141,6 +141,14 @@ def open_run(client: Any, experiment: str, run_name: str | None, parent_run_id: 
     return client.create_run(experiment_id(client, experiment), run_name=run_name or None, tags=run_tags)
 
 
+def mlflow_client(uri: str):
+    """An MlflowClient of ``uri``, MLflow's HTTP settings configured first."""
+    configure_http()
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
 @contextlib.contextmanager
 def using_tracking_uri(uri: str) -> Iterator[None]:
     """MLflow's fluent API (``models:/`` URIs, ``log_model``) on ``uri`` for the block. MLflow's

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .calls import configure_http, using_tracking_uri
+from .calls import mlflow_client, using_tracking_uri
 
 log = logging.getLogger("rlhf_tasks.tracking")
 
@@ -43,19 +43,19 @@ DSCHAT_TEMPLATE = (
 )
 
 
-def _client(uri: str):
-    configure_http()
-    from mlflow import MlflowClient
-
-    return MlflowClient(uri)
-
-
 def find_model(client, experiment_id: str, name: str, source_run_id: str | None):
     """The READY LoggedModel called ``name`` that ``source_run_id`` logged, or None."""
     filters = [f"name = '{name}'"] + ([f"source_run_id = '{source_run_id}'"] if source_run_id else [])
     found = client.search_logged_models([experiment_id], filter_string=" AND ".join(filters))
     # (a status filter is not matched by the SQL store: filtered here)
     return next((m for m in found if str(getattr(m.status, "value", m.status)) == "READY"), None)
+
+
+def _new_model(client, experiment_id: str, name: str, source_run_id: str | None, tags: Mapping[str, str],
+               params: Mapping[str, Any], model_type: str):
+    """A new (pending) LoggedModel, its params as the strings MLflow stores."""
+    return client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, tags=dict(tags),
+                                      params={k: str(v) for k, v in params.items()}, model_type=model_type)
 
 
 def has_chat_template(model_dir: Path) -> bool:
@@ -71,16 +71,15 @@ def log_chat_model(uri: str, experiment_id: str, model_dir: Path, name: str, sou
     """``model_dir`` (save_pretrained, with its tokenizer) as a transformers-flavor chat
     LoggedModel; its model_id. ``model_config``: the generation settings a request gets
     unless it sets its own."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if found := find_model(client, experiment_id, name, source_run_id):
         log.info("mlflow: %s already logged as model %s", name, found.model_id)
         return found.model_id
     import mlflow.transformers
     from huggingface_hub import ModelCard
 
-    model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
-                                       tags={**tags, ROLE_TAG: tags.get(ROLE_TAG, "actor")},
-                                       params={k: str(v) for k, v in params.items()}, model_type="chat")
+    model = _new_model(client, experiment_id, name, source_run_id, {**tags, ROLE_TAG: tags.get(ROLE_TAG, "actor")},
+                       params, "chat")
     card = ModelCard(f"# {name}\n\nRLHF actor trained by the rlhf_tasks pipeline from run {source_run_id}.\n")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,13 +121,12 @@ def log_scoring_model(uri: str, experiment_id: str, model_dir: Path, name: str, 
                       model_config: Mapping[str, Any]) -> str:
     """``model_dir`` as a pyfunc scoring model (:mod:`.scorer`: rows of prompt and answer ->
     scores, by ``loader``), its directory stored once in the LoggedModel's artifacts; its model_id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if found := find_model(client, experiment_id, name, source_run_id):
         return found.model_id
     from .scorer import log_scorer
 
-    model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id, tags=dict(tags),
-                                       params={k: str(v) for k, v in params.items()}, model_type="reward-model")
+    model = _new_model(client, experiment_id, name, source_run_id, tags, params, "reward-model")
     with using_tracking_uri(uri):
         log_scorer(model.model_id, str(model_dir), loader, dict(model_config), _requirements())
     log.info("mlflow: %s logged as model %s (pyfunc scoring model)", name, model.model_id)
@@ -139,7 +137,7 @@ def log_external_model(uri: str, experiment_id: str, model_dir: Path, name: str,
                        tags: Mapping[str, str], params: Mapping[str, Any], model_type: str) -> str:
     """A LoggedModel for ``model_dir`` whose weights stay where they are (tagged with the
     path); its model_id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if found := find_model(client, experiment_id, name, source_run_id):
         return found.model_id
     from mlflow.entities import LoggedModelStatus
@@ -147,9 +145,8 @@ def log_external_model(uri: str, experiment_id: str, model_dir: Path, name: str,
     from mlflow.models.utils import get_external_mlflow_model_spec
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
-    model = client.create_logged_model(experiment_id, name=name, source_run_id=source_run_id,
-                                       tags={**tags, PATH_TAG: str(model_dir), MLFLOW_MODEL_IS_EXTERNAL: "true"},
-                                       params={k: str(v) for k, v in params.items()}, model_type=model_type)
+    model = _new_model(client, experiment_id, name, source_run_id,
+                       {**tags, PATH_TAG: str(model_dir), MLFLOW_MODEL_IS_EXTERNAL: "true"}, params, model_type)
     with tempfile.TemporaryDirectory(prefix="rlhf-model-") as tmp:
         get_external_mlflow_model_spec(model).save(os.path.join(tmp, MLMODEL_FILE_NAME))
         client.log_model_artifacts(model.model_id, tmp)
@@ -170,7 +167,7 @@ def link_metrics(uri: str, run_id: str, model_id: str, metrics: Mapping[str, flo
     name, digest = dataset or (None, None)
     points = [Metric(k, float(v), ts, 0, model_id=model_id, dataset_name=name, dataset_digest=digest, run_id=run_id)
               for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    client = _client(uri)
+    client = mlflow_client(uri)
     for i in range(0, len(points), 1000):
         client.log_batch(run_id, metrics=points[i:i + 1000])
 
@@ -187,6 +184,6 @@ def log_eval_dataset(uri: str, run_id: str, rows: list[dict[str, Any]], name: st
 
     ds = from_pandas(pd.DataFrame(rows), name=name)
     entity = ds._to_mlflow_entity()
-    _client(uri).log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])],
+    mlflow_client(uri).log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, "evaluation")])],
                             models=[LoggedModelInput(m) for m in model_ids])
     return ds.name, ds.digest

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calls import configure_http, error_code, retry_for, using_tracking_uri
+from .calls import configure_http, error_code, mlflow_client, retry_for, using_tracking_uri
 from .models import log_chat_model
 
 log = logging.getLogger("rlhf_tasks.tracking")
@@ -39,13 +39,10 @@ def register_model(tracking_uri: str, model_dir: str | Path, name: str, metric_n
 
     Unlike the Tracker, this raises on failure (registering is the task's whole job). Returns {version, champion_version, promoted, previous_champion_metric, source, model_id}.
     """
-    configure_http()
-    from mlflow import MlflowClient
-
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    client = MlflowClient(tracking_uri)
+    client = mlflow_client(tracking_uri)
 
     def call(fn: Callable[[], Any], what: str) -> Any:
         return retry_for(fn, what, budget_s, raise_on_failure=True)[1]
@@ -115,20 +112,13 @@ def _better(new: float, old: float, higher_is_better: bool) -> bool:
     return new > old if higher_is_better else new < old
 
 
-def _client(tracking_uri: str):
-    configure_http()
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri)
-
-
 def experiment_of(tracking_uri: str, run_id: str) -> str:
-    return _client(tracking_uri).get_run(run_id).info.experiment_id
+    return mlflow_client(tracking_uri).get_run(run_id).info.experiment_id
 
 
 def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION_ALIAS) -> dict[str, Any] | None:
     """The version holding ``alias`` ({version, tags, run_id, source}), or None."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         mv = client.get_model_version_by_alias(name, alias)
     except Exception as exc:
@@ -139,20 +129,20 @@ def champion_version(tracking_uri: str, name: str, alias: str = CHAMPION_ALIAS) 
 
 
 def set_version_tags(tracking_uri: str, name: str, version: str, tags: dict[str, str]) -> None:
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, str(v))
 
 
 def set_champion(tracking_uri: str, name: str, version: str, alias: str = CHAMPION_ALIAS) -> None:
-    _client(tracking_uri).set_registered_model_alias(name, alias, str(version))
+    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
 def resolve_version(tracking_uri: str, name: str, ref: str) -> dict[str, Any]:
     """A model reference -> {version, source, run_id, ref}. ``ref`` is an alias
     (``champion``), a version (``3``, ``v3``), ``newest``, or ``run:<MLflow run id>`` (the
     newest version registered from that run). Raises LookupError naming what exists."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version))
     if not versions:
         raise LookupError(f"registered model {name!r} has no versions at {tracking_uri}: train and register a "
