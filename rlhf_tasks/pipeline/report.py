@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import ALGORITHMS, PipelineConfig
-from ..runtime.cost import cost_usd
+from ..runtime.cost import stage_cost
 from ..storage import RunDir
 
 STEPS = (("sft", "Step 1: SFT"), ("rm", "Step 2: reward model"),
@@ -29,13 +29,9 @@ def collect(run_dir: RunDir) -> dict[str, Any]:
     return out
 
 
-def _gpus(cfg: PipelineConfig) -> int:
-    return cfg.resources.num_gpus * cfg.resources.num_nodes
-
-
 def stage_cost_usd(cfg: PipelineConfig, r) -> float:
     """The stage's own figure (0 on CPU: no GPU was paid for), else hours x price x GPUs."""
-    return r.metrics.get("cost_usd", cost_usd(r.wall_clock_s, cfg.resources.gpu_hourly_usd, _gpus(cfg)))
+    return stage_cost(r.metrics, r.wall_clock_s, cfg.resources.gpu_hourly_usd, cfg.resources.world_size)[0]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -132,7 +128,7 @@ def memory_rows(run_dir: RunDir, results: dict[str, Any]) -> list[list[str]]:
 
 def render_markdown(cfg: PipelineConfig, run_dir: RunDir, results: dict[str, Any]) -> str:
     time_rows, quality = report_tables(cfg, results)
-    price = f"${cfg.resources.gpu_hourly_usd:.2f}/GPU-hour x {_gpus(cfg)} GPU(s)"
+    price = f"${cfg.resources.gpu_hourly_usd:.2f}/GPU-hour x {cfg.resources.world_size} GPU(s)"
     lines = [f"# RLHF run report: {run_dir.path.name}", "",
              f"Preset `{cfg.name}`; alignment `{cfg.algorithm}`; actor `{cfg.model.actor}`, reward model `{cfg.model.rm}`; "
              f"datasets {', '.join(f'`{d}`' for d in cfg.data.datasets)}; split {cfg.data.data_split}.", "",

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cost import cost_usd, gpu_hours
+from .cost import cost_usd, gpu_hours, stage_cost
 
 if TYPE_CHECKING:
     from ..config import PipelineConfig
@@ -54,10 +54,6 @@ def has_budget(cfg: PipelineConfig) -> bool:
     return cfg.resources.budget_usd is not None or cfg.resources.budget_gpu_hours is not None
 
 
-def _gpus(cfg: PipelineConfig) -> int:
-    return cfg.resources.num_gpus * cfg.resources.num_nodes
-
-
 def spent_by_others(cfg: PipelineConfig, run: RunDir, stage: str) -> Spent:
     """What the run's finished stages other than ``stage`` cost (as the report counts it: a
     result without its cost recorded is priced from its wall-clock)."""
@@ -66,10 +62,8 @@ def spent_by_others(cfg: PipelineConfig, run: RunDir, stage: str) -> Spent:
         r = json.loads(path.read_text())
         if r.get("stage") == stage or r.get("skipped"):
             continue
-        m, wall = r.get("metrics") or {}, float(r.get("wall_clock_s") or 0.0)
-        usd = float(m.get("cost_usd", cost_usd(wall, cfg.resources.gpu_hourly_usd, _gpus(cfg))))
-        hours = float(m.get("cost_gpu_hours", gpu_hours(wall, _gpus(cfg), "cost_usd" not in m)))
-        total = total + Spent(usd, hours)
+        total = total + Spent(*stage_cost(r.get("metrics") or {}, float(r.get("wall_clock_s") or 0.0),
+                                          cfg.resources.gpu_hourly_usd, cfg.resources.world_size))
     return total
 
 
@@ -153,7 +147,9 @@ def enforced(cfg: PipelineConfig, run: RunDir, stage: str, current: Callable[[],
 
 def current_of(cfg: PipelineConfig, elapsed_s: Callable[[], float], on_gpu: bool) -> Callable[[], Spent]:
     """The running stage's cost so far, as StageContext.cost_metrics prices it."""
+    res = cfg.resources
+
     def now() -> Spent:
         s = elapsed_s()
-        return Spent(cost_usd(s, cfg.resources.gpu_hourly_usd, _gpus(cfg), on_gpu), gpu_hours(s, _gpus(cfg), on_gpu))
+        return Spent(cost_usd(s, res.gpu_hourly_usd, res.world_size, on_gpu), gpu_hours(s, res.world_size, on_gpu))
     return now

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 def gpu_hours(wall_clock_s: float, num_gpus: int, on_gpu: bool = True) -> float:
     """GPU-hours billed: wall-clock hours x GPUs (idle GPUs are paid for too); none for a
@@ -13,3 +15,11 @@ def gpu_hours(wall_clock_s: float, num_gpus: int, on_gpu: bool = True) -> float:
 def cost_usd(wall_clock_s: float, gpu_hourly_usd: float, num_gpus: int, on_gpu: bool = True) -> float:
     """``cost/usd`` = wall-clock hours x hourly price per GPU x GPUs (0 without a GPU)."""
     return gpu_hours(wall_clock_s, num_gpus, on_gpu) * gpu_hourly_usd
+
+
+def stage_cost(metrics: Mapping, wall_clock_s: float, gpu_hourly_usd: float, num_gpus: int) -> tuple[float, float]:
+    """A finished stage's (USD, GPU-hours): the figures it recorded, else priced from its
+    wall-clock as a GPU stage (a result from before stages recorded them)."""
+    usd = metrics.get("cost_usd", cost_usd(wall_clock_s, gpu_hourly_usd, num_gpus))
+    hours = metrics.get("cost_gpu_hours", gpu_hours(wall_clock_s, num_gpus, "cost_usd" not in metrics))
+    return float(usd), float(hours)

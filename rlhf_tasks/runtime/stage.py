@@ -126,7 +126,7 @@ class StageContext:
 
     def cost_metrics(self) -> dict[str, float]:
         elapsed, res, on_gpu = self.elapsed_s, self.cfg.resources, self.device.type == "cuda"
-        gpus = res.num_gpus * res.num_nodes
+        gpus = res.world_size
         # CPU seconds of this process (this attempt; a warm-started stage's own, without the
         # imports its server paid): wall-clock on a shared machine says more about the others.
         return {"time/wall_clock_s": elapsed, "time/cpu_s": time.process_time(),
