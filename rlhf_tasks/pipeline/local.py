@@ -59,6 +59,13 @@ def bin_path(name: str) -> str:
     return str(local) if local.exists() else (shutil.which(name) or name)
 
 
+def venv_first(path: str) -> str:
+    """``path`` with this virtualenv's bin first: `airflow`, `deepspeed`, `uvicorn` are started
+    by name, and a newcomer's shell has not activated the venv."""
+    venv_bin = str(Path(sys.executable).parent)
+    return os.pathsep.join([venv_bin, *(p for p in path.split(os.pathsep) if p and p != venv_bin)])
+
+
 def home_secret(h: Path) -> str:
     """This home's JWT signing key, made once (readable by its owner only)."""
     path = h / "airflow" / "jwt_secret"
@@ -74,10 +81,7 @@ def home_secret(h: Path) -> str:
 def airflow_env(h: Path, dags_folder: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("RLHF_STORAGE", str(h / "storage"))
-    # This virtualenv's bin first: `airflow`, `deepspeed` are started by name, and a newcomer's
-    # shell has not activated the venv.
-    venv_bin = str(Path(sys.executable).parent)
-    env["PATH"] = os.pathsep.join([venv_bin, *(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv_bin)])
+    env["PATH"] = venv_first(env.get("PATH", ""))
     env.update({
         "AIRFLOW_HOME": str(h / "airflow"),
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder or REPO / "dags"),

@@ -23,7 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .local import LOOPBACK, bin_path, home, latest_run_dir, mlflow_server, spawn, stop_groups, wait_http
+from .local import LOOPBACK, bin_path, home, latest_run_dir, mlflow_server, venv_first, wait_http
+from .procs import spawn, stop_groups
 
 DEFAULT_SERVE_PORT = 5002
 
@@ -71,8 +72,7 @@ def serve_argv(model_uri: str, port: int, workers: int = 1) -> list[str]:
 def serve_env(tracking_uri: str) -> dict[str, str]:
     """Offline (the model and its tokenizer are in the artifacts), the store's URI, and this
     virtualenv's bin first on PATH (MLflow starts ``uvicorn`` by name; the venv need not be active)."""
-    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    return {**os.environ, "PATH": venv_first(os.environ.get("PATH", "")), "MLFLOW_TRACKING_URI": tracking_uri, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 
